@@ -1,0 +1,44 @@
+"""Atomic file output: write to a temporary name in the same folder, then rename.
+
+A killed run therefore never leaves a half-written file under the final name, and a rerun can
+trust that every file it finds is complete (the basis of every resumable stage in the kit).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+from typing import IO, Iterator
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; on success rename it to `path`, on error delete it.
+
+    The temporary name keeps the final suffix (numpy, cv2 and torch choose formats by suffix).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp_path.unlink()
+        raise
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | os.PathLike, mode: str = "w", **kwargs) -> Iterator[IO]:
+    """`open()` for writing that only shows the file under its name once it is complete."""
+    if not any(m in mode for m in "wax"):
+        raise ValueError(f"atomic_open is for writing, got mode {mode!r}")
+    with atomic_path(path) as tmp:
+        with open(tmp, mode.replace("x", "w").replace("a", "w"), **kwargs) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())

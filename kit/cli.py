@@ -1,0 +1,79 @@
+"""`python -m kit <command> ...`: the command registry and error handling.
+
+Each command lives in the module that does its job. That module defines
+``configure_<command>(parser)`` (``-`` in the name becomes ``_``), which adds the command's
+arguments and sets ``func`` via ``parser.set_defaults(func=...)``; ``func(args)`` returns an exit
+code (None means 0). Modules are imported only when their command runs, so ``--help`` is instant
+and torch is never imported by commands that do not need it.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from kit import __version__
+from kit.errors import KitError
+
+# command -> (module, one-line help). Order is the order of a typical project.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("kit.pipeline", "The whole job on a synthetic dataset: synth, then run; prints the score table."),
+    "run": ("kit.pipeline", "The whole pipeline on a dataset in the Kaggle layout (folds .. submission .. leaderboard)."),
+    "synth": ("kit.synth", "Generate a synthetic HPA-like dataset with per-cell ground truth."),
+    "check-data": ("kit.dataset", "Check a dataset in the Kaggle layout and report every problem at once."),
+    "analyze": ("kit.analyze", "Label statistics and channel plots for a dataset or a train.csv."),
+    "folds": ("kit.folds", "Multi-label stratified (optionally grouped) folds over image labels."),
+    "segment": ("kit.segment.cache", "Segment nuclei and cells into a resumable mask cache."),
+    "train": ("kit.train", "Train per-fold cell and image classifiers from a YAML config."),
+    "lr-find": ("kit.train", "Learning-rate range test: plots loss vs learning rate, suggests a rate."),
+    "predict": ("kit.predict", "Predict a folder of images with a run's fold models into submission.csv."),
+    "tune-combine": ("kit.combine", "Choose the cell/image score combination on out-of-fold predictions."),
+    "ceiling": ("kit.pipeline", "Segmentation and classification ceilings of a run (needs true masks)."),
+    "evaluate": ("kit.metric", "Score a submission against a solution file (competition mAP, IoU 0.6)."),
+    "validate-submission": ("kit.submission", "Check a submission file and report every problem at once."),
+    "leaderboard": ("kit.leaderboard", "Show, record or export the local cross-validation leaderboard."),
+    "kernel": ("kit.kaggle", "Build or push offline Kaggle kernels and their datasets."),
+}
+
+
+def _print_overview() -> None:
+    width = max(len(c) for c in COMMANDS)
+    print(f"usage: python -m kit <command> [options]   (kit {__version__})\n")
+    print("Label single cells of HPA images from image-level labels.\n\ncommands:")
+    for name, (_, help_line) in COMMANDS.items():
+        print(f"  {name:<{width}}  {help_line}")
+    print("\nRun `python -m kit <command> --help` for a command's options.")
+
+
+def build_parser(command: str) -> argparse.ArgumentParser:
+    """The argument parser of one command (imports that command's module)."""
+    module_name, help_line = COMMANDS[command]
+    parser = argparse.ArgumentParser(prog=f"python -m kit {command}", description=help_line)
+    module = importlib.import_module(module_name)
+    getattr(module, "configure_" + command.replace("-", "_"))(parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        _print_overview()
+        return 0
+    if argv[0] == "--version":
+        print(__version__)
+        return 0
+    command = argv[0]
+    if command not in COMMANDS:
+        print(f"error: unknown command {command!r}; run `python -m kit --help` for the list", file=sys.stderr)
+        return 2
+    try:
+        parser = build_parser(command)
+        args = parser.parse_args(argv[1:])
+        result = args.func(args)
+        return int(result or 0)
+    except KitError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130

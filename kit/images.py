@@ -1,0 +1,104 @@
+"""Reading one HPA sample: four channel files -> one H x W x 4 array.
+
+Files: ``<folder>/<ID>_<channel>.<ext>`` with channel in red (microtubules), green (protein of
+interest), blue (nuclei), yellow (ER) and ext one of png, tif, tiff, jpg, jpeg (Kaggle ships PNG,
+the HPA website TIFF or JPEG).
+
+Array format returned by `read_sample`: shape (H, W, 4), channel order red, green, blue, yellow,
+dtype of the files, i.e. ``uint8`` for 8-bit and ``uint16`` for 16-bit images (a sample whose
+channels mix depths is promoted to uint16 with 8-bit channels scaled by 257, so full scale stays
+full scale). Use `to_float` (values in [0, 1]) or `to_uint8` to get one representation for both
+depths: both scale by the dtype's full range, never by the image's own maximum, so a faint image
+stays faint.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from kit.errors import DataError
+
+CHANNELS: tuple[str, ...] = ("red", "green", "blue", "yellow")
+EXTENSIONS: tuple[str, ...] = (".png", ".tif", ".tiff", ".jpg", ".jpeg")
+
+
+class ImageReadError(DataError):
+    """A channel file that is missing, unreadable, truncated or inconsistent; names the file."""
+
+
+def channel_path(folder: str | Path, image_id: str, channel: str) -> Path:
+    """Path of one channel file, trying each known extension; raises ImageReadError if absent."""
+    folder = Path(folder)
+    for ext in EXTENSIONS:
+        path = folder / f"{image_id}_{channel}{ext}"
+        if path.is_file():
+            return path
+    raise ImageReadError(f"missing channel file: {folder / f'{image_id}_{channel}.png'}")
+
+
+def read_channel(path: str | Path) -> np.ndarray:
+    """Read one channel as a 2-D uint8 or uint16 array (colour files are averaged to grey)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ImageReadError(f"missing channel file: {path}")
+    data = np.fromfile(path, dtype=np.uint8)
+    if data.size == 0:
+        raise ImageReadError(f"empty file: {path}")
+    img = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
+    if img is None:
+        raise ImageReadError(f"unreadable or truncated image file: {path}")
+    if path.suffix.lower() == ".png" and not data[-12:].tobytes().endswith(b"IEND\xaeB`\x82"):
+        # libpng decodes a truncated PNG without complaint (missing rows come out black).
+        raise ImageReadError(f"truncated PNG file (no IEND chunk): {path}")
+    if img.ndim == 3:  # an RGB(A) file for one channel: the HPA website serves coloured JPEGs
+        img = img[..., :3].max(axis=2) if img.shape[2] >= 3 else img[..., 0]
+    if img.dtype not in (np.uint8, np.uint16):
+        if img.dtype.kind == "f":
+            img = np.clip(img, 0.0, 1.0) * 65535.0 if img.max() <= 1.0 else np.clip(img, 0, 65535)
+        img = img.astype(np.uint16)
+    return img
+
+
+def read_sample(folder: str | Path, image_id: str) -> np.ndarray:
+    """Read ``<ID>_{red,green,blue,yellow}`` from `folder` into an (H, W, 4) array (see module doc)."""
+    channels = [read_channel(channel_path(folder, image_id, c)) for c in CHANNELS]
+    return stack_channels(channels, names=[str(channel_path(folder, image_id, c)) for c in CHANNELS])
+
+
+def stack_channels(channels: list[np.ndarray], names: list[str] | None = None) -> np.ndarray:
+    """Stack four 2-D channels (RGBY) into (H, W, 4), checking shapes and unifying depth."""
+    names = names or list(CHANNELS)
+    shape = channels[0].shape
+    for name, ch in zip(names, channels):
+        if ch.shape != shape:
+            raise ImageReadError(
+                f"channel shape mismatch: {name} is {ch.shape[1]}x{ch.shape[0]}, "
+                f"{names[0]} is {shape[1]}x{shape[0]}"
+            )
+    if any(ch.dtype == np.uint16 for ch in channels):
+        channels = [ch.astype(np.uint16) * 257 if ch.dtype == np.uint8 else ch for ch in channels]
+    return np.ascontiguousarray(np.stack(channels, axis=-1))
+
+
+def full_scale(image: np.ndarray) -> int:
+    """255 for uint8, 65535 for uint16."""
+    if image.dtype == np.uint8:
+        return 255
+    if image.dtype == np.uint16:
+        return 65535
+    raise TypeError(f"expected uint8 or uint16 image, got {image.dtype}")
+
+
+def to_float(image: np.ndarray) -> np.ndarray:
+    """uint8/uint16 image -> float32 in [0, 1], scaled by the dtype's full range."""
+    return image.astype(np.float32) * (1.0 / full_scale(image))
+
+
+def to_uint8(image: np.ndarray) -> np.ndarray:
+    """uint8/uint16 image -> uint8 (16-bit values rounded from v / 257)."""
+    if image.dtype == np.uint8:
+        return image
+    full_scale(image)
+    return ((image.astype(np.uint32) + 128) // 257).astype(np.uint8)
