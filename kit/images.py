@@ -39,32 +39,38 @@ def channel_path(folder: str | Path, image_id: str, channel: str) -> Path:
 
 
 def read_channel(path: str | Path) -> np.ndarray:
-    """Read one channel as a 2-D uint8 or uint16 array (colour files are averaged to grey)."""
+    """Read one channel as a 2-D uint8 or uint16 array.
+
+    A colour file (the HPA website serves each channel as a tinted RGB JPEG) becomes the maximum
+    over its colour planes; other integer depths are clipped into uint16.
+    """
     path = Path(path)
     if not path.is_file():
         raise ImageReadError(f"missing channel file: {path}")
     data = np.fromfile(path, dtype=np.uint8)
     if data.size == 0:
         raise ImageReadError(f"empty file: {path}")
+    if data[:8].tobytes() == b"\x89PNG\r\n\x1a\n" and not data[-12:].tobytes().endswith(b"IEND\xaeB`\x82"):
+        # libpng decodes a truncated PNG without complaint (missing rows come out black).
+        raise ImageReadError(f"truncated PNG file (no IEND chunk): {path}")
     img = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
     if img is None:
         raise ImageReadError(f"unreadable or truncated image file: {path}")
-    if path.suffix.lower() == ".png" and not data[-12:].tobytes().endswith(b"IEND\xaeB`\x82"):
-        # libpng decodes a truncated PNG without complaint (missing rows come out black).
-        raise ImageReadError(f"truncated PNG file (no IEND chunk): {path}")
     if img.ndim == 3:  # an RGB(A) file for one channel: the HPA website serves coloured JPEGs
         img = img[..., :3].max(axis=2) if img.shape[2] >= 3 else img[..., 0]
     if img.dtype not in (np.uint8, np.uint16):
         if img.dtype.kind == "f":
             img = np.clip(img, 0.0, 1.0) * 65535.0 if img.max() <= 1.0 else np.clip(img, 0, 65535)
+        else:  # int8/int16/int32/uint32 TIFFs: clip, a bare astype would wrap around
+            img = np.clip(img, 0, 65535)
         img = img.astype(np.uint16)
     return img
 
 
 def read_sample(folder: str | Path, image_id: str) -> np.ndarray:
     """Read ``<ID>_{red,green,blue,yellow}`` from `folder` into an (H, W, 4) array (see module doc)."""
-    channels = [read_channel(channel_path(folder, image_id, c)) for c in CHANNELS]
-    return stack_channels(channels, names=[str(channel_path(folder, image_id, c)) for c in CHANNELS])
+    paths = [channel_path(folder, image_id, c) for c in CHANNELS]  # a missing file fails before any decode
+    return stack_channels([read_channel(p) for p in paths], names=[str(p) for p in paths])
 
 
 def stack_channels(channels: list[np.ndarray], names: list[str] | None = None) -> np.ndarray:

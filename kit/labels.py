@@ -67,7 +67,7 @@ def parse_label(text: str, *, row: int | None = None, image_id: str | None = Non
         token = token.strip()
         if not token:
             raise LabelError(f"empty class id in label {text!r}{_where(row, image_id)}")
-        if not token.isdigit():
+        if not (token.isascii() and token.isdigit()):  # str.isdigit alone accepts '²', which int() rejects
             raise LabelError(f"non-numeric class id {token!r} in label {text!r}{_where(row, image_id)}")
         value = int(token)
         if not 0 <= value < NUM_CLASSES:
@@ -88,9 +88,11 @@ def format_label(ids: Iterable[int]) -> str:
 
 
 def to_multihot(ids: Iterable[int]) -> np.ndarray:
-    """Class ids -> float32 vector of length 19 with ones at the ids."""
+    """Class ids -> float32 vector of length 19 with ones at the ids (ValueError outside 0..18)."""
     vec = np.zeros(NUM_CLASSES, dtype=np.float32)
     for i in ids:
+        if not 0 <= int(i) < NUM_CLASSES:  # a negative id would silently index from the end
+            raise ValueError(f"class id {i} outside 0..{NUM_CLASSES - 1}")
         vec[int(i)] = 1.0
     return vec
 
@@ -132,6 +134,9 @@ def read_labels_csv(path: str | Path):
         raise DataError(f"{path}: missing column(s) {', '.join(missing)} (found {list(df.columns)})")
     if len(df) == 0:
         raise DataError(f"{path}: no rows")
+    empty = df.index[df["ID"].str.strip() == ""]
+    if len(empty):
+        raise DataError(f"{path}: empty ID (line {empty[0] + 2})")
     dup = df["ID"][df["ID"].duplicated()]
     if len(dup):
         raise DataError(f"{path}: duplicated ID {dup.iloc[0]!r} (line {dup.index[0] + 2})")

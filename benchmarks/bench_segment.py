@@ -1,0 +1,141 @@
+"""Segmentation speed and quality on synthetic HPA-like fields.
+
+    .venv/bin/python benchmarks/bench_segment.py                  # speed: 2048 px, 1/4 scale vs full res
+    .venv/bin/python benchmarks/bench_segment.py --quality        # instance F1 at IoU 0.6, 8/16-bit, 256/512/2048 px
+    .venv/bin/python benchmarks/bench_segment.py --quality --n 20 --sizes 512 2048 --data DIR
+
+Speed: the classical segmenter at its default 1/4 working scale beside the same algorithm at full
+resolution (``scale=1``), both on the same images in this process, one thread (cv2 and BLAS pinned
+to one core); plus the cell table and 25-cell-ish tile extraction per image. Medians over repeats.
+Quality: instance F1 of predicted vs true cells (and nuclei) at IoU >= 0.6 on `kit.synth` fields
+(generated into a temporary folder unless --data gives one: a folder holding `<size>px-<bits>bit/`).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import cv2  # noqa: E402
+import numpy as np  # noqa: E402
+
+from kit.cells import cell_table, extract_tiles  # noqa: E402
+from kit.images import read_sample  # noqa: E402
+from kit.segment import instance_f1, segment_image  # noqa: E402
+
+
+def _dataset(root: Path, size: int, bits: int, n: int, seed: int) -> Path:
+    from kit.synth import generate_dataset
+
+    out = root / f"{size}px-{bits}bit"
+    if not (out / "train.csv").exists():
+        generate_dataset(out, n_train=n, n_test=0, size=size, seed=seed, bit_depth=bits)
+    return out
+
+
+def _ids(ds: Path, n: int) -> list[str]:
+    import pandas as pd
+
+    return pd.read_csv(ds / "train.csv")["ID"].tolist()[:n]
+
+
+def _truth(ds: Path, image_id: str, what: str = "cell") -> np.ndarray:
+    return cv2.imread(str(ds / "truth" / f"{image_id}_{what}_mask.png"), cv2.IMREAD_UNCHANGED).astype(np.int32)
+
+
+def _timed(fn, repeats: int) -> tuple[float, object]:
+    times, out = [], None
+    for _ in range(repeats):
+        t = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times), out
+
+
+def speed(args, root: Path) -> None:
+    cv2.setNumThreads(1)
+    ds = _dataset(root, args.speed_size, 8, args.n_speed, args.seed)
+    ids = _ids(ds, args.n_speed)
+    print(f"speed: {len(ids)} synthetic {args.speed_size} px images, one thread, median of {args.repeats} "
+          f"repeats per image (machine shared with other jobs: compare ratios)")
+    rows = []
+    for image_id in ids:
+        image = read_sample(ds / "train", image_id)
+        t_quarter, (nuc, cells) = _timed(lambda: segment_image(image, scale=args.scale), args.repeats)
+        t_full, (nuc_f, cells_f) = _timed(lambda: segment_image(image, scale=1.0, min_work_side=0), 1)
+        t_table, table = _timed(lambda: cell_table(nuc, cells, image), args.repeats)
+        t_tiles, (tiles, _) = _timed(lambda: extract_tiles(image, cells, args.tile_size, table=table), args.repeats)
+        truth = _truth(ds, image_id)
+        f_q = instance_f1(cells, truth)["f1"]
+        f_f = instance_f1(cells_f, truth)["f1"]
+        rows.append((t_quarter, t_full, t_table, t_tiles, len(tiles), f_q, f_f))
+        print(f"  {image_id[:8]}  scale {args.scale}: {t_quarter * 1000:6.0f} ms (F1 {f_q:.2f})   full res: "
+              f"{t_full * 1000:6.0f} ms (F1 {f_f:.2f})   table {t_table * 1000:4.0f} ms   "
+              f"{len(tiles)} tiles {args.tile_size}px {t_tiles * 1000:4.0f} ms")
+    med = [statistics.median(c) for c in zip(*rows)]
+    print(f"median: segment at scale {args.scale} {med[0] * 1000:.0f} ms vs full resolution {med[1] * 1000:.0f} ms "
+          f"-> {med[1] / med[0]:.1f}x faster (target <= 500 ms); cell table {med[2] * 1000:.0f} ms; "
+          f"tiles {med[3] * 1000:.0f} ms for a median {med[4]:.0f} cells "
+          f"({med[3] / max(med[4], 1) * 25 * 1000:.0f} ms per 25 cells, target <= 100 ms)")
+
+
+def quality(args, root: Path) -> None:
+    print(f"quality: instance F1 at IoU 0.6, classical backend (defaults), {args.n} synthetic images per row")
+    print(f"{'size':>6} {'bits':>4} {'cell F1':>8} {'prec':>6} {'recall':>6} {'mIoU':>6} {'nucleus F1':>10} "
+          f"{'true':>5} {'pred':>5} {'s/img':>6}")
+    for size in args.sizes:
+        for bits in args.bits:
+            ds = _dataset(root, size, bits, args.n, args.seed)
+            stats, nstats, times = [], [], []
+            for image_id in _ids(ds, args.n):
+                image = read_sample(ds / "train", image_id)
+                t = time.perf_counter()
+                nuc, cells = segment_image(image)
+                times.append(time.perf_counter() - t)
+                stats.append(instance_f1(cells, _truth(ds, image_id)))
+                nstats.append(instance_f1(nuc, _truth(ds, image_id, "nuclei")))
+            tp = sum(s["tp"] for s in stats)
+            n_pred = sum(s["n_pred"] for s in stats)
+            n_true = sum(s["n_true"] for s in stats)
+            prec, rec = tp / max(n_pred, 1), tp / max(n_true, 1)
+            f1 = 2 * prec * rec / max(prec + rec, 1e-9)
+            ntp = sum(s["tp"] for s in nstats)
+            nf1 = 2 * ntp / max(sum(s["n_pred"] for s in nstats) + sum(s["n_true"] for s in nstats), 1)
+            miou = statistics.mean(s["mean_iou"] for s in stats)
+            print(f"{size:>6} {bits:>4} {f1:>8.3f} {prec:>6.3f} {rec:>6.3f} {miou:>6.3f} {nf1:>10.3f} "
+                  f"{n_true:>5} {n_pred:>5} {statistics.median(times):>6.2f}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quality", action="store_true", help="measure instance F1 instead of speed")
+    p.add_argument("--n", type=int, default=6, help="images per quality row (default 6)")
+    p.add_argument("--sizes", type=int, nargs="+", default=[256, 512, 2048])
+    p.add_argument("--bits", type=int, nargs="+", default=[8, 16])
+    p.add_argument("--n-speed", type=int, default=3, help="images timed (default 3)")
+    p.add_argument("--speed-size", type=int, default=2048)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--scale", type=float, default=0.25)
+    p.add_argument("--tile-size", type=int, default=128)
+    p.add_argument("--seed", type=int, default=11)
+    p.add_argument("--data", type=Path, default=None, help="reuse generated data in this folder")
+    args = p.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        root = args.data or Path(tmp)
+        root.mkdir(parents=True, exist_ok=True)
+        if args.quality:
+            quality(args, root)
+        else:
+            speed(args, root)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,378 @@
+"""Per-cell tables, the cell policy, cell tiles and the tile cache.
+
+Cell table (`cell_table`, one row per cell, ordered by cell_id; a pandas DataFrame):
+  cell_id                   id in the label images (cell k contains nucleus k)
+  x0, y0, x1, y1            bounding box in pixels, end exclusive (cells[y0:y1, x0:x1])
+  area, nucleus_area        pixel counts
+  touches_border            the cell has a pixel on the image's outer row or column
+  nucleus_visible_fraction  estimated fraction of the nucleus inside the image: 1.0 for a nucleus
+                            off the border, else its area over the area of the circle through its
+                            border chord and depth (a circle cut by a line: r = (c^2/4 + h^2) / 2h)
+  with an image also:
+  mean_red, mean_green, mean_blue, mean_yellow   mean intensity over the cell, in [0, 1] of full scale
+  nucleus_blue              mean blue intensity over the nucleus, in [0, 1] of full scale
+                            (means use every 2nd pixel in each direction on images over 1 Mpx)
+
+Cell policy (`filter_cells`): drop border cells smaller than a fraction of the image's median cell
+area, cells whose nucleus is mostly outside the image, and cells whose nucleus is faint (blue below
+a fraction of the image's median nucleus brightness). All off by default; top HPA 2021 teams gained
+points from such pruning, so try e.g. ``min_border_area_fraction=0.25, min_nucleus_intensity=0.3``.
+
+Tiles (`extract_tiles`): (N, 4, S, S) uint8, channel order RGBY, one per table row in the table's
+order. Each cell's bounding box is padded to a square around its centre (aspect kept; outside the
+image is 0), other cells' pixels are zeroed when `mask_others`, then the square is resized to S
+(area interpolation when shrinking, linear when growing). 16-bit input is converted by
+`kit.images.to_uint8` (full scale to 255, never by the image's own maximum).
+
+Tile cache (`build_tile_cache`): ``<out>/tiles-<size>-<hash>/<ID>.npy`` (N x 4 x S x S uint8,
+``np.load(path, mmap_mode="r")`` works) and ``<ID>.csv`` (the cell table rows in the same order),
+plus ``params.json``; the hash covers the tile size, `mask_others` and the mask cache's folder name
+(backend and its parameters). Files are written atomically, ``.npy`` before ``.csv``, so an image is
+done when its CSV exists, and a rerun skips finished images.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing
+import sys
+from pathlib import Path
+from typing import Iterable
+
+import cv2
+import numpy as np
+import pandas as pd
+from scipy import ndimage as ndi
+
+from kit.atomic import atomic_open, atomic_path
+from kit.errors import ConfigError, DataError
+
+__all__ = [
+    "TABLE_COLUMNS",
+    "cell_table",
+    "filter_cells",
+    "extract_tiles",
+    "build_tile_cache",
+    "tile_cache_dir",
+    "load_tiles",
+]
+
+TABLE_COLUMNS = ["cell_id", "x0", "y0", "x1", "y1", "area", "nucleus_area", "touches_border",
+                 "nucleus_visible_fraction"]
+INTENSITY_COLUMNS = ["mean_red", "mean_green", "mean_blue", "mean_yellow", "nucleus_blue"]
+TILE_CACHE_VERSION = 1
+
+
+def _empty_table(with_image: bool) -> pd.DataFrame:
+    cols = TABLE_COLUMNS + (INTENSITY_COLUMNS if with_image else [])
+    df = pd.DataFrame({c: pd.Series(dtype="int64") for c in cols})
+    df["touches_border"] = df["touches_border"].astype(bool)
+    for c in ["nucleus_visible_fraction"] + (INTENSITY_COLUMNS if with_image else []):
+        df[c] = df[c].astype("float64")
+    return df
+
+
+def _bboxes(labels: np.ndarray, n: int) -> np.ndarray:
+    """(n+1, 4) int array of x0, y0, x1, y1 per id (row 0 and absent ids are zeros)."""
+    boxes = np.zeros((n + 1, 4), np.int64)
+    for i, sl in enumerate(ndi.find_objects(labels, max_label=n), start=1):
+        if sl is not None:
+            boxes[i] = (sl[1].start, sl[0].start, sl[1].stop, sl[0].stop)
+    return boxes
+
+
+def _border_ids(labels: np.ndarray, n: int) -> np.ndarray:
+    """Boolean per id: has a pixel on the outer row/column."""
+    edge = np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]])
+    touches = np.bincount(edge, minlength=n + 1)[: n + 1] > 0
+    touches[0] = False
+    return touches
+
+
+def _visible_fraction(mask: np.ndarray, box: tuple[int, int, int, int], shape: tuple[int, int]) -> float:
+    """Estimated fraction of a nucleus inside the image (circle through its border chord and depth).
+
+    `mask` is the nucleus inside its bounding box `box` (x0, y0, x1, y1) in an image of `shape`.
+    """
+    x0, y0, x1, y1 = box
+    h_img, w_img = shape
+    area = float(mask.sum())
+    best = 1.0
+    sides = []
+    if x0 == 0:
+        sides.append((mask[:, 0], x1 - x0))
+    if x1 == w_img:
+        sides.append((mask[:, -1], x1 - x0))
+    if y0 == 0:
+        sides.append((mask[0, :], y1 - y0))
+    if y1 == h_img:
+        sides.append((mask[-1, :], y1 - y0))
+    for line, depth in sides:
+        chord = float(line.sum())
+        if chord == 0:
+            continue
+        r = (chord * chord / 4.0 + depth * depth) / (2.0 * depth)
+        best = min(best, area / (np.pi * r * r))
+    return float(min(1.0, best))
+
+
+def cell_table(nuclei: np.ndarray, cells: np.ndarray, image: np.ndarray | None = None) -> pd.DataFrame:
+    """The per-cell table of a (nuclei, cells) label pair (columns in the module docstring).
+
+    `image` (H, W, 4) uint8/uint16, when given, adds the mean intensity columns.
+    """
+    cells = np.asarray(cells)
+    nuclei = np.asarray(nuclei)
+    if cells.shape != nuclei.shape:
+        raise ValueError(f"nuclei {nuclei.shape} and cells {cells.shape} differ in shape")
+    if image is not None and image.shape[:2] != cells.shape:
+        raise ValueError(f"image {image.shape} and labels {cells.shape} differ in shape")
+    n = int(cells.max(initial=0)) if cells.size else 0
+    if n == 0:
+        return _empty_table(image is not None)
+    flat = cells.ravel()
+    area = np.bincount(flat, minlength=n + 1)[: n + 1]
+    nflat = nuclei.ravel()
+    nuc_area = np.bincount(nflat, minlength=n + 1)[: n + 1]
+    ids = np.flatnonzero(area)
+    ids = ids[ids > 0]
+    boxes = _bboxes(cells, n)
+    touches = _border_ids(cells, n)
+    visible = np.ones(n + 1)
+    n_nuc = int(nuclei.max(initial=0))
+    nuc_touch = np.flatnonzero(_border_ids(nuclei, n_nuc))
+    if nuc_touch.size:
+        nboxes = _bboxes(nuclei, n_nuc)
+        for k in nuc_touch[nuc_touch <= n]:
+            x0, y0, x1, y1 = nboxes[k]
+            visible[k] = _visible_fraction(nuclei[y0:y1, x0:x1] == k, (x0, y0, x1, y1), cells.shape)
+    data = {
+        "cell_id": ids.astype(np.int64),
+        "x0": boxes[ids, 0], "y0": boxes[ids, 1], "x1": boxes[ids, 2], "y1": boxes[ids, 3],
+        "area": area[ids].astype(np.int64),
+        "nucleus_area": nuc_area[ids].astype(np.int64),
+        "touches_border": touches[ids],
+        "nucleus_visible_fraction": visible[ids],
+    }
+    if image is not None:
+        # Means over a 2x2-strided grid on large images: 4x cheaper, exact enough for a policy.
+        step = 2 if cells.size > 1_000_000 else 1
+        if step > 1 and (np.bincount(nuclei[::2, ::2].ravel(), minlength=n + 1)[: n + 1][ids] == 0).any():
+            step = 1  # a nucleus too small for the grid: use every pixel
+        sub_c = cells[::step, ::step].ravel()
+        sub_n = nuclei[::step, ::step].ravel()
+        sub_img = image[::step, ::step].reshape(-1, 4).astype(np.float32)
+        full = 255.0 if image.dtype == np.uint8 else 65535.0
+        cnt = np.bincount(sub_c, minlength=n + 1)[: n + 1][ids]
+        for c, name in enumerate(["mean_red", "mean_green", "mean_blue", "mean_yellow"]):
+            sums = np.bincount(sub_c, weights=sub_img[:, c], minlength=n + 1)[: n + 1]
+            data[name] = sums[ids] / (np.maximum(cnt, 1) * full)
+        ncnt = np.bincount(sub_n, minlength=n + 1)[: n + 1][ids]
+        nsum = np.bincount(sub_n, weights=sub_img[:, 2], minlength=n + 1)[: n + 1]
+        data["nucleus_blue"] = nsum[ids] / (np.maximum(ncnt, 1) * full)
+    return pd.DataFrame(data)
+
+
+def filter_cells(
+    table: pd.DataFrame,
+    min_border_area_fraction: float = 0.0,
+    min_nucleus_intensity: float = 0.0,
+    min_nucleus_visible_fraction: float = 0.0,
+) -> pd.DataFrame:
+    """Apply the cell policy to a cell table (one image, or several with an ``ID`` column).
+
+    - `min_border_area_fraction`: drop cells touching the border whose area is below this fraction
+      of the image's median cell area (median over cells off the border, or all when none is).
+    - `min_nucleus_intensity`: drop cells whose ``nucleus_blue`` is below this fraction of the
+      image's median ``nucleus_blue`` (needs a table made with the image).
+    - `min_nucleus_visible_fraction`: drop cells whose nucleus is mostly outside the image.
+    0 turns a rule off (the default for all three). Returns the kept rows, index reset.
+    """
+    if len(table) == 0:
+        return table.reset_index(drop=True)
+    if min_nucleus_intensity > 0 and "nucleus_blue" not in table.columns:
+        raise ConfigError("min_nucleus_intensity needs the nucleus_blue column: build the cell table with the image")
+    groups = table.groupby("ID", sort=False) if "ID" in table.columns else [(None, table)]
+    keep = pd.Series(True, index=table.index)
+    for _, t in groups:
+        if min_border_area_fraction > 0:
+            inner = t.loc[~t["touches_border"].astype(bool), "area"]
+            median = float((inner if len(inner) else t["area"]).median())
+            small = t["touches_border"].astype(bool) & (t["area"] < min_border_area_fraction * median)
+            keep[t.index[small.to_numpy()]] = False
+        if min_nucleus_intensity > 0:
+            median = float(t["nucleus_blue"].median())
+            keep[t.index[(t["nucleus_blue"] < min_nucleus_intensity * median).to_numpy()]] = False
+        if min_nucleus_visible_fraction > 0:
+            keep[t.index[(t["nucleus_visible_fraction"] < min_nucleus_visible_fraction).to_numpy()]] = False
+    return table[keep].reset_index(drop=True)
+
+
+def _bbox_table(cells: np.ndarray) -> pd.DataFrame:
+    """Minimal table (cell_id, bbox, area, touches_border) from a cell label image."""
+    n = int(cells.max(initial=0)) if cells.size else 0
+    if n == 0:
+        return _empty_table(False)[["cell_id", "x0", "y0", "x1", "y1", "area", "touches_border"]]
+    area = np.bincount(cells.ravel(), minlength=n + 1)[: n + 1]
+    ids = np.flatnonzero(area)
+    ids = ids[ids > 0]
+    boxes = _bboxes(cells, n)
+    touches = _border_ids(cells, n)
+    return pd.DataFrame({
+        "cell_id": ids.astype(np.int64),
+        "x0": boxes[ids, 0], "y0": boxes[ids, 1], "x1": boxes[ids, 2], "y1": boxes[ids, 3],
+        "area": area[ids].astype(np.int64), "touches_border": touches[ids],
+    })
+
+
+def extract_tiles(
+    image: np.ndarray,
+    cell_labels: np.ndarray,
+    size: int,
+    mask_others: bool = True,
+    table: pd.DataFrame | None = None,
+) -> tuple[np.ndarray, pd.DataFrame]:
+    """Square RGBY tiles of every cell -> ((N, 4, size, size) uint8, table); see the module docstring.
+
+    `table` (e.g. from `cell_table` or the mask cache, possibly filtered) chooses the cells and
+    their order via its ``cell_id`` and bbox columns; without it every cell is tiled in id order and
+    a minimal table is computed. The returned table is the one used, index reset.
+    """
+    if image.ndim != 3 or image.shape[2] != 4 or image.shape[:2] != cell_labels.shape:
+        raise ValueError(f"image {image.shape} must be (H, W, 4) matching the labels {cell_labels.shape}")
+    if size < 1:
+        raise ValueError(f"tile size must be positive, got {size}")
+    if table is None:
+        table = _bbox_table(cell_labels)
+    table = table.reset_index(drop=True)
+    n = len(table)
+    tiles = np.zeros((n, 4, size, size), np.uint8)
+    if n == 0:
+        return tiles, table
+    h, w = cell_labels.shape
+    if image.dtype == np.uint16:
+        # Same values as kit.images.to_uint8 ((v + 128) // 257; v / 257 is never exactly .5), 5x faster.
+        image = cv2.convertScaleAbs(image, alpha=1.0 / 257.0)
+    elif image.dtype != np.uint8:
+        raise ValueError(f"expected a uint8 or uint16 image, got {image.dtype}")
+    ids = table["cell_id"].to_numpy()
+    boxes = table[["x0", "y0", "x1", "y1"]].to_numpy()
+    for i in range(n):
+        k = ids[i]
+        x0, y0, x1, y1 = (int(v) for v in boxes[i])
+        side = max(x1 - x0, y1 - y0, 1)
+        sx0 = x0 - (side - (x1 - x0)) // 2
+        sy0 = y0 - (side - (y1 - y0)) // 2
+        # Part of the square inside the image, and where it lands in the square.
+        ix0, iy0 = max(sx0, 0), max(sy0, 0)
+        ix1, iy1 = min(sx0 + side, w), min(sy0 + side, h)
+        square = np.zeros((side, side, 4), np.uint8)
+        dst = square[iy0 - sy0: iy1 - sy0, ix0 - sx0: ix1 - sx0]
+        crop = image[iy0:iy1, ix0:ix1]
+        if mask_others:
+            lab = cell_labels[iy0:iy1, ix0:ix1]
+            keep = ((lab == k) | (lab == 0)).view(np.uint8)
+            cv2.copyTo(crop, keep, dst)  # masked at full resolution, so no neighbour bleeds in
+        else:
+            dst[...] = crop
+        interp = cv2.INTER_AREA if side > size else cv2.INTER_LINEAR
+        tiles[i] = cv2.resize(square, (size, size), interpolation=interp).transpose(2, 0, 1)
+    return tiles, table
+
+
+# ----------------------------------------------------------------------------- tile cache
+
+def tile_cache_dir(out_dir: str | Path, size: int, mask_cache, mask_others: bool = True) -> Path:
+    """``<out>/tiles-<size>-<hash>`` for these tile settings and this mask cache."""
+    key = {"version": TILE_CACHE_VERSION, "size": int(size), "mask_others": bool(mask_others),
+           "masks": Path(mask_cache.dir).name}
+    digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
+    return Path(out_dir) / f"tiles-{int(size)}-{digest}"
+
+
+def _tile_paths(tile_dir: Path, image_id: str) -> tuple[Path, Path]:
+    return tile_dir / f"{image_id}.npy", tile_dir / f"{image_id}.csv"
+
+
+def _tile_one(job: tuple) -> tuple[str, int]:
+    """Worker: tiles of one image into the tile cache; returns (id, number of cells)."""
+    from kit.images import read_sample
+
+    images_dir, image_id, mask_cache, tile_dir, size, mask_others = job
+    image = read_sample(images_dir, image_id)
+    if not mask_cache.has(image_id):
+        mask_cache.segment_and_save(image_id, image)
+    nuclei, cells, table = mask_cache.load(image_id)
+    if cells.shape != image.shape[:2]:  # an image that could not be segmented (unreadable)
+        table = table.iloc[:0]
+        cells = np.zeros(image.shape[:2], np.int32)
+    tiles, table = extract_tiles(image, cells, size, mask_others=mask_others, table=table)
+    npy, csv = _tile_paths(tile_dir, image_id)
+    with atomic_path(npy) as tmp:
+        np.save(tmp, tiles)
+    with atomic_open(csv, "w", newline="") as f:
+        table.to_csv(f, index=False)
+    return image_id, len(table)
+
+
+def _init_worker() -> None:
+    """One thread per worker process (see docs/ARCHITECTURE.md)."""
+    cv2.setNumThreads(0)
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(1)
+
+
+def build_tile_cache(
+    images_dir: str | Path,
+    image_ids: Iterable[str],
+    mask_cache,
+    out_dir: str | Path,
+    size: int,
+    mask_others: bool = True,
+    workers: int = 1,
+    progress: bool = True,
+) -> Path:
+    """Write the tile cache for `image_ids` (see the module docstring); returns its folder.
+
+    Images missing from `mask_cache` (a `kit.segment.cache.MaskCache`) are segmented and added to
+    it first. Finished images are skipped, so a killed run resumes where it stopped.
+    """
+    from tqdm import tqdm
+
+    tile_dir = tile_cache_dir(out_dir, size, mask_cache, mask_others)
+    tile_dir.mkdir(parents=True, exist_ok=True)
+    params = tile_dir / "params.json"
+    if not params.exists():
+        with atomic_open(params, "w") as f:
+            json.dump({"size": int(size), "mask_others": bool(mask_others), "mask_cache": str(mask_cache.dir),
+                       "backend": mask_cache.backend, "backend_params": mask_cache.params,
+                       "version": TILE_CACHE_VERSION}, f, indent=2, default=str)
+    ids = list(dict.fromkeys(str(i) for i in image_ids))
+    todo = [i for i in ids if not _tile_paths(tile_dir, i)[1].exists()]
+    jobs = [(str(images_dir), i, mask_cache, tile_dir, int(size), bool(mask_others)) for i in todo]
+    bar = tqdm(total=len(jobs), desc=f"tiles {size}px", unit="img", disable=not progress or not jobs)
+    try:
+        if workers > 1 and len(jobs) > 1:
+            ctx = multiprocessing.get_context("spawn")
+            with ctx.Pool(min(workers, len(jobs)), initializer=_init_worker) as pool:
+                for _ in pool.imap_unordered(_tile_one, jobs):
+                    bar.update(1)
+        else:
+            for job in jobs:
+                _tile_one(job)
+                bar.update(1)
+    finally:
+        bar.close()
+    return tile_dir
+
+
+def load_tiles(tile_dir: str | Path, image_id: str) -> tuple[np.ndarray, pd.DataFrame]:
+    """(tiles memory-mapped read-only, cell table) of one image from a tile cache folder."""
+    npy, csv = _tile_paths(Path(tile_dir), image_id)
+    if not csv.exists() or not npy.exists():
+        raise DataError(f"no tiles for image {image_id} in {tile_dir} (expected {npy.name} and {csv.name})")
+    tiles = np.load(npy, mmap_mode="r")
+    table = pd.read_csv(csv)
+    if len(table) != tiles.shape[0]:
+        raise DataError(f"{csv} has {len(table)} rows but {npy} holds {tiles.shape[0]} tiles")
+    return tiles, table

@@ -1,0 +1,701 @@
+"""Combine per-cell and per-image class probabilities into one confidence per (cell, class).
+
+The competition scores every (cell mask, class, confidence) triple, ranked per class over the
+whole test set, so a cell's confidence should say both "this field shows class c" (the image
+model sees the whole field, it is the strong signal) and "this particular cell shows it" (the
+cell model; a field mixes positive and negative cells). The strategies:
+
+========== ====================================================================================
+strategy   confidence of class c for a cell (``cell`` = cell probability, ``image`` = the
+           probability of its field, broadcast to every cell of the field)
+========== ====================================================================================
+cell_only  ``cell``
+image_only ``image`` (the common public baseline: every cell gets the field's scores)
+product    ``cell * image``
+geometric  ``cell**w * image**(1-w)`` (weighted geometric mean; product is its ranking at w=0.5)
+mean       ``w*cell + (1-w)*image``
+rank       ``w*rank(cell) + (1-w)*rank(image)``; ranks per class over all cells given, in (0, 1]
+========== ====================================================================================
+
+Negative (class 18, "no location stained") is handled explicitly, because it is the complement
+of the other classes rather than a location of its own:
+
+* ``model``: the strategy applied to class 18 like any other class;
+* ``max``: the largest of the cell and the image Negative probability;
+* ``complement``: one minus the largest combined location score (classes 0..17).
+
+Border cells (cut by the field edge) are down-weighted: every score is multiplied by
+``visible ** border_power`` where ``visible`` is the visible fraction of the cell (from the cell
+table: ``nucleus_visible_fraction`` when the segmenter reports it, else ``area / median area``
+for cells touching the border, capped at 1; 1 for interior cells). ``border_power = 0`` turns
+it off.
+
+`tune` sweeps every strategy, weight, Negative mode and border power on out-of-fold predictions
+and returns them ranked; ``python -m kit tune-combine --run RUN_DIR`` does it for a run and
+writes the best into ``RUN_DIR/combine.yaml`` (which `kit.predict` reads):
+
+.. code-block:: yaml
+
+    strategy: geometric
+    weight: 0.4
+    negative: max
+    border_power: 0.5
+    score: 0.6123              # OOF score of this choice
+    score_kind: cell_mAP       # or image_macro_AP (proxy; no per-cell truth)
+    ranking: [...]             # the best few other choices and their scores
+
+Score used for the choice, in order of preference:
+
+* ``cell_mAP``: where per-cell truth exists (synthetic data: ``DIR/train_solution.csv`` +
+  ``DIR/truth/``), the competition metric itself on the OOF images: predicted cells (from the
+  mask cache) matched to true cells at IoU >= 0.6, AP per class over all OOF cells, mean over
+  classes present. With non-overlapping masks on both sides the IoU >= 0.6 match of a predicted
+  cell is unique and independent of confidence, so it is computed once and every candidate costs
+  only a sort per class.
+* ``image_macro_AP``: otherwise (real data has image labels only) a proxy: each image's score
+  for class c is the largest combined score of its cells, scored by macro AP against the image
+  labels. It cannot tell a right cell from a wrong cell of the same field; say so when reporting.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from kit.errors import ConfigError, DataError, KitError
+from kit.labels import NEGATIVE, NUM_CLASSES
+
+STRATEGIES: tuple[str, ...] = ("cell_only", "image_only", "product", "geometric", "mean", "rank")
+WEIGHTED: frozenset[str] = frozenset({"geometric", "mean", "rank"})
+NEGATIVE_MODES: tuple[str, ...] = ("model", "max", "complement")
+EPS = 1e-6
+
+
+@dataclass(frozen=True)
+class CombineSpec:
+    """One combination: strategy, weight of the cell score, Negative mode, border power."""
+
+    strategy: str = "geometric"
+    weight: float = 0.5
+    negative: str = "model"
+    border_power: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.strategy not in STRATEGIES:
+            raise ConfigError(f"combine strategy {self.strategy!r} is not one of {', '.join(STRATEGIES)}")
+        if self.negative not in NEGATIVE_MODES:
+            raise ConfigError(f"combine negative mode {self.negative!r} is not one of {', '.join(NEGATIVE_MODES)}")
+        if not 0.0 <= float(self.weight) <= 1.0:
+            raise ConfigError(f"combine weight {self.weight} outside [0, 1]")
+        if float(self.border_power) < 0:
+            raise ConfigError(f"combine border_power {self.border_power} is negative")
+
+    @property
+    def name(self) -> str:
+        """Short readable name, e.g. ``geometric(w=0.4) neg=max border^0.5``."""
+        text = self.strategy + (f"(w={self.weight:g})" if self.strategy in WEIGHTED else "")
+        if self.negative != "model":
+            text += f" neg={self.negative}"
+        if self.border_power:
+            text += f" border^{self.border_power:g}"
+        return text
+
+    def to_dict(self) -> dict:
+        return {k: (float(v) if isinstance(v, (float, np.floating)) else v) for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, data: dict | None) -> "CombineSpec":
+        data = dict(data or {})
+        known = {k: data[k] for k in ("strategy", "weight", "negative", "border_power") if k in data}
+        if "weight" in known:
+            known["weight"] = float(known["weight"])
+        if "border_power" in known:
+            known["border_power"] = float(known["border_power"])
+        return cls(**known)
+
+
+CELL_ONLY = CombineSpec("cell_only")
+IMAGE_ONLY = CombineSpec("image_only")
+
+
+# --------------------------------------------------------------------------------------------
+# combination
+
+
+def _check_probs(name: str, probs: np.ndarray) -> np.ndarray:
+    probs = np.asarray(probs, dtype=np.float64)
+    if probs.ndim != 2 or probs.shape[1] != NUM_CLASSES:
+        raise ValueError(f"{name}: expected N x {NUM_CLASSES} probabilities, got shape {probs.shape}")
+    return probs
+
+
+def broadcast_image_probs(cell_image_ids: Sequence[str], image_ids: Sequence[str], image_probs: np.ndarray) -> np.ndarray:
+    """Image probabilities (one row per image id) -> one row per cell, by the cell's image id."""
+    image_probs = _check_probs("image_probs", image_probs)
+    index = {str(i): r for r, i in enumerate(image_ids)}
+    rows = []
+    for i in cell_image_ids:
+        try:
+            rows.append(index[str(i)])
+        except KeyError:
+            raise DataError(f"no image-level prediction for image {i}") from None
+    return image_probs[np.asarray(rows, dtype=np.int64)] if rows else np.zeros((0, NUM_CLASSES))
+
+
+def rank01(values: np.ndarray) -> np.ndarray:
+    """Per column, the average rank of each value scaled to (0, 1] (ties share their mean rank)."""
+    from scipy.stats import rankdata
+
+    values = np.asarray(values, dtype=np.float64)
+    if len(values) == 0:
+        return values.copy()
+    return rankdata(values, axis=0, method="average") / len(values)
+
+
+def visible_fraction(table) -> np.ndarray:
+    """Visible fraction of each cell (1 = whole cell in the field) from a cell table DataFrame.
+
+    Uses ``nucleus_visible_fraction`` when present; cells touching the border without it get
+    ``min(1, area / median interior area)``; interior cells 1.
+    """
+    n = len(table)
+    if n == 0:
+        return np.ones(0)
+    cols = set(table.columns)
+    vis = np.ones(n, dtype=np.float64)
+    border = np.asarray(table["touches_border"], dtype=bool) if "touches_border" in cols else np.zeros(n, bool)
+    if "nucleus_visible_fraction" in cols:
+        vis = np.asarray(table["nucleus_visible_fraction"], dtype=np.float64).copy()
+        vis[~np.isfinite(vis)] = 1.0
+    if "area" in cols and border.any():
+        area = np.asarray(table["area"], dtype=np.float64)
+        ref = area[~border] if (~border).any() else area
+        med = float(np.median(ref)) if len(ref) else 0.0
+        if med > 0:
+            by_area = np.minimum(1.0, area / med)
+            # the smaller of the two: a cell can keep its nucleus but lose most of its cytoplasm
+            vis = np.where(border, np.minimum(vis, by_area), vis)
+    return np.clip(vis, 0.0, 1.0)
+
+
+def combine(
+    cell_probs: np.ndarray,
+    image_probs: np.ndarray,
+    spec: CombineSpec,
+    visible: np.ndarray | None = None,
+) -> np.ndarray:
+    """Combined N x 19 confidences for N cells (see the module doc for each strategy).
+
+    `image_probs` is already broadcast (one row per cell, see `broadcast_image_probs`).
+    `visible` (length N, in [0, 1]) is used when ``spec.border_power > 0``. The rank strategy
+    ranks over the N cells given, so give it all the cells that will be scored together.
+    """
+    cell = _check_probs("cell_probs", cell_probs)
+    image = _check_probs("image_probs", image_probs)
+    if cell.shape != image.shape:
+        raise ValueError(f"cell_probs {cell.shape} and image_probs {image.shape} differ")
+    w = float(spec.weight)
+    s = spec.strategy
+    if s == "cell_only":
+        out = cell.copy()
+    elif s == "image_only":
+        out = image.copy()
+    elif s == "product":
+        out = cell * image
+    elif s == "geometric":
+        # in log space: exact for w in {0, 1}, no 0**0 surprises
+        out = np.exp(w * np.log(np.clip(cell, EPS, 1.0)) + (1.0 - w) * np.log(np.clip(image, EPS, 1.0)))
+    elif s == "mean":
+        out = w * cell + (1.0 - w) * image
+    else:  # rank
+        out = w * rank01(cell) + (1.0 - w) * rank01(image)
+    if spec.negative == "max":
+        out[:, NEGATIVE] = np.maximum(cell[:, NEGATIVE], image[:, NEGATIVE])
+    elif spec.negative == "complement":
+        out[:, NEGATIVE] = 1.0 - out[:, :NEGATIVE].max(axis=1) if len(out) else 0.0
+    if spec.border_power and visible is not None and len(out):
+        vis = np.clip(np.asarray(visible, dtype=np.float64), 0.0, 1.0)
+        if vis.shape != (len(out),):
+            raise ValueError(f"visible has shape {vis.shape}, expected ({len(out)},)")
+        out = out * (vis ** float(spec.border_power))[:, None]
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# scoring on out-of-fold predictions
+
+
+@dataclass
+class OOFSet:
+    """Out-of-fold cells of a run, ready to score combinations (built by `load_oof`).
+
+    Rows are cells, grouped by image in sorted image-ID order and in cell-table order within an
+    image: the order `kit.predict` writes triples in, so equal confidences are tie-broken exactly
+    as `kit.metric` does (by image ID, then position in the row).
+
+    ``score_kind == "cell_mAP"``: `truth` (N x 19) holds the labels of the true cell each
+    predicted cell matches at IoU >= 0.6 (zeros when none), `verified` (N x 19) whether the class
+    is among its image's true labels (the metric ignores detections of other classes), and
+    `image_n_pos` (M x 19) the true (cell, class) pairs of every OOF image, matched or not.
+    ``score_kind == "image_macro_AP"``: `image_labels` (M x 19) are the image labels (proxy).
+    """
+
+    image_ids: np.ndarray
+    cell_ids: np.ndarray
+    folds: np.ndarray
+    cell_probs: np.ndarray
+    image_probs: np.ndarray
+    visible: np.ndarray
+    images: np.ndarray
+    image_folds: np.ndarray
+    score_kind: str = "cell_mAP"
+    truth: np.ndarray | None = None
+    verified: np.ndarray | None = None
+    image_n_pos: np.ndarray | None = None
+    image_labels: np.ndarray | None = None
+    image_level_probs: np.ndarray | None = None  # M x 19 image-model OOF probabilities
+    notes: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.cell_ids)
+
+    def subset(self, fold: int) -> "OOFSet":
+        """The cells and images of one fold."""
+        rows = self.folds == fold
+        imgs = self.image_folds == fold
+        pick = lambda a, m: None if a is None else a[m]  # noqa: E731
+        return OOFSet(
+            self.image_ids[rows], self.cell_ids[rows], self.folds[rows], self.cell_probs[rows],
+            self.image_probs[rows], self.visible[rows], self.images[imgs], self.image_folds[imgs],
+            self.score_kind, pick(self.truth, rows), pick(self.verified, rows), pick(self.image_n_pos, imgs),
+            pick(self.image_labels, imgs), pick(self.image_level_probs, imgs), list(self.notes),
+        )
+
+    def combined(self, spec: CombineSpec) -> np.ndarray:
+        return combine(self.cell_probs, self.image_probs, spec, self.visible)
+
+    def per_class(self, spec: CombineSpec) -> np.ndarray:
+        """Per-class AP (NaN for classes without truth) of `spec` on this set."""
+        scores = self.combined(spec)
+        if self.score_kind == "cell_mAP":
+            return cell_ap_per_class(scores, self.truth, self.verified, self.image_n_pos.sum(axis=0))
+        return image_proxy_per_class(scores, self.image_ids, self.images, self.image_labels)
+
+    def score(self, spec: CombineSpec) -> float:
+        """mAP over classes with truth (the choice criterion of `tune`)."""
+        ap = self.per_class(spec)
+        present = ~np.isnan(ap)
+        return float(ap[present].mean()) if present.any() else float("nan")
+
+
+def cell_ap_per_class(scores: np.ndarray, truth: np.ndarray, verified: np.ndarray, n_pos: np.ndarray) -> np.ndarray:
+    """Competition AP per class of per-cell `scores` whose IoU match is already known.
+
+    As `kit.metric`: confidences are compared as the float32 the submission stores, detections of a
+    class not verified on the image are ignored, ties keep row order.
+    """
+    from kit.metric import average_precision as voc_ap
+    from kit.metric import precision_recall
+
+    scores = np.asarray(scores, dtype=np.float32)
+    ap = np.full(scores.shape[1], np.nan)
+    for c in range(scores.shape[1]):
+        if n_pos[c] <= 0:
+            continue
+        sel = verified[:, c]
+        precision, recall = precision_recall(scores[sel, c], truth[sel, c], int(n_pos[c]))
+        ap[c] = voc_ap(precision, recall)
+    return ap
+
+
+def image_proxy_per_class(scores: np.ndarray, cell_image_ids: np.ndarray, images: np.ndarray,
+                          image_labels: np.ndarray) -> np.ndarray:
+    """Per-class AP of each image's largest cell score against its image labels (the proxy)."""
+    from kit.metric import classification_ap
+
+    index = {str(i): k for k, i in enumerate(images)}
+    rows = np.array([index[str(i)] for i in cell_image_ids], dtype=np.int64)
+    per_image = np.full((len(images), scores.shape[1]), -np.inf)
+    np.maximum.at(per_image, rows, scores)
+    keep = np.isfinite(per_image).all(axis=1)  # images without cells have no prediction
+    if not keep.any():
+        return np.full(scores.shape[1], np.nan)
+    result = classification_ap(np.asarray(image_labels)[keep], per_image[keep])
+    return np.array([np.nan if v is None else v for v in result["per_class"]])
+
+
+def match_cells(pred: np.ndarray, true: np.ndarray, iou: float = 0.6) -> dict[int, int]:
+    """{predicted cell id: true cell id} for pairs with mask IoU >= `iou` (float32, as the metric).
+
+    With non-overlapping masks on both sides and `iou` > 0.5 each cell has at most one partner,
+    whatever the confidences, which is what lets `tune` score the metric without re-matching.
+    """
+    if pred.shape != true.shape:
+        raise DataError(f"predicted masks {pred.shape} and true masks {true.shape} differ in size")
+    p = pred.ravel().astype(np.int64)
+    t = true.ravel().astype(np.int64)
+    area_p = np.bincount(p)
+    area_t = np.bincount(t)
+    both = (p > 0) & (t > 0)
+    if not both.any():
+        return {}
+    key = p[both] * (int(t.max()) + 1) + t[both]
+    pairs, inter = np.unique(key, return_counts=True)
+    pi, ti = pairs // (int(t.max()) + 1), pairs % (int(t.max()) + 1)
+    union = area_p[pi] + area_t[ti] - inter
+    ious = inter.astype(np.float32) / union.astype(np.float32)
+    ok = ious >= np.float32(iou)
+    return {int(a): int(b) for a, b in zip(pi[ok], ti[ok])}
+
+
+def truth_from_solution(pred) -> tuple[np.ndarray, dict[int, list[int]]]:
+    """A solution row (kit.submission.ImagePrediction) -> (true label image, {true id: classes}).
+
+    Each distinct mask string is one true cell (ids 1.. in order of first appearance).
+    """
+    from kit.rle import decode_to_crop
+
+    labels = np.zeros((pred.height, pred.width), np.int32)
+    ids: dict[str, int] = {}
+    classes: dict[int, list[int]] = {}
+    for cls, _, text in pred.triples:
+        k = ids.get(text)
+        if k is None:
+            k = ids[text] = len(ids) + 1
+            y0, x0, crop = decode_to_crop(text, pred.height, pred.width)
+            if crop.size:
+                region = labels[y0:y0 + crop.shape[0], x0:x0 + crop.shape[1]]
+                region[crop.astype(bool)] = k
+            classes[k] = []
+        classes[k].append(int(cls))
+    return labels, classes
+
+
+def _read_oof_folder(run_dir: Path, kind: str):
+    import pandas as pd
+
+    frames = []
+    for path in sorted((run_dir / kind).glob("fold*/oof.csv")):
+        suffix = path.parent.name[4:]
+        if not suffix.isdigit():
+            continue
+        df = pd.read_csv(path, dtype={"ID": str})
+        missing = [c for c in [f"p{c}" for c in range(NUM_CLASSES)] if c not in df.columns]
+        if missing:
+            raise DataError(f"{path}: missing column(s) {', '.join(missing)}")
+        df["fold"] = int(suffix)
+        frames.append(df)
+    if not frames:
+        raise KitError(f"no {kind} out-of-fold predictions under {run_dir / kind}/fold*/oof.csv: train the {kind} model first")
+    return pd.concat(frames, ignore_index=True)
+
+
+PROB_COLUMNS = [f"p{c}" for c in range(NUM_CLASSES)]
+
+
+def load_oof(run_dir: str | Path, cfg=None, progress: bool = True, truth: bool | None = None) -> OOFSet:
+    """Read a run's OOF predictions, its mask cache and (when present) the per-cell truth.
+
+    Truth is ``<data_dir>/train_solution.csv`` (synthetic data, or any data with cell
+    annotations in the submission format); without it (or with ``truth=False``) the set scores
+    with the image-level proxy. The predicted cells are those of the run's mask cache.
+    """
+    import pandas as pd
+    from tqdm import tqdm
+
+    from kit.config import load_config
+    from kit.labels import read_labels_csv
+    from kit.segment.cache import MaskCache
+
+    run_dir = Path(run_dir)
+    if cfg is None:
+        if not (run_dir / "config.yaml").is_file():
+            raise KitError(f"{run_dir / 'config.yaml'} not found: is {run_dir} a run folder?")
+        cfg = load_config(run_dir / "config.yaml")
+    cell_oof = _read_oof_folder(run_dir, "cell")
+    image_oof = _read_oof_folder(run_dir, "image")
+    if image_oof["ID"].duplicated().any():
+        dup = image_oof["ID"][image_oof["ID"].duplicated()].iloc[0]
+        raise DataError(f"image {dup} is out-of-fold in two folds of {run_dir / 'image'}: are the folds consistent?")
+    image_oof = image_oof.set_index("ID")
+    lost = sorted(set(cell_oof["ID"]) - set(image_oof.index))
+    if lost:
+        raise DataError(f"{len(lost)} image(s) have cell OOF predictions but no image OOF prediction, e.g. {lost[0]}: "
+                        "train the image model on every fold the cell model has")
+    images = np.array(sorted(image_oof.index), dtype=object)
+    solution_path = Path(cfg.data.data_dir) / "train_solution.csv"
+    use_truth = solution_path.is_file() if truth is None else (truth and solution_path.is_file())
+    notes = []
+    solution = None
+    if use_truth:
+        from kit.submission import read_submission
+
+        solution = read_submission(solution_path)
+        missing = [i for i in images if i not in solution]
+        if missing:
+            raise DataError(f"{solution_path}: {len(missing)} OOF image(s) have no row, e.g. {missing[0]}")
+    else:
+        notes.append(f"no per-cell truth ({solution_path} absent): scored with the image-level proxy "
+                     "(macro AP of each image's largest cell score against its image labels); "
+                     "cell-level mAP is unavailable")
+
+    cache = MaskCache(cfg.data.mask_cache, cfg.data.segment_backend)
+    by_image = {k: g for k, g in cell_oof.groupby("ID", sort=False)}
+    parts: dict[str, list] = {k: [] for k in ("ids", "cells", "folds", "cp", "vis", "truth", "verified")}
+    image_n_pos = np.zeros((len(images), NUM_CLASSES), np.int64)
+    for m, image_id in enumerate(tqdm(images, desc="oof cells", unit="img", disable=not progress, leave=False)):
+        g = by_image.get(image_id)
+        verified_row = np.zeros(NUM_CLASSES, bool)
+        true_labels = classes = None
+        if solution is not None:
+            true_labels, classes = truth_from_solution(solution[image_id])
+            areas = np.bincount(true_labels.ravel(), minlength=len(classes) + 1)
+            for k, cls in classes.items():
+                verified_row[cls] = True
+                if areas[k] > 0:
+                    for c in set(cls):
+                        image_n_pos[m, c] += 1
+        if g is None or len(g) == 0:
+            continue
+        _, pred_cells, table = cache.load(image_id)
+        position = {int(k): r for r, k in enumerate(table["cell_id"].to_numpy())} if len(table) else {}
+        unknown = [int(k) for k in g["cell_id"] if int(k) not in position]
+        if unknown:
+            raise DataError(f"image {image_id}: OOF cell {unknown[0]} is not in the mask cache {cache.dir}: "
+                            "were the tiles made from another segmentation (data.mask_cache, data.segment_backend)?")
+        g = g.assign(_pos=[position[int(k)] for k in g["cell_id"]]).sort_values("_pos", kind="stable")
+        vis_all = visible_fraction(table)
+        n = len(g)
+        parts["ids"].append(np.full(n, image_id, dtype=object))
+        parts["cells"].append(g["cell_id"].to_numpy(np.int64))
+        parts["folds"].append(g["fold"].to_numpy(np.int64))
+        parts["cp"].append(g[PROB_COLUMNS].to_numpy(np.float64))
+        parts["vis"].append(vis_all[g["_pos"].to_numpy()])
+        if solution is not None:
+            match = match_cells(pred_cells, true_labels)
+            t = np.zeros((n, NUM_CLASSES), bool)
+            for r, k in enumerate(g["cell_id"].to_numpy()):
+                j = match.get(int(k))
+                if j:
+                    t[r, classes[j]] = True
+            parts["truth"].append(t)
+            parts["verified"].append(np.repeat(verified_row[None], n, 0))
+    cat = lambda key, shape, dt: np.concatenate(parts[key]) if parts[key] else np.zeros(shape, dt)  # noqa: E731
+    image_ids = cat("ids", (0,), object)
+    image_level = image_oof.loc[list(images), PROB_COLUMNS].to_numpy(np.float64)
+    oof = OOFSet(
+        image_ids=image_ids,
+        cell_ids=cat("cells", (0,), np.int64),
+        folds=cat("folds", (0,), np.int64),
+        cell_probs=cat("cp", (0, NUM_CLASSES), np.float64),
+        image_probs=broadcast_image_probs(image_ids, list(images), image_level),
+        visible=cat("vis", (0,), np.float64),
+        images=images,
+        image_folds=image_oof.loc[list(images), "fold"].to_numpy(np.int64),
+        score_kind="cell_mAP" if solution is not None else "image_macro_AP",
+        truth=cat("truth", (0, NUM_CLASSES), bool) if solution is not None else None,
+        verified=cat("verified", (0, NUM_CLASSES), bool) if solution is not None else None,
+        image_n_pos=image_n_pos if solution is not None else None,
+        image_level_probs=image_level,
+        notes=notes,
+    )
+    labels = read_labels_csv(cfg.data.labels_path).set_index("ID")
+    from kit.labels import to_multihot
+
+    oof.image_labels = np.stack([to_multihot(labels.loc[i, "labels"]) for i in images]) if len(images) else \
+        np.zeros((0, NUM_CLASSES))
+    return oof
+
+
+def candidate_specs(
+    strategies: Iterable[str] = STRATEGIES,
+    weights: Iterable[float] = tuple(np.round(np.linspace(0.1, 0.9, 9), 2)),
+    negatives: Iterable[str] = NEGATIVE_MODES,
+    border_powers: Iterable[float] = (0.0, 0.5, 1.0),
+) -> list[CombineSpec]:
+    """Every combination of the sweep (weights only for the weighted strategies)."""
+    specs = []
+    weights = [float(w) for w in weights]
+    for s, neg, bp in itertools.product(list(strategies), list(negatives), [float(b) for b in border_powers]):
+        for w in weights if s in WEIGHTED else [0.5]:
+            specs.append(CombineSpec(s, w, neg, bp))
+    return specs
+
+
+def tune(oof: OOFSet, specs: Sequence[CombineSpec] | None = None, progress: bool = False) -> list[tuple[CombineSpec, float]]:
+    """Score every candidate on the OOF set; returns (spec, score) best first.
+
+    Ties go to the simpler choice (earlier in `specs`: cell_only/image_only/product before the
+    weighted ones, Negative ``model`` and no border weighting first).
+    """
+    specs = list(specs) if specs is not None else candidate_specs()
+    iterator = specs
+    if progress:
+        from tqdm import tqdm
+
+        iterator = tqdm(specs, desc="tune-combine", unit="cand", leave=False)
+    scored = [(spec, oof.score(spec)) for spec in iterator]
+    order = sorted(range(len(scored)), key=lambda i: (-_nan_low(scored[i][1]), i))
+    return [scored[i] for i in order]
+
+
+def _nan_low(x: float) -> float:
+    return -math.inf if x is None or np.isnan(x) else x
+
+
+def oof_report(oof: OOFSet, spec: CombineSpec) -> dict:
+    """{"overall", "per_fold", "per_class", "score_kind"} of `spec`; overall is on the concatenated OOF
+    (every fold's cells ranked together, as the test set would be), not a mean of the folds."""
+    per_class = oof.per_class(spec)
+    per_fold = {}
+    for fold in sorted(set(int(f) for f in oof.image_folds)):
+        per_fold[str(fold)] = _round(oof.subset(fold).score(spec))
+    present = ~np.isnan(per_class)
+    return {
+        "score_kind": oof.score_kind,
+        "overall": _round(float(per_class[present].mean()) if present.any() else float("nan")),
+        "per_fold": per_fold,
+        "per_class": [None if np.isnan(v) else _round(v) for v in per_class],
+    }
+
+
+def image_oof_macro_ap(oof: OOFSet) -> float | None:
+    """Image-level macro AP of the image model's OOF probabilities (available on any data)."""
+    from kit.metric import classification_ap
+
+    if oof.image_labels is None or oof.image_level_probs is None or not len(oof.images):
+        return None
+    return classification_ap(oof.image_labels, oof.image_level_probs)["macro"]
+
+
+def _round(x: float | None, digits: int = 6) -> float | None:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return None
+    return round(float(x), digits)
+
+
+# --------------------------------------------------------------------------------------------
+# the run's choice: combine.yaml
+
+
+def combine_path(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "combine.yaml"
+
+
+def read_combine_spec(run_dir: str | Path, cfg=None) -> CombineSpec:
+    """The run's combination: ``combine.yaml`` when tuned, else the config's predict.combine/_weight."""
+    import yaml
+
+    path = combine_path(run_dir)
+    if path.is_file():
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        try:
+            return CombineSpec.from_dict(data)
+        except (ConfigError, TypeError, ValueError) as exc:
+            raise ConfigError(f"{path}: {exc}") from None
+    if cfg is None:
+        return CombineSpec("product")
+    return CombineSpec(cfg.predict.combine, float(cfg.predict.combine_weight))
+
+
+def tune_run(run_dir: str | Path, specs: Sequence[CombineSpec] | None = None, write: bool = True,
+             progress: bool = True, truth: bool | None = None) -> dict:
+    """Tune the combination of a run on its OOF predictions; writes combine.yaml and config.yaml.
+
+    Returns the content of combine.yaml: the chosen spec, its OOF score (overall, per fold, per
+    class), the score kind, the cell-only and image-only baselines and the best 10 candidates.
+    """
+    import yaml
+
+    from kit.atomic import atomic_open
+    from kit.config import load_config, save_config
+
+    run_dir = Path(run_dir)
+    cfg = load_config(run_dir / "config.yaml") if (run_dir / "config.yaml").is_file() else None
+    oof = load_oof(run_dir, cfg, progress=progress, truth=truth)
+    if len(oof) == 0:
+        raise DataError(f"{run_dir}: the OOF predictions hold no cells")
+    ranking = tune(oof, specs, progress=progress)
+    best, best_score = ranking[0]
+    result = {
+        **best.to_dict(),
+        "name": best.name,
+        "score": _round(best_score),
+        "score_kind": oof.score_kind,
+        "oof": oof_report(oof, best),
+        "baselines": {
+            "cell_only": _round(oof.score(CELL_ONLY)),
+            "image_only": _round(oof.score(IMAGE_ONLY)),
+        },
+        "image_oof_macro_ap": _round(image_oof_macro_ap(oof)),
+        "n_cells": int(len(oof)),
+        "n_images": int(len(oof.images)),
+        "n_candidates": len(ranking),
+        "ranking": [{"name": s.name, "score": _round(v), **s.to_dict()} for s, v in ranking[:10]],
+        "notes": list(oof.notes),
+    }
+    if write:
+        with atomic_open(combine_path(run_dir), "w") as f:
+            f.write("# written by `python -m kit tune-combine`: the combination chosen on out-of-fold predictions\n")
+            yaml.safe_dump(result, f, sort_keys=False, default_flow_style=None)
+        if cfg is not None:
+            cfg.predict.combine = best.strategy
+            cfg.predict.combine_weight = float(best.weight)
+            save_config(cfg, run_dir / "config.yaml")
+    return result
+
+
+def format_tune_result(result: dict) -> str:
+    kind = result["score_kind"]
+    label = "OOF cell mAP" if kind == "cell_mAP" else "OOF image-level proxy (max cell score, macro AP)"
+    lines = [f"{label} over {result['n_candidates']} candidates, {result['n_cells']} cells of {result['n_images']} images:"]
+    for r in result["ranking"][:5]:
+        lines.append(f"  {r['score']:.4f}  {r['name']}")
+    lines.append(f"  baselines: cell_only {result['baselines']['cell_only']:.4f}, image_only {result['baselines']['image_only']:.4f}")
+    per_fold = ", ".join(f"fold {k} {v:.4f}" for k, v in result["oof"]["per_fold"].items() if v is not None)
+    lines.append(f"chosen: {result['name']} -> {result['score']:.4f} overall ({per_fold})")
+    lines.extend(f"note: {n}" for n in result["notes"])
+    return "\n".join(lines)
+
+
+def configure_tune_combine(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--run", required=True, type=Path, help="run folder with cell/ and image/ fold<k>/oof.csv")
+    parser.add_argument("--strategies", help=f"comma list from {','.join(STRATEGIES)} (default: all)")
+    parser.add_argument("--weights", help="comma list of cell weights for the weighted strategies (default 0.1..0.9)")
+    parser.add_argument("--no-truth", action="store_true", help="use the image-level proxy even when per-cell truth exists")
+    parser.add_argument("--dry-run", action="store_true", help="print the result without writing combine.yaml")
+    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    parser.set_defaults(func=_run_tune_combine)
+
+
+def _run_tune_combine(args) -> int:
+    kwargs = {}
+    if args.strategies:
+        names = [s.strip() for s in args.strategies.split(",") if s.strip()]
+        bad = [s for s in names if s not in STRATEGIES]
+        if bad:
+            raise ConfigError(f"--strategies: unknown {', '.join(bad)} (known: {', '.join(STRATEGIES)})")
+        kwargs["strategies"] = names
+    if args.weights:
+        try:
+            kwargs["weights"] = [float(w) for w in args.weights.split(",")]
+        except ValueError:
+            raise ConfigError(f"--weights: expected numbers, got {args.weights!r}") from None
+    specs = candidate_specs(**kwargs)
+    result = tune_run(args.run, specs, write=not args.dry_run, progress=True, truth=False if args.no_truth else None)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(format_tune_result(result))
+        if not args.dry_run:
+            print(f"wrote {combine_path(args.run)} (and predict.combine in {Path(args.run) / 'config.yaml'})")
+    return 0

@@ -1,0 +1,686 @@
+"""The dataset in the Kaggle layout: an index over it and `check-data`, which reports every problem.
+
+Layout (the HPA 2021 competition's, also written by `kit synth`)::
+
+    DIR/train/<ID>_<channel>.<ext>     channel: red, green, blue, yellow; ext: png, tif, tiff, jpg, jpeg
+    DIR/test/<ID>_<channel>.<ext>
+    DIR/train.csv                      ID,Label              (Label: class ids joined by '|', e.g. 8|5|0)
+    DIR/sample_submission.csv          ID,ImageWidth,ImageHeight,PredictionString
+
+An ID may itself contain underscores (HPA website IDs such as ``10580_1610_C1_1``): the channel is
+the text after the last underscore. Real data mixes image sizes (1728, 2048, 3072 and 4096 px
+squares) and, outside Kaggle, 8- and 16-bit files; both are normal and reported as information.
+
+`check_data` returns a list of `Problem` records (severity, kind, message, and where known the
+file, the 1-based CSV line and the ID). By default it reads only file headers and ends (PNG IHDR
+and IEND, TIFF IFD and strip extents, JPEG SOF and EOI), which finds missing, empty, truncated and
+non-image files and shape mismatches in seconds for the full 87k-file train set; ``decode=True``
+decodes every file as well, in a worker pool.
+
+Severities: ``error`` (training or prediction would fail or be wrong; `check-data` exits 1),
+``warning`` (ignored files, ambiguity), ``info`` (counts: images, sizes, bit depths).
+"""
+from __future__ import annotations
+
+import csv
+import json
+import multiprocessing
+import os
+import struct
+import sys
+from collections import Counter, defaultdict
+from dataclasses import asdict, dataclass
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+
+from kit.errors import ConfigError, DataError
+from kit.images import CHANNELS, EXTENSIONS, ImageReadError, read_channel, read_sample
+from kit.labels import LabelError, parse_label, read_labels_csv
+
+SPLITS: tuple[str, ...] = ("train", "test")
+
+# kind -> (severity, heading used in the grouped summary). The order is the summary's order.
+KINDS: dict[str, tuple[str, str]] = {
+    "missing_path": ("error", "required files or folders missing"),
+    "bad_csv": ("error", "CSV files that cannot be read, or bad rows/fields in them"),
+    "bad_label": ("error", "bad Label values in train.csv"),
+    "duplicate_id": ("error", "IDs listed more than once"),
+    "no_images": ("error", "image folders without any image"),
+    "missing_channel": ("error", "channel files missing"),
+    "unreadable_image": ("error", "empty, truncated or unreadable image files"),
+    "shape_mismatch": ("error", "samples whose channels differ in shape"),
+    "label_without_images": ("error", "train.csv IDs without images in train/"),
+    "submission_without_images": ("error", "sample_submission.csv IDs without images in test/"),
+    "size_mismatch": ("error", "sample_submission.csv sizes that differ from the images"),
+    "unlabeled_image": ("warning", "images in train/ not listed in train.csv (ignored)"),
+    "test_image_not_in_submission": ("warning", "images in test/ not listed in sample_submission.csv"),
+    "train_test_overlap": ("warning", "IDs present in both train and test"),
+    "duplicate_channel_file": ("warning", "one channel stored in more than one format"),
+    "mixed_depth_in_sample": ("warning", "samples mixing 8- and 16-bit channels (read as 16-bit)"),
+    "stray_file": ("warning", "files that are not <ID>_<channel>.<ext> channel images (ignored)"),
+    "no_sample_submission": ("warning", "test/ without sample_submission.csv"),
+    "counts": ("info", "samples"),
+    "image_size": ("info", "image sizes"),
+    "bit_depth": ("info", "bit depths"),
+}
+SEVERITIES: tuple[str, ...] = ("error", "warning", "info")
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One finding of `check_data`. `row` is the 1-based line in the CSV file (header = line 1)."""
+
+    severity: str
+    kind: str
+    message: str
+    path: str | None = None
+    row: int | None = None
+    image_id: str | None = None
+
+
+def _problem(kind: str, message: str, **where) -> Problem:
+    return Problem(KINDS[kind][0], kind, message, **where)
+
+
+# --------------------------------------------------------------------------------------------
+# Image headers: size, depth and integrity without decoding the pixels
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ImageInfo:
+    """What a file's header says: size, bits per sample, samples per pixel, container format."""
+
+    width: int
+    height: int
+    bit_depth: int
+    samples: int
+    format: str  # "png", "tiff", "jpeg", or "decoded" when the header was not parsed
+
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_PNG_IEND = b"\x00\x00\x00\x00IEND\xaeB`\x82"
+_PNG_SAMPLES = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}
+_TIFF_TYPE_SIZE = {1: 1, 3: 2, 4: 4, 16: 8}
+_TIFF_TYPE_CODE = {1: "B", 3: "H", 4: "I", 16: "Q"}
+_JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+
+
+def read_image_info(path: str | Path, check_end: bool = True) -> ImageInfo:
+    """Read an image file's header (and with `check_end`, check the file is complete).
+
+    Parses PNG, classic TIFF and JPEG headers directly (a few hundred bytes read); any other file
+    is decoded with cv2. Raises ImageReadError naming the file when it is missing, empty, not an
+    image, or truncated (PNG without IEND, TIFF strips beyond the end, JPEG without EOI).
+    """
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            if size == 0:
+                raise ImageReadError(f"empty file: {path}")
+            head = f.read(64)
+            if head.startswith(_PNG_SIGNATURE):
+                return _png_info(path, f, head, size, check_end)
+            if head[:4] in (b"II*\x00", b"MM\x00*"):
+                return _tiff_info(path, f, head, size, check_end)
+            if head[:2] == b"\xff\xd8":
+                return _jpeg_info(path, f, size, check_end)
+    except FileNotFoundError:
+        raise ImageReadError(f"missing file: {path}") from None
+    except (struct.error, OSError, ValueError) as exc:
+        raise ImageReadError(f"unreadable image header ({exc}): {path}") from None
+    # Anything else (BigTIFF, other formats, or a non-image): let cv2 decide.
+    img = read_channel(path)
+    return ImageInfo(img.shape[1], img.shape[0], 16 if img.dtype == np.uint16 else 8, 1, "decoded")
+
+
+def _png_info(path: Path, f, head: bytes, size: int, check_end: bool) -> ImageInfo:
+    if len(head) < 33 or head[12:16] != b"IHDR":
+        raise ImageReadError(f"truncated PNG file (no IHDR header): {path}")
+    width, height, depth, colour = struct.unpack(">IIBB", head[16:26])
+    if width == 0 or height == 0 or colour not in _PNG_SAMPLES:
+        raise ImageReadError(f"invalid PNG header ({width}x{height}, colour type {colour}): {path}")
+    if check_end:
+        f.seek(max(size - 12, 0))
+        if f.read(12) != _PNG_IEND:
+            raise ImageReadError(f"truncated PNG file (no IEND chunk): {path}")
+    return ImageInfo(width, height, depth, _PNG_SAMPLES[colour], "png")
+
+
+def _tiff_info(path: Path, f, head: bytes, size: int, check_end: bool) -> ImageInfo:
+    order = "<" if head[:2] == b"II" else ">"
+    (ifd,) = struct.unpack(order + "I", head[4:8])
+    if ifd + 2 > size:
+        raise ImageReadError(f"truncated TIFF file (first IFD beyond the end): {path}")
+    f.seek(ifd)
+    (n,) = struct.unpack(order + "H", f.read(2))
+    entries = f.read(12 * n)
+    if len(entries) < 12 * n:
+        raise ImageReadError(f"truncated TIFF file (IFD cut short): {path}")
+    tags: dict[int, list[int]] = {}
+    for i in range(n):
+        tag, typ, count = struct.unpack(order + "HHI", entries[12 * i : 12 * i + 8])
+        if typ not in _TIFF_TYPE_SIZE or tag not in (256, 257, 258, 277, 273, 279, 324, 325):
+            continue
+        nbytes = _TIFF_TYPE_SIZE[typ] * count
+        raw = entries[12 * i + 8 : 12 * i + 12]
+        if nbytes > 4:
+            (offset,) = struct.unpack(order + "I", raw)
+            if offset + nbytes > size:
+                raise ImageReadError(f"truncated TIFF file (tag {tag} beyond the end): {path}")
+            f.seek(offset)
+            raw = f.read(nbytes)
+        tags[tag] = list(struct.unpack(f"{order}{count}{_TIFF_TYPE_CODE[typ]}", raw[:nbytes]))
+    if 256 not in tags or 257 not in tags:
+        raise ImageReadError(f"invalid TIFF header (no image width/height): {path}")
+    width, height = tags[256][0], tags[257][0]
+    depth = tags.get(258, [1])[0]
+    samples = tags.get(277, [1])[0]
+    if check_end:
+        for off_tag, len_tag in ((273, 279), (324, 325)):
+            offsets, lengths = tags.get(off_tag, []), tags.get(len_tag, [])
+            if offsets and lengths and max(o + c for o, c in zip(offsets, lengths)) > size:
+                raise ImageReadError(f"truncated TIFF file (image data beyond the end): {path}")
+    return ImageInfo(width, height, depth, samples, "tiff")
+
+
+def _jpeg_info(path: Path, f, size: int, check_end: bool) -> ImageInfo:
+    f.seek(2)
+    info = None
+    while info is None:
+        marker = f.read(2)
+        if len(marker) < 2 or marker[0] != 0xFF:
+            raise ImageReadError(f"truncated or invalid JPEG file (no frame header): {path}")
+        code = marker[1]
+        if code == 0xFF:  # fill byte
+            f.seek(-1, os.SEEK_CUR)
+            continue
+        if code == 0x01 or 0xD0 <= code <= 0xD7:
+            continue
+        (length,) = struct.unpack(">H", f.read(2))
+        if code in _JPEG_SOF:
+            precision, height, width, samples = struct.unpack(">BHHB", f.read(6))
+            info = ImageInfo(width, height, precision, samples, "jpeg")
+        else:
+            f.seek(length - 2, os.SEEK_CUR)
+    if check_end:
+        f.seek(max(size - 64, 0))
+        if not f.read(64).rstrip(b"\x00").endswith(b"\xff\xd9"):
+            raise ImageReadError(f"truncated JPEG file (no end-of-image marker): {path}")
+    return info
+
+
+# --------------------------------------------------------------------------------------------
+# The index
+# --------------------------------------------------------------------------------------------
+@dataclass
+class SplitFiles:
+    """The channel files of one split folder, grouped by ID."""
+
+    samples: dict[str, dict[str, list[Path]]]  # ID -> channel -> paths (extension preference order)
+    stray: list[Path]  # entries that are not <ID>_<channel>.<ext>
+
+
+def scan_split(folder: str | Path) -> SplitFiles:
+    """List `folder` once and group its channel files by ID (an absent folder gives no files)."""
+    folder = Path(folder)
+    samples: dict[str, dict[str, list[Path]]] = {}
+    stray: list[Path] = []
+    if not folder.is_dir():
+        return SplitFiles(samples, stray)
+    ext_rank = {e: i for i, e in enumerate(EXTENSIONS)}
+    with os.scandir(folder) as it:
+        entries = sorted(it, key=lambda e: e.name)
+    for entry in entries:
+        name = entry.name
+        stem, dot, ext = name.rpartition(".")
+        image_id, _, channel = stem.rpartition("_")
+        if (
+            not dot
+            or "." + ext not in ext_rank
+            or not image_id
+            or channel not in CHANNELS
+            or name.startswith(".")
+            or not entry.is_file()
+        ):
+            stray.append(folder / name)
+            continue
+        samples.setdefault(image_id, {}).setdefault(channel, []).append(folder / name)
+    for channels in samples.values():
+        for paths in channels.values():
+            paths.sort(key=lambda p: ext_rank[p.suffix])  # the order images.channel_path tries
+    return SplitFiles(samples, stray)
+
+
+class DatasetIndex:
+    """Index over a dataset folder in the Kaggle layout (see the module docstring).
+
+    Listings and CSVs are read once, on first use. `labels` is strict (the first bad row raises
+    a DataError): run `check_data` to see every problem at once.
+    """
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        self._scans: dict[str, SplitFiles] = {}
+
+    @classmethod
+    def open(cls, root: str | Path) -> "DatasetIndex":
+        """Open a dataset folder; raises DataError if it is not a folder in the Kaggle layout."""
+        root = Path(root)
+        if not root.is_dir():
+            raise DataError(f"dataset folder not found: {root}")
+        if not any((root / n).exists() for n in ("train", "test", "train.csv")):
+            raise DataError(f"{root}: not a dataset in the Kaggle layout (no train/, test/ or train.csv)")
+        return cls(root)
+
+    @property
+    def train_csv(self) -> Path:
+        return self.root / "train.csv"
+
+    @property
+    def sample_submission_csv(self) -> Path:
+        return self.root / "sample_submission.csv"
+
+    def image_dir(self, split: str) -> Path:
+        """The folder of `split` ('train' or 'test')."""
+        if split not in SPLITS:
+            raise ConfigError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
+        return self.root / split
+
+    def scan(self, split: str) -> SplitFiles:
+        """The grouped channel files of a split (listed once, then cached)."""
+        if split not in self._scans:
+            self._scans[split] = scan_split(self.image_dir(split))
+        return self._scans[split]
+
+    def files(self, split: str) -> dict[str, dict[str, Path]]:
+        """ID -> channel -> path for every ID with at least one channel file in `split`."""
+        return {i: {c: p[0] for c, p in ch.items()} for i, ch in self.scan(split).samples.items()}
+
+    @cached_property
+    def labels(self):
+        """train.csv as `kit.labels.read_labels_csv` returns it (columns ID, Label, labels)."""
+        return read_labels_csv(self.train_csv)
+
+    @cached_property
+    def train_ids(self) -> list[str]:
+        """IDs of train.csv in file order; without train.csv, the IDs found in train/ (sorted)."""
+        if self.train_csv.is_file():
+            return self.labels["ID"].tolist()
+        return sorted(self.scan("train").samples)
+
+    @cached_property
+    def sample_submission(self):
+        """sample_submission.csv as a DataFrame of strings, or None when the file is absent."""
+        import pandas as pd
+
+        if not self.sample_submission_csv.is_file():
+            return None
+        try:
+            df = pd.read_csv(self.sample_submission_csv, dtype=str, keep_default_na=False)
+        except Exception as exc:  # pandas raises many types for a malformed CSV
+            raise DataError(f"{self.sample_submission_csv}: cannot read as CSV: {exc}") from exc
+        if "ID" not in df.columns:
+            raise DataError(f"{self.sample_submission_csv}: missing column ID (found {list(df.columns)})")
+        return df
+
+    @cached_property
+    def test_ids(self) -> list[str]:
+        """IDs of sample_submission.csv in file order; without it, the IDs found in test/ (sorted)."""
+        if self.sample_submission is not None:
+            return self.sample_submission["ID"].tolist()
+        return sorted(self.scan("test").samples)
+
+    def split_of(self, image_id: str) -> str:
+        """'train' or 'test': the split whose folder holds files of `image_id`."""
+        for split in SPLITS:
+            if image_id in self.scan(split).samples:
+                return split
+        raise DataError(f"{self.root}: no image files for ID {image_id!r} in train/ or test/")
+
+    def channel_paths(self, image_id: str, split: str | None = None) -> dict[str, Path]:
+        """channel -> path of one sample; raises ImageReadError naming the first missing file."""
+        split = split or self.split_of(image_id)
+        found = self.scan(split).samples.get(image_id, {})
+        for c in CHANNELS:
+            if c not in found:
+                raise ImageReadError(f"missing channel file: {self.image_dir(split) / f'{image_id}_{c}.png'}")
+        return {c: found[c][0] for c in CHANNELS}
+
+    def image_info(self, image_id: str, split: str | None = None) -> ImageInfo:
+        """Header of the sample's red channel (size and depth without decoding)."""
+        return read_image_info(self.channel_paths(image_id, split)["red"], check_end=False)
+
+    def image_size(self, image_id: str, split: str | None = None) -> tuple[int, int]:
+        """(width, height) of a sample, from its red channel's header."""
+        info = self.image_info(image_id, split)
+        return info.width, info.height
+
+    def read(self, image_id: str, split: str | None = None) -> np.ndarray:
+        """The sample as `kit.images.read_sample` returns it: (H, W, 4) RGBY, uint8 or uint16."""
+        split = split or self.split_of(image_id)
+        return read_sample(self.image_dir(split), image_id)
+
+
+# --------------------------------------------------------------------------------------------
+# check_data
+# --------------------------------------------------------------------------------------------
+def _read_csv_rows(path: Path, required: tuple[str, ...], problems: list[Problem]):
+    """Yield (line, dict) for each data row; header and row-shape problems go to `problems`."""
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.reader(f)
+            header = next(reader, None)
+            if header is None:
+                problems.append(_problem("bad_csv", f"{path}: empty file (expected header {','.join(required)})", path=str(path)))
+                return
+            header = [h.strip() for h in header]
+            missing = [c for c in required if c not in header]
+            if missing:
+                problems.append(_problem(
+                    "bad_csv", f"{path}: missing column(s) {', '.join(missing)} (found {header})", path=str(path), row=1
+                ))
+                return
+            n_rows = 0
+            for fields in reader:
+                if not fields or (len(fields) == 1 and not fields[0].strip()):
+                    continue  # blank line
+                n_rows += 1
+                if len(fields) != len(header):
+                    problems.append(_problem(
+                        "bad_csv", f"{path}: line {reader.line_num}: {len(fields)} fields, header has {len(header)}",
+                        path=str(path), row=reader.line_num,
+                    ))
+                    continue
+                yield reader.line_num, dict(zip(header, fields))
+            if n_rows == 0:
+                problems.append(_problem("bad_csv", f"{path}: no rows below the header", path=str(path)))
+    except (UnicodeDecodeError, csv.Error, OSError) as exc:
+        problems.append(_problem("bad_csv", f"{path}: cannot read as CSV: {exc}", path=str(path)))
+
+
+def _check_ids(path: Path, rows: list[tuple[int, str]], problems: list[Problem]) -> None:
+    first: dict[str, int] = {}
+    for line, image_id in rows:
+        if not image_id:
+            problems.append(_problem("bad_csv", f"{path}: line {line}: empty ID", path=str(path), row=line))
+        elif image_id in first:
+            problems.append(_problem(
+                "duplicate_id", f"{path}: line {line}: ID {image_id} already on line {first[image_id]}",
+                path=str(path), row=line, image_id=image_id,
+            ))
+        else:
+            first[image_id] = line
+
+
+def _check_sample(job: tuple[str, str, str, dict[str, list[str]], bool]) -> tuple[list[Problem], tuple | None]:
+    """Check one sample's channel files. Returns its problems and (width, height, depth) or None."""
+    split, folder, image_id, channels, decode = job
+    problems: list[Problem] = []
+    shapes: dict[str, tuple[int, int, int]] = {}
+    for channel in CHANNELS:
+        paths = channels.get(channel)
+        if not paths:
+            path = os.path.join(folder, f"{image_id}_{channel}.png")
+            problems.append(_problem(
+                "missing_channel", f"{split}/{image_id}_{channel}.png missing (ID {image_id})", path=path, image_id=image_id
+            ))
+            continue
+        if len(paths) > 1:
+            problems.append(_problem(
+                "duplicate_channel_file",
+                f"{split}/{image_id}_{channel}: {len(paths)} files ({', '.join(Path(p).name for p in paths)}); "
+                f"{Path(paths[0]).name} is used",
+                path=paths[0], image_id=image_id,
+            ))
+        path = paths[0]
+        try:
+            info = read_image_info(path)
+            if decode:
+                img = read_channel(path)
+                shapes[channel] = (img.shape[1], img.shape[0], 16 if img.dtype == np.uint16 else 8)
+            else:
+                shapes[channel] = (info.width, info.height, info.bit_depth)
+        except ImageReadError as exc:
+            problems.append(_problem("unreadable_image", str(exc), path=path, image_id=image_id))
+    if not shapes:
+        return problems, None
+    sizes = {c: s[:2] for c, s in shapes.items()}
+    if len(set(sizes.values())) > 1:
+        desc = ", ".join(f"{c} {w}x{h}" for c, (w, h) in sizes.items())
+        problems.append(_problem("shape_mismatch", f"{split}/{image_id}: channels differ: {desc}", image_id=image_id))
+    depths = {s[2] for s in shapes.values()}
+    if len(depths) > 1:
+        desc = ", ".join(f"{c} {s[2]}-bit" for c, s in shapes.items())
+        problems.append(_problem("mixed_depth_in_sample", f"{split}/{image_id}: {desc}", image_id=image_id))
+    first = next(iter(shapes.values()))
+    return problems, (first[0], first[1], max(depths))
+
+
+def _worker_init() -> None:
+    import cv2
+
+    cv2.setNumThreads(0)  # one thread per worker: the pool is the parallelism
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(1)
+
+
+def _run_sample_checks(jobs: list, decode: bool, workers: int, progress: bool):
+    from tqdm import tqdm
+
+    desc = "decoding images" if decode else "checking image headers"
+    bar = dict(total=len(jobs), desc=desc, unit="sample", disable=not progress, file=sys.stderr)
+    if decode and workers > 1 and len(jobs) > 1:
+        ctx = multiprocessing.get_context("spawn")
+        with ctx.Pool(workers, initializer=_worker_init) as pool:
+            chunk = max(1, min(16, len(jobs) // (workers * 8)))
+            yield from tqdm(pool.imap(_check_sample, jobs, chunksize=chunk), **bar)
+    else:
+        yield from tqdm(map(_check_sample, jobs), **bar)
+
+
+def check_data(
+    root: str | Path, *, decode: bool = False, workers: int | None = None, progress: bool = False
+) -> list[Problem]:
+    """Check a dataset in the Kaggle layout and return every problem found, in one pass.
+
+    Raises DataError only when `root` is not a folder. With `decode`, every channel file is fully
+    decoded in `workers` spawn processes (default: CPU count, at most 8) besides the header checks.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"dataset folder not found: {root}")
+    index = DatasetIndex(root)
+    problems: list[Problem] = []
+    train_dir, test_dir = root / "train", root / "test"
+    train_csv, sub_csv = index.train_csv, index.sample_submission_csv
+    has_train, has_test = train_dir.is_dir(), test_dir.is_dir()
+
+    # Structure.
+    if not has_train and not has_test:
+        problems.append(_problem("missing_path", f"{root}: neither train/ nor test/ exists", path=str(root)))
+    if has_train and not train_csv.is_file():
+        problems.append(_problem("missing_path", f"{train_csv} missing (train/ exists)", path=str(train_csv)))
+    if train_csv.is_file() and not has_train:
+        problems.append(_problem("missing_path", f"{train_dir}/ missing (train.csv exists)", path=str(train_dir)))
+    if sub_csv.is_file() and not has_test:
+        problems.append(_problem("missing_path", f"{test_dir}/ missing (sample_submission.csv exists)", path=str(test_dir)))
+    if has_test and not sub_csv.is_file():
+        problems.append(_problem(
+            "no_sample_submission", f"{sub_csv} missing; test IDs are taken from the files in test/", path=str(sub_csv)
+        ))
+
+    # train.csv: every row checked, nothing stops at the first problem.
+    train_label_ids: list[str] | None = None
+    if train_csv.is_file():
+        rows = list(_read_csv_rows(train_csv, ("ID", "Label"), problems))
+        train_label_ids = [r["ID"].strip() for _, r in rows]
+        _check_ids(train_csv, [(line, r["ID"].strip()) for line, r in rows], problems)
+        for line, r in rows:
+            image_id = r["ID"].strip()
+            try:
+                parse_label(r["Label"], row=line, image_id=image_id or None)
+            except LabelError as exc:
+                problems.append(_problem("bad_label", f"{train_csv}: {exc}", path=str(train_csv), row=line, image_id=image_id))
+
+    # sample_submission.csv.
+    sub_sizes: dict[str, tuple[int, tuple[int, int] | None]] = {}
+    sub_ids: list[str] | None = None
+    if sub_csv.is_file():
+        rows = list(_read_csv_rows(sub_csv, ("ID",), problems))
+        sub_ids = [r["ID"].strip() for _, r in rows]
+        _check_ids(sub_csv, [(line, r["ID"].strip()) for line, r in rows], problems)
+        for line, r in rows:
+            size = None
+            if "ImageWidth" in r and "ImageHeight" in r:
+                try:
+                    size = (int(r["ImageWidth"]), int(r["ImageHeight"]))
+                except ValueError:
+                    problems.append(_problem(
+                        "bad_csv",
+                        f"{sub_csv}: line {line}: ImageWidth/ImageHeight {r['ImageWidth']!r}/{r['ImageHeight']!r} "
+                        f"are not integers (ID {r['ID']})",
+                        path=str(sub_csv), row=line, image_id=r["ID"].strip(),
+                    ))
+            sub_sizes.setdefault(r["ID"].strip(), (line, size))
+
+    # Image files.
+    scans = {split: index.scan(split) for split in SPLITS}
+    for split in SPLITS:
+        for path in scans[split].stray:
+            problems.append(_problem("stray_file", f"{split}/{path.name}: not a channel image name", path=str(path)))
+        if (root / split).is_dir() and not scans[split].samples:
+            problems.append(_problem("no_images", f"{root / split}/ holds no channel images", path=str(root / split)))
+    jobs = [
+        (split, str(root / split), image_id, {c: [str(p) for p in ps] for c, ps in channels.items()}, decode)
+        for split in SPLITS
+        for image_id, channels in scans[split].samples.items()
+    ]
+    workers = workers or min(os.cpu_count() or 1, 8)
+    sample_shape: dict[tuple[str, str], tuple] = {}
+    # enumerate, not zip: zip would stop before the generator (and its progress bar) finishes.
+    for i, (found, shape) in enumerate(_run_sample_checks(jobs, decode, workers, progress)):
+        job = jobs[i]
+        problems.extend(found)
+        if shape is not None:
+            sample_shape[(job[0], job[2])] = shape
+
+    # Cross-checks between the CSVs and the files.
+    train_files, test_files = scans["train"].samples, scans["test"].samples
+    if train_label_ids is not None:
+        labelled = set(train_label_ids)
+        for image_id in dict.fromkeys(train_label_ids):
+            if image_id and image_id not in train_files:
+                problems.append(_problem(
+                    "label_without_images", f"{train_csv}: ID {image_id} has no files in train/",
+                    path=str(train_csv), image_id=image_id,
+                ))
+        if has_train:
+            for image_id in train_files:
+                if image_id not in labelled:
+                    problems.append(_problem(
+                        "unlabeled_image", f"train/{image_id}_*: ID {image_id} not in train.csv",
+                        path=str(train_dir), image_id=image_id,
+                    ))
+    if sub_ids is not None:
+        listed = set(sub_ids)
+        for image_id, (line, size) in sub_sizes.items():
+            if not image_id:
+                continue
+            if image_id not in test_files:
+                problems.append(_problem(
+                    "submission_without_images", f"{sub_csv}: line {line}: ID {image_id} has no files in test/",
+                    path=str(sub_csv), row=line, image_id=image_id,
+                ))
+            elif size is not None and ("test", image_id) in sample_shape:
+                w, h = sample_shape[("test", image_id)][:2]
+                if (w, h) != size:
+                    problems.append(_problem(
+                        "size_mismatch",
+                        f"{sub_csv}: line {line}: ID {image_id} says {size[0]}x{size[1]}, the image is {w}x{h}",
+                        path=str(sub_csv), row=line, image_id=image_id,
+                    ))
+        for image_id in test_files:
+            if image_id not in listed:
+                problems.append(_problem(
+                    "test_image_not_in_submission", f"test/{image_id}_*: ID {image_id} not in sample_submission.csv",
+                    path=str(test_dir), image_id=image_id,
+                ))
+    for image_id in sorted(set(train_files) & set(test_files)):
+        problems.append(_problem("train_test_overlap", f"ID {image_id} has files in both train/ and test/", image_id=image_id))
+
+    # Information: counts, sizes and depths per split.
+    for split in SPLITS:
+        if not (root / split).is_dir():
+            continue
+        shapes = [s for (sp, _), s in sample_shape.items() if sp == split]
+        problems.append(_problem("counts", f"{split}: {len(scans[split].samples)} samples"))
+        for (w, h), n in sorted(Counter(s[:2] for s in shapes).items(), key=lambda kv: (-kv[1], kv[0])):
+            problems.append(_problem("image_size", f"{split}: {n} images of {w}x{h}"))
+        for depth, n in sorted(Counter(s[2] for s in shapes).items()):
+            problems.append(_problem("bit_depth", f"{split}: {n} images of {depth}-bit"))
+    return problems
+
+
+def summarize(problems: list[Problem], examples: int = 5) -> str:
+    """A grouped, human-readable report: per severity, per kind, a count and the first examples."""
+    by_kind: dict[str, list[Problem]] = defaultdict(list)
+    for p in problems:
+        by_kind[p.kind].append(p)
+    lines = []
+    for severity in SEVERITIES:
+        kinds = [k for k in KINDS if KINDS[k][0] == severity and by_kind.get(k)]
+        if not kinds:
+            continue
+        total = sum(len(by_kind[k]) for k in kinds)
+        if severity == "info":
+            lines.append("info:")
+        else:
+            lines.append(f"{severity}s: {total} in {len(kinds)} kind(s)")
+        for kind in kinds:
+            found = by_kind[kind]
+            if severity == "info":
+                lines.extend(f"  {p.message}" for p in found)
+                continue
+            lines.append(f"  {kind} ({len(found)}): {KINDS[kind][1]}")
+            shown = found if examples <= 0 else found[:examples]
+            lines.extend(f"    {p.message}" for p in shown)
+            if len(found) > len(shown):
+                lines.append(f"    ... and {len(found) - len(shown)} more (--examples 0 shows all)")
+    n_err = sum(p.severity == "error" for p in problems)
+    n_warn = sum(p.severity == "warning" for p in problems)
+    lines.append(f"result: {n_err} error(s), {n_warn} warning(s)" + ("" if n_err else ": OK"))
+    return "\n".join(lines)
+
+
+def configure_check_data(parser) -> None:
+    """Arguments of `python -m kit check-data`."""
+    parser.add_argument("dir", type=Path, help="dataset folder (train/, test/, train.csv, sample_submission.csv)")
+    parser.add_argument("--decode", action="store_true",
+                        help="fully decode every channel file (slow; default: headers and file ends only)")
+    parser.add_argument("--workers", type=int, default=None, help="processes for --decode (default: CPUs, max 8)")
+    parser.add_argument("--examples", type=int, default=5, help="examples shown per problem kind (0: all)")
+    parser.add_argument("--json", action="store_true", help="print the problems as JSON instead of the summary")
+    parser.set_defaults(func=_run_check_data)
+
+
+def _run_check_data(args) -> int:
+    if args.workers is not None and args.workers < 1:
+        raise ConfigError(f"--workers must be at least 1, got {args.workers}")
+    problems = check_data(args.dir, decode=args.decode, workers=args.workers, progress=True)
+    n_err = sum(p.severity == "error" for p in problems)
+    if args.json:
+        report = {
+            "root": str(args.dir),
+            "decoded": bool(args.decode),
+            "errors": n_err,
+            "warnings": sum(p.severity == "warning" for p in problems),
+            "counts": dict(Counter(p.kind for p in problems)),
+            "problems": [asdict(p) for p in problems],
+        }
+        print(json.dumps(report, indent=1))
+    else:
+        print(f"check-data {args.dir} ({'decoded' if args.decode else 'headers and file ends; --decode decodes'})")
+        print(summarize(problems, args.examples))
+    return 1 if n_err else 0

@@ -1,0 +1,359 @@
+"""torch Datasets for the two classifiers, their augmentations and samplers, and the field cache.
+
+Inputs read here:
+- Tile cache (written by kit.cells): ``<tile_dir>/<ID>.npy`` (N x 4 x S x S uint8, read memory-mapped)
+  and ``<tile_dir>/<ID>.csv`` (the cell table, column ``cell_id``, same row order). The tile dir is
+  ``<data.tile_cache>/tiles-<size>-<hash>/`` (found by `resolve_tile_dir`) or ``data.tile_cache``
+  itself when it holds the .npy files.
+- Field cache (written here by `build_field_cache`): ``<data.field_cache>/fields-<S>-<hash>/<ID>.npy``,
+  one 4 x S x S uint8 array per image: kit.images.read_sample -> to_uint8 -> cv2.resize(INTER_AREA),
+  channels first; hash = the images folder's absolute path, so two datasets never share a cache.
+
+Items are ``(uint8 tensor 4 x S x S, float32 target of 19)``; normalisation happens on the device
+(kit.models.preprocess). A cell's target is its image's labels (weak labels).
+
+Sampling: `EpochSampler` yields ``(index, augmentation_seed)`` pairs drawn from ``(seed, epoch)``
+alone, sharded by rank for DDP. The augmentation of every item is therefore a pure function of
+(seed, epoch, position): independent of the number of workers, and an interrupted run resumed from
+its checkpoint sees exactly the batches it would have seen.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+from collections import OrderedDict
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import cv2
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from kit.errors import DataError
+
+
+def worker_init_fn(worker_id: int) -> None:
+    """DataLoader worker setup: one thread each (OpenCV and torch), so workers never oversubscribe."""
+    cv2.setNumThreads(0)
+    torch.set_num_threads(1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Augmentation
+
+
+def augment(x: np.ndarray, rng: np.random.Generator, intensity: float = 0.2) -> np.ndarray:
+    """Random dihedral transform (flips, 90-degree rotations) and per-channel brightness/contrast.
+
+    x: C x H x W uint8 (H == W for rotations). Contrast factor in [1 - intensity, 1 + intensity],
+    brightness shift in +-intensity/2 of full scale, drawn per channel. Returns uint8 C x H x W.
+    """
+    k = int(rng.integers(4))
+    if k:
+        x = np.rot90(x, k, axes=(1, 2))
+    if rng.random() < 0.5:
+        x = x[:, :, ::-1]
+    if intensity > 0:
+        c = x.shape[0]
+        contrast = rng.uniform(1 - intensity, 1 + intensity, size=(c, 1, 1)).astype(np.float32)
+        bright = rng.uniform(-intensity / 2, intensity / 2, size=(c, 1, 1)).astype(np.float32) * 255.0
+        x = np.clip(x.astype(np.float32) * contrast + bright, 0, 255).astype(np.uint8)
+    return np.ascontiguousarray(x)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampling
+
+
+class EpochSampler(Sampler):
+    """Yields ``(index, aug_seed)`` for one epoch; order and seeds depend only on (seed, epoch).
+
+    shuffle: a permutation per epoch; weights: draw len(dataset) samples with replacement with
+    these probabilities (class-balancing sampler). With ``world > 1`` the list is padded to a
+    multiple of world and rank r takes every world-th item from r (as DistributedSampler does).
+    """
+
+    def __init__(
+        self,
+        n: int,
+        shuffle: bool = True,
+        seed: int = 0,
+        weights: Sequence[float] | None = None,
+        rank: int = 0,
+        world: int = 1,
+        augment: bool = True,
+    ):
+        self.n, self.shuffle, self.seed = n, shuffle, seed
+        self.weights = None if weights is None else np.asarray(weights, dtype=np.float64)
+        self.rank, self.world, self.augment = rank, world, augment
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return math.ceil(self.n / self.world)
+
+    def __iter__(self) -> Iterator:
+        rng = np.random.default_rng([self.seed, self.epoch])
+        if self.weights is not None:
+            order = rng.choice(self.n, size=self.n, replace=True, p=self.weights / self.weights.sum())
+        elif self.shuffle:
+            order = rng.permutation(self.n)
+        else:
+            order = np.arange(self.n)
+        seeds = rng.integers(0, 2**31 - 1, size=self.n)
+        total = len(self) * self.world
+        if total > self.n:  # pad by wrapping so every rank gets the same number of items
+            extra = total - self.n
+            order = np.concatenate([order, order[:extra]])
+            seeds = np.concatenate([seeds, seeds[:extra]])
+        for i in range(self.rank, total, self.world):
+            yield (int(order[i]), int(seeds[i]) if self.augment else None)
+
+
+def balancing_weights(targets: np.ndarray, power: float = 0.5) -> np.ndarray:
+    """Per-sample weights for a class-balancing sampler: the largest (N / count_c) ** power over
+    the sample's labels (rare classes drawn more often)."""
+    t = np.asarray(targets, dtype=bool)
+    counts = t.sum(0).astype(np.float64)
+    inv = np.where(counts > 0, (len(t) / np.maximum(counts, 1)) ** power, 0.0)
+    w = (t * inv[None, :]).max(1)
+    w[w == 0] = 1.0
+    return w
+
+
+# ---------------------------------------------------------------------------------------------
+# Cell tiles
+
+
+def resolve_tile_dir(data_cfg) -> Path:
+    """The folder of ``<ID>.npy`` tiles for data_cfg.tile_size (see module doc)."""
+    root = Path(data_cfg.tile_cache)
+    if not root.is_dir():
+        raise DataError(f"tile cache not found: {root} (build it with kit.cells first, or set data.tile_cache)")
+    if next(root.glob("*.npy"), None) is not None:
+        return root
+    candidates = sorted(p for p in root.glob(f"tiles-{data_cfg.tile_size}-*") if p.is_dir())
+    if not candidates:
+        raise DataError(
+            f"no tiles-{data_cfg.tile_size}-* folder under tile cache {root}: build tiles of "
+            f"{data_cfg.tile_size} px with kit.cells first, or set data.tile_cache/data.tile_size"
+        )
+    if len(candidates) > 1:
+        raise DataError(
+            f"several tile caches of {data_cfg.tile_size} px under {root} "
+            f"({', '.join(p.name for p in candidates)}): set data.tile_cache to one of them"
+        )
+    return candidates[0]
+
+
+def _tile_count(path: Path) -> int:
+    arr = np.load(path, mmap_mode="r")
+    if arr.ndim != 4 or arr.shape[1] != 4 or arr.dtype != np.uint8:
+        raise DataError(f"{path}: expected N x 4 x S x S uint8 tiles, got {arr.shape} {arr.dtype}")
+    return int(arr.shape[0])
+
+
+def _cell_ids(path: Path, n: int) -> np.ndarray:
+    import pandas as pd
+
+    if not path.is_file():
+        return np.arange(1, n + 1, dtype=np.int64)  # tables missing: cell ids in order
+    table = pd.read_csv(path, usecols=["cell_id"])
+    if len(table) != n:
+        raise DataError(f"{path}: {len(table)} rows but the tiles file holds {n} tiles")
+    return table["cell_id"].to_numpy(np.int64)
+
+
+class CellTileDataset(Dataset):
+    """Every cell of the given images; target = the image's multi-hot labels.
+
+    ids / targets: image IDs and their N x 19 multi-hot labels. Images without a tiles file (no
+    cell found) contribute nothing; `missing` lists them. max_cells_per_image > 0 keeps that many
+    cells per image (a fixed random choice from `seed`).
+    """
+
+    def __init__(
+        self,
+        tile_dir: str | Path,
+        ids: Sequence[str],
+        targets: np.ndarray,
+        augment: bool = False,
+        max_cells_per_image: int = 0,
+        seed: int = 0,
+        cache_size: int = 64,
+    ):
+        self.tile_dir = Path(tile_dir)
+        self.ids = list(ids)
+        self.targets = np.asarray(targets, dtype=np.float32)
+        self.augment = augment
+        self.cache_size = cache_size
+        self.missing: list[str] = []
+        img_idx, rows, cell_ids = [], [], []
+        rng = np.random.default_rng(seed)
+        for i, image_id in enumerate(self.ids):
+            path = self.tile_dir / f"{image_id}.npy"
+            if not path.is_file():
+                self.missing.append(image_id)
+                continue
+            n = _tile_count(path)
+            ids_here = _cell_ids(self.tile_dir / f"{image_id}.csv", n)
+            keep = np.arange(n)
+            if max_cells_per_image and n > max_cells_per_image:
+                keep = np.sort(rng.choice(n, size=max_cells_per_image, replace=False))
+            img_idx.append(np.full(len(keep), i, dtype=np.int32))
+            rows.append(keep.astype(np.int32))
+            cell_ids.append(ids_here[keep])
+        cat = lambda parts, dt: np.concatenate(parts) if parts else np.zeros(0, dt)  # noqa: E731
+        self.img_idx = cat(img_idx, np.int32)
+        self.rows = cat(rows, np.int32)
+        self.cell_ids = cat(cell_ids, np.int64)
+        self._maps: OrderedDict = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getstate__(self):  # memmaps are reopened in each worker
+        state = dict(self.__dict__)
+        state["_maps"] = OrderedDict()
+        return state
+
+    def sample_targets(self) -> np.ndarray:
+        """N_cells x 19 targets (for pos_weight and the balancing sampler)."""
+        return self.targets[self.img_idx]
+
+    def image_ids(self) -> np.ndarray:
+        """The image ID of every item, in item order."""
+        return np.asarray(self.ids, dtype=object)[self.img_idx]
+
+    def _tiles(self, i: int) -> np.ndarray:
+        arr = self._maps.get(i)
+        if arr is None:
+            arr = np.load(self.tile_dir / f"{self.ids[i]}.npy", mmap_mode="r")
+            self._maps[i] = arr
+            if len(self._maps) > self.cache_size:  # bound the open memmaps (file descriptors)
+                self._maps.popitem(last=False)
+        return arr
+
+    def __getitem__(self, key):
+        index, aug_seed = key if isinstance(key, tuple) else (key, None)
+        i = int(self.img_idx[index])
+        x = np.array(self._tiles(i)[self.rows[index]])
+        if self.augment and aug_seed is not None:
+            x = augment(x, np.random.default_rng(aug_seed))
+        return torch.from_numpy(x), torch.from_numpy(self.targets[i])
+
+
+# ---------------------------------------------------------------------------------------------
+# Whole fields (image model)
+
+
+def field_cache_dir(data_cfg) -> Path:
+    images = str(Path(data_cfg.images_dir).resolve())
+    key = hashlib.sha256(images.encode()).hexdigest()[:8]
+    return Path(data_cfg.field_cache) / f"fields-{data_cfg.field_size}-{key}"
+
+
+def make_field(image: np.ndarray, size: int) -> np.ndarray:
+    """H x W x 4 (uint8/uint16) -> 4 x size x size uint8 (to_uint8, then INTER_AREA resize)."""
+    from kit.images import to_uint8
+
+    img = to_uint8(image)
+    if img.shape[0] != size or img.shape[1] != size:
+        interp = cv2.INTER_AREA if min(img.shape[:2]) >= size else cv2.INTER_LINEAR
+        img = cv2.resize(img, (size, size), interpolation=interp)
+    return np.ascontiguousarray(img.transpose(2, 0, 1))
+
+
+def _field_job(args) -> str:
+    images_dir, image_id, size, out = args
+    from kit.atomic import atomic_path
+    from kit.images import read_sample
+
+    field = make_field(read_sample(images_dir, image_id), size)
+    with atomic_path(out) as tmp:
+        np.save(tmp, field)
+    return image_id
+
+
+def _pool_init() -> None:
+    worker_init_fn(0)
+
+
+def build_field_cache(data_cfg, ids: Sequence[str], workers: int = 1, progress: bool = True) -> Path:
+    """Write the missing downscaled fields of `ids`; returns the cache folder. Resumable."""
+    from tqdm import tqdm
+
+    out_dir = field_cache_dir(data_cfg)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    todo = [i for i in ids if not (out_dir / f"{i}.npy").is_file()]
+    if not todo:
+        return out_dir
+    jobs = [(str(data_cfg.images_dir), i, data_cfg.field_size, str(out_dir / f"{i}.npy")) for i in todo]
+    bar = tqdm(total=len(jobs), desc=f"fields {data_cfg.field_size}px", disable=not progress, unit="img")
+    if workers <= 1:
+        for job in jobs:
+            _field_job(job)
+            bar.update()
+    else:
+        import multiprocessing as mp
+
+        with mp.get_context("spawn").Pool(workers, initializer=_pool_init) as pool:
+            for _ in pool.imap_unordered(_field_job, jobs, chunksize=4):
+                bar.update()
+    bar.close()
+    return out_dir
+
+
+class FieldDataset(Dataset):
+    """Whole downscaled fields from the field cache; target = the image's multi-hot labels."""
+
+    def __init__(self, field_dir: str | Path, ids: Sequence[str], targets: np.ndarray, augment: bool = False):
+        self.field_dir = Path(field_dir)
+        self.ids = list(ids)
+        self.targets = np.asarray(targets, dtype=np.float32)
+        self.augment = augment
+        missing = [i for i in self.ids if not (self.field_dir / f"{i}.npy").is_file()]
+        if missing:
+            raise DataError(f"field cache {self.field_dir} lacks {len(missing)} image(s), e.g. {missing[0]}")
+        self.missing: list[str] = []
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def sample_targets(self) -> np.ndarray:
+        return self.targets
+
+    def image_ids(self) -> np.ndarray:
+        return np.asarray(self.ids, dtype=object)
+
+    def __getitem__(self, key):
+        index, aug_seed = key if isinstance(key, tuple) else (key, None)
+        x = np.load(self.field_dir / f"{self.ids[index]}.npy")
+        if self.augment and aug_seed is not None:
+            x = augment(x, np.random.default_rng(aug_seed))
+        return torch.from_numpy(x), torch.from_numpy(self.targets[index])
+
+
+def write_random_tiles(tile_dir: str | Path, ids: Sequence[str], targets: np.ndarray, size: int = 32,
+                       cells: tuple[int, int] = (2, 5), seed: int = 0) -> Path:
+    """Test/benchmark helper: a tile cache of random tiles whose green channel carries a per-class
+    pattern (so a model can learn something). Writes ``<ID>.npy`` and ``<ID>.csv`` like kit.cells."""
+    import pandas as pd
+
+    tile_dir = Path(tile_dir)
+    tile_dir.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size]
+    patterns = np.stack([np.sin((xx * (1 + c % 5) + yy * (1 + c // 5)) * np.pi / size) for c in range(19)])
+    for image_id, t in zip(ids, np.asarray(targets)):
+        n = int(rng.integers(cells[0], cells[1] + 1))
+        x = rng.integers(0, 60, size=(n, 4, size, size)).astype(np.float32)
+        sig = (patterns[np.flatnonzero(t)].sum(0) if t.any() else np.zeros((size, size))) * 80
+        x[:, 1] += np.clip(sig, 0, None)
+        np.save(tile_dir / f"{image_id}.npy", np.clip(x, 0, 255).astype(np.uint8))
+        pd.DataFrame({"cell_id": np.arange(1, n + 1)}).to_csv(tile_dir / f"{image_id}.csv", index=False)
+    return tile_dir

@@ -1,0 +1,832 @@
+"""Synthetic HPA-like fields of view with per-cell ground truth (`python -m kit synth`).
+
+Every image is a confocal-like field of touching cells, four channels as on the HPA: red
+(microtubules), green (protein of interest), blue (nuclei), yellow (endoplasmic reticulum). A field
+of any size is the same physical field (about 18 cells, the real median per 2048 px image) drawn at
+that size, so a 512 px image looks like a downscaled 2048 px field.
+
+Labels: an image's label set is drawn from the real label-combination frequencies of the 2021
+train.csv (`kit/data/label_sets.csv`, see `build_label_table`). Within an image each cell shows a
+non-empty subset of the image's location labels (0..17) or none (then it is Negative, class 18);
+class 11 (mitotic spindle) is shown only by mitotic cells. The image label written to train.csv is
+the union of the location labels of its cells, and ``18`` only when every cell is Negative (an image
+drawn as Negative has only Negative cells). Negative cells of other images are class 18 in the
+solution files.
+
+Files written by `generate_dataset(out, ...)` (Kaggle layout plus truth)::
+
+    out/train/<ID>_{red,green,blue,yellow}.png   8- or 16-bit greyscale PNG, size x size
+    out/test/<ID>_{red,green,blue,yellow}.png
+    out/train.csv              ID,Label              (image labels, e.g. "0|16")
+    out/sample_submission.csv  ID,ImageWidth,ImageHeight,PredictionString (empty strings)
+    out/train_solution.csv     ID,ImageWidth,ImageHeight,PredictionString: one "class 1 mask"
+    out/test_solution.csv      triple per true cell and per label of that cell; mask is the
+                               competition encoding (pycocotools RLE of the HxWx1 Fortran-order
+                               uint8 mask -> zlib level 9 -> base64 text)
+    out/truth/<ID>_cell_mask.png    uint16, 0 = background, 1..N = cells
+    out/truth/<ID>_nuclei_mask.png  uint16, nucleus k lies inside cell k, one nucleus per cell
+    out/truth/cell_labels.csv  ID,cell_id,Label  (Label "18" for a Negative cell)
+
+Determinism: image i of split s is drawn from ``numpy.random.default_rng([seed, s, i])`` only, so
+the bytes do not depend on the number of workers or the machine. IDs are hex digests of
+(seed, split, index), formatted like the uuid-style HPA IDs.
+"""
+from __future__ import annotations
+
+import base64
+import hashlib
+import math
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from kit.atomic import atomic_open, atomic_path
+from kit.errors import ConfigError
+from kit.labels import CLASS_NAMES, NEGATIVE, NUM_CLASSES, format_label
+
+LABEL_TABLE = Path(__file__).resolve().parent / "data" / "label_sets.csv"
+SPLITS = {"train": 0, "test": 1}
+REF_SIZE = 2048  # geometry is specified in pixels of a 2048 px field and scaled to the output size
+MITOSIS = 11
+
+# --------------------------------------------------------------------------------------------
+# label-combination table
+
+
+def build_label_table(train_csv: str | Path, out: str | Path = LABEL_TABLE) -> Path:
+    """Write the label-combination frequency table (``Label,count``) from a real train.csv.
+
+    `kit/data/label_sets.csv` was made with
+    ``build_label_table("../shared/data/hpa_real/labels/hpa2021_train.csv")``: the 21,806 images
+    of the HPA 2021 train.csv, label strings folded and sorted by `kit.labels.read_labels_csv`
+    (372 distinct sets). Only the counts are shipped, not the csv.
+    """
+    from kit.labels import read_labels_csv
+
+    counts = read_labels_csv(train_csv)["Label"].value_counts()
+    rows = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+    with atomic_open(out, "w", newline="") as f:
+        f.write("Label,count\n")
+        for label, n in rows:
+            f.write(f"{label},{n}\n")
+    return Path(out)
+
+
+_TABLE_CACHE: tuple[list[list[int]], np.ndarray] | None = None
+
+
+def label_table() -> tuple[list[list[int]], np.ndarray]:
+    """The shipped label sets and their probabilities (sum 1)."""
+    global _TABLE_CACHE
+    if _TABLE_CACHE is None:
+        sets, counts = [], []
+        with open(LABEL_TABLE) as f:
+            next(f)
+            for line in f:
+                label, n = line.strip().rsplit(",", 1)
+                sets.append([int(t) for t in label.split("|")])
+                counts.append(int(n))
+        p = np.asarray(counts, dtype=np.float64)
+        _TABLE_CACHE = (sets, p / p.sum())
+    return _TABLE_CACHE
+
+
+def draw_image_labels(rng: np.random.Generator) -> list[int]:
+    sets, p = label_table()
+    return list(sets[int(rng.choice(len(sets), p=p))])
+
+
+# --------------------------------------------------------------------------------------------
+# small drawing helpers
+
+
+def _blur(img: np.ndarray, sigma: float) -> np.ndarray:
+    if sigma <= 0.05:
+        return img
+    return cv2.GaussianBlur(img, (0, 0), sigmaX=float(sigma), sigmaY=float(sigma),
+                            borderType=cv2.BORDER_REFLECT)
+
+
+def _noise(rng: np.random.Generator, shape: tuple[int, int], sigma: float) -> np.ndarray:
+    """Gaussian-blurred white noise rescaled to unit standard deviation."""
+    n = _blur(rng.standard_normal(shape, dtype=np.float32), sigma)
+    sd = float(n.std())
+    return n / sd if sd > 0 else n
+
+
+def _splat(shape, ys, xs, amps, sigma: float) -> np.ndarray:
+    """Sum of Gaussian spots of width `sigma` at (ys, xs) with peak about `amps`."""
+    canvas = np.zeros(shape, np.float32)
+    ys = np.asarray(ys)
+    xs = np.asarray(xs)
+    if ys.size == 0:
+        return canvas
+    yi = np.clip(np.round(ys).astype(np.int64), 0, shape[0] - 1)
+    xi = np.clip(np.round(xs).astype(np.int64), 0, shape[1] - 1)
+    np.add.at(canvas, (yi, xi), np.broadcast_to(np.asarray(amps, np.float32), yi.shape))
+    if sigma > 0.05:
+        canvas = _blur(canvas, sigma) * (2 * math.pi * sigma * sigma)
+    return canvas
+
+
+def _polylines(shape, lines: list[np.ndarray], value: float = 1.0, thickness: int = 1) -> np.ndarray:
+    canvas = np.zeros(shape, np.float32)
+    if lines:
+        pts = [np.round(l).astype(np.int32).reshape(-1, 1, 2) for l in lines]  # (x, y) points
+        cv2.polylines(canvas, pts, False, float(value), thickness=max(1, int(thickness)),
+                      lineType=cv2.LINE_8)
+    return canvas
+
+
+def _walks(rng, starts_xy, angles, n_steps: int, step, turn_sd: float) -> np.ndarray:
+    """Curving paths, all at once: (n, n_steps + 1, 2) points (x, y); each step turns by
+    N(0, turn_sd) rad. `step` is a scalar or one length per path."""
+    starts_xy = np.asarray(starts_xy, np.float64).reshape(-1, 2)
+    n = starts_xy.shape[0]
+    ang = np.asarray(angles, np.float64).reshape(n, 1) + np.cumsum(rng.normal(0.0, turn_sd, (n, n_steps)), axis=1)
+    st = np.asarray(step, np.float64).reshape(-1, 1)
+    d = np.stack([np.cos(ang) * st, np.sin(ang) * st], axis=2)
+    out = np.empty((n, n_steps + 1, 2))
+    out[:, 0] = starts_xy
+    out[:, 1:] = starts_xy[:, None, :] + np.cumsum(d, axis=1)
+    return out
+
+
+def _harmonics(rng, n: int, amp: float) -> list[tuple[int, float, float]]:
+    return [(m, float(rng.normal(0, amp / m)), float(rng.uniform(0, 2 * math.pi))) for m in range(2, 2 + n)]
+
+
+def _shape_radius(theta: np.ndarray, harm) -> np.ndarray:
+    r = np.ones_like(theta)
+    for m, a, ph in harm:
+        r += a * np.cos(m * theta + ph)
+    return r
+
+
+# --------------------------------------------------------------------------------------------
+# one field
+
+
+@dataclass
+class Cell:
+    """Geometry of one cell (pixels of the output image)."""
+
+    id: int
+    ny: float  # nucleus centre
+    nx: float
+    na: float  # nucleus semi-axes (a >= b) and angle
+    nb: float
+    nang: float
+    nharm: list
+    cy: float  # cell-shape centre
+    cx: float
+    R: float  # cell radius
+    elong: float
+    cang: float
+    charm: list
+    mitotic: bool = False
+    labels: list[int] = field(default_factory=list)  # location labels shown (empty = Negative)
+    bbox: tuple[int, int, int, int] = (0, 0, 0, 0)  # y0, y1, x0, x1 (end exclusive)
+
+    def nucleus_dist(self, yy, xx):
+        """Normalised nucleus distance (1 on the nuclear rim) on grids yy, xx."""
+        dy, dx = yy - self.ny, xx - self.nx
+        c, s = math.cos(self.nang), math.sin(self.nang)
+        u = (dx * c + dy * s) / self.na
+        v = (-dx * s + dy * c) / self.nb
+        rho = np.sqrt(u * u + v * v)
+        return rho / _shape_radius(np.arctan2(v, u), self.nharm)
+
+    def cell_dist(self, yy, xx):
+        dy, dx = yy - self.cy, xx - self.cx
+        c, s = math.cos(self.cang), math.sin(self.cang)
+        e = math.sqrt(self.elong)
+        u = (dx * c + dy * s) / e
+        v = (-dx * s + dy * c) * e
+        rho = np.sqrt(u * u + v * v)
+        return rho / (self.R * _shape_radius(np.arctan2(v, u), self.charm))
+
+    @property
+    def rn(self) -> float:
+        return math.sqrt(self.na * self.nb)
+
+
+@dataclass
+class SynthField:
+    """One synthetic field: image (H x W x 4 float32 in [0, 1], RGBY), its noiseless layers
+    and its truth."""
+
+    image: np.ndarray
+    clean: np.ndarray  # the same before gain, focus and noise (relative units, H x W x 4)
+    cells: np.ndarray  # uint16 cell label image
+    nuclei: np.ndarray  # uint16 nucleus label image (nucleus k inside cell k)
+    cell_labels: list[list[int]]  # per cell id 1..N: class ids (location labels, or [18])
+    image_labels: list[int]
+    mitotic: list[bool]
+
+    def label_string(self) -> str:
+        return format_label(self.image_labels)
+
+
+def _place_cells(rng: np.random.Generator, size: int, n_cells: int, n_mitotic: int) -> list[Cell]:
+    s = size / REF_SIZE
+    area = float(size * size)
+    confluence = rng.uniform(0.75, 1.5)  # summed disc area / field area; >1 means crowded
+    r_mean = math.sqrt(confluence * area / (n_cells * math.pi))
+    cells: list[Cell] = []
+    centres = np.zeros((0, 2))
+    nrad = np.zeros(0)
+    crad = np.zeros(0)
+    mitotic_flags = [True] * n_mitotic + [False] * (n_cells - n_mitotic)
+    for mit in mitotic_flags:
+        R = r_mean * float(np.exp(rng.normal(0, 0.22)))
+        R = max(R, 40 * s)
+        if mit:
+            R *= 0.7
+            elong = float(rng.uniform(1.0, 1.15))
+            charm = _harmonics(rng, 3, 0.04)
+            rn = R * rng.uniform(0.45, 0.55)
+            na, nb = rn * 1.0, rn * 1.0
+        else:
+            elong = float(np.clip(rng.lognormal(math.log(1.4), 0.25), 1.0, 2.6))
+            charm = _harmonics(rng, 4, 0.22)
+            rn = R * rng.uniform(0.3, 0.42)
+            e = rng.uniform(0.0, 0.25)
+            na, nb = rn * (1 + e), rn * (1 - e)
+        rn_max = max(na, nb) * 1.08
+        for _ in range(80):
+            p = rng.uniform(0, size, 2)
+            if len(centres):
+                d = np.hypot(*(centres - p).T)
+                if np.any(d < (nrad + rn_max) * 1.1 + 3) or np.any(d < 0.55 * (crad + R)):
+                    continue
+            break
+        else:
+            continue
+        cang = float(rng.uniform(0, math.pi))
+        off = R * rng.uniform(0.0, 0.25) * (0.3 if mit else 1.0)
+        sign = 1 if rng.random() < 0.5 else -1
+        cy = p[0] + sign * off * math.sin(cang)
+        cx = p[1] + sign * off * math.cos(cang)
+        cells.append(Cell(
+            id=len(cells) + 1, ny=float(p[0]), nx=float(p[1]), na=float(na), nb=float(nb),
+            nang=cang + float(rng.normal(0, 0.25)), nharm=_harmonics(rng, 4, 0.05 if not mit else 0.02),
+            cy=float(cy), cx=float(cx), R=float(R), elong=elong, cang=cang, charm=charm, mitotic=mit,
+        ))
+        centres = np.vstack([centres, p[None]])
+        nrad = np.append(nrad, rn_max)
+        crad = np.append(crad, R)
+    return cells
+
+
+def _rasterise(cells: list[Cell], size: int, wobble: np.ndarray, rng: np.random.Generator):
+    """Cell and nucleus label images plus each pixel's normalised distance within its cell.
+
+    `wobble` (a smooth noise field larger than the image) makes outlines and the contacts
+    between cells irregular: each cell reads it at its own offset.
+    """
+    pad = (wobble.shape[0] - size) // 2
+    best = np.full((size, size), np.inf, np.float32)
+    lab = np.zeros((size, size), np.uint16)
+    nuc = np.zeros((size, size), np.uint16)
+    for c in cells:
+        ext = c.R * math.sqrt(c.elong) * (1 + sum(abs(a) for _, a, _ in c.charm)) * 1.3 + 2
+        ext = max(ext, max(c.na, c.nb) * 1.2 + abs(c.cy - c.ny) + abs(c.cx - c.nx) + 2)
+        y0, y1 = max(0, int(min(c.cy, c.ny) - ext)), min(size, int(max(c.cy, c.ny) + ext) + 2)
+        x0, x1 = max(0, int(min(c.cx, c.nx) - ext)), min(size, int(max(c.cx, c.nx) + ext) + 2)
+        c.bbox = (y0, y1, x0, x1)
+        yy, xx = np.mgrid[y0:y1, x0:x1].astype(np.float32)
+        oy, ox = rng.integers(0, 2 * pad + 1, 2)
+        d = c.cell_dist(yy, xx) * (1 + 0.13 * wobble[oy + y0: oy + y1, ox + x0: ox + x1])
+        b = best[y0:y1, x0:x1]
+        take = (d < 1.0) & (d < b)
+        b[take] = d[take]
+        lab[y0:y1, x0:x1][take] = c.id
+    for c in cells:  # nuclei override: the nucleus always belongs to its own cell
+        y0, y1, x0, x1 = c.bbox
+        yy, xx = np.mgrid[y0:y1, x0:x1].astype(np.float32)
+        dn = c.nucleus_dist(yy, xx)
+        inside = dn < 1.0
+        lab[y0:y1, x0:x1][inside] = c.id
+        nuc[y0:y1, x0:x1][inside] = c.id
+        best[y0:y1, x0:x1][inside] = np.minimum(best[y0:y1, x0:x1][inside], 0.5)
+    for c in cells:  # keep only the part of each cell connected to its nucleus
+        y0, y1, x0, x1 = c.bbox
+        own = (lab[y0:y1, x0:x1] == c.id).astype(np.uint8)
+        n, comp = cv2.connectedComponents(own, connectivity=4)
+        if n > 2:
+            keep = np.bincount(comp[nuc[y0:y1, x0:x1] == c.id]).argmax()
+            drop = (own > 0) & (comp != keep)
+            lab[y0:y1, x0:x1][drop] = 0
+            best[y0:y1, x0:x1][drop] = np.inf
+    best[lab == 0] = 1.0
+    return lab, nuc, best
+
+
+def _assign_labels(rng: np.random.Generator, cells: list[Cell], image_labels: list[int],
+                   heterogeneity: bool = True) -> None:
+    """Give each cell a subset of the image labels (see module doc for the rule)."""
+    if image_labels == [NEGATIVE] or not image_labels:
+        for c in cells:
+            c.labels = []
+        return
+    locs = [l for l in image_labels if l != NEGATIVE]
+    inter = [l for l in locs if l != MITOSIS]
+    p_neg = rng.uniform(0.0, 0.3) if heterogeneity else 0.0
+    p_keep = rng.uniform(0.55, 1.0) if heterogeneity else 1.0
+    for c in cells:
+        if c.mitotic:
+            # rounded mitotic cells: no nucleus, so only cytoplasmic patterns and the spindle
+            shown = [l for l in inter if l >= 6 and rng.random() < p_keep]
+            if MITOSIS in locs:
+                shown.append(MITOSIS)
+            c.labels = sorted(shown)
+            continue
+        if not inter or rng.random() < p_neg:
+            c.labels = []
+            continue
+        shown = [l for l in inter if rng.random() < p_keep]
+        if not shown:
+            shown = [inter[int(rng.integers(len(inter)))]]
+        c.labels = sorted(shown)
+    interphase = [c for c in cells if not c.mitotic]
+    for l in inter:  # every image label is shown by at least one cell
+        if interphase and not any(l in c.labels for c in interphase):
+            c = interphase[int(rng.integers(len(interphase)))]
+            c.labels = sorted(set(c.labels) | {l})
+
+
+class _Ctx:
+    """Per-cell local view used by the pattern renderers."""
+
+    def __init__(self, c: Cell, lab, nuc, dcell, edge_bg, edge_int, valley, s):
+        y0, y1, x0, x1 = c.bbox
+        self.c = c
+        self.sl = (slice(y0, y1), slice(x0, x1))
+        self.shape = (y1 - y0, x1 - x0)
+        self.y0, self.x0 = y0, x0
+        self.own = lab[self.sl] == c.id
+        self.nuc = nuc[self.sl] == c.id
+        self.cyto = self.own & ~self.nuc
+        self.yy, self.xx = np.mgrid[y0:y1, x0:x1].astype(np.float32)
+        self.dn = c.nucleus_dist(self.yy, self.xx)
+        self.d = dcell[self.sl]
+        ebg, eint = edge_bg[self.sl], edge_int[self.sl]
+        self.edge = np.minimum(ebg, eint)  # distance to the cell's outline (rims)
+        self.s = s
+        # cytoplasm thickness: a dome over the cell, thin lamella at free edges (fall-off within
+        # ~25 px at 2048) and a slight valley where two cells touch
+        le = max(25 * s, 1.0)
+        prof = (1 - np.exp(-ebg / le)) * (1 - valley * np.exp(-eint / (0.6 * le))) * (1.15 - 0.5 * self.d ** 2)
+        self.prof = np.where(self.own, prof, 0).astype(np.float32)
+        # distance from the nuclear rim in nucleus radii -> perinuclear weight
+        self.pn = np.exp(-np.maximum(self.dn - 1, 0) * c.rn / (0.45 * c.R)).astype(np.float32)
+        self.nuc_fill = np.clip((1 - self.dn) / 0.08, 0, 1).astype(np.float32)
+
+
+def _sample_in(rng, ctx: _Ctx, mask: np.ndarray, n: int, weight: np.ndarray | None = None):
+    """n random pixel positions (local y, x) inside mask, optionally weighted."""
+    idx = np.flatnonzero(mask)
+    if idx.size == 0 or n <= 0:
+        return np.zeros(0), np.zeros(0)
+    if weight is not None:
+        w = weight.ravel()[idx].astype(np.float64)
+        w = w / w.sum() if w.sum() > 0 else None
+    else:
+        w = None
+    pick = rng.choice(idx, size=n, replace=True, p=w)
+    ys, xs = np.divmod(pick, ctx.shape[1])
+    return ys + rng.uniform(-0.5, 0.5, n), xs + rng.uniform(-0.5, 0.5, n)
+
+
+def _nucleoli(rng, c: Cell):
+    """Nucleoli as (y, x, radius) inside the nucleus."""
+    if c.mitotic:
+        return []
+    k = int(rng.integers(1, 5))
+    out = []
+    for _ in range(k):
+        r = c.rn * rng.uniform(0.1, 0.22)
+        ang = rng.uniform(0, 2 * math.pi)
+        rad = rng.uniform(0, 0.55)
+        y = c.ny + rad * c.nb * math.sin(ang)
+        x = c.nx + rad * c.na * math.cos(ang)
+        out.append((y, x, r))
+    return out
+
+
+def _nucleoli_map(ctx: _Ctx, nucleoli) -> np.ndarray:
+    m = np.zeros(ctx.shape, np.float32)
+    for y, x, r in nucleoli:
+        dd = np.hypot(ctx.yy - y, ctx.xx - x) / r
+        m = np.maximum(m, np.clip((1.15 - dd) / 0.3, 0, 1))
+    return m * ctx.nuc
+
+
+def _microtubules(rng, ctx: _Ctx, centro, thick: int) -> np.ndarray:
+    c = ctx.c
+    n = int(np.clip(c.R / (3.5 * ctx.s) / 2, 25, 160))
+    step = max(2.0, 12 * ctx.s)
+    n_steps = int(2.2 * c.R / step) + 2
+    start = np.array([centro[1] - ctx.x0, centro[0] - ctx.y0]) + rng.normal(0, 0.15 * c.rn, (n, 2))
+    paths = _walks(rng, start, rng.uniform(0, 2 * math.pi, n), n_steps, step, 0.09)
+    # filaments of different brightness (bundles vs single tubules)
+    m = np.zeros(ctx.shape, np.float32)
+    for grp, val in ((paths[: n // 3], 1.0), (paths[n // 3:], 0.55)):
+        m = np.maximum(m, _polylines(ctx.shape, list(grp), val, thick))
+    return m
+
+
+def _render_patterns(rng, ctx: _Ctx, labels: list[int], er_local, mt_local, nucleoli,
+                     nucleoli_map, centro, spindle, thick) -> np.ndarray:
+    """Sum of the green patterns of one cell (unmasked values, masked by the caller)."""
+    c = ctx.c
+    s = ctx.s
+    g = np.zeros(ctx.shape, np.float32)
+    sp = lambda px: max(0.6, px * s)  # a size given in 2048 px -> output px (min 0.6)
+    for l in labels:
+        amp = float(rng.uniform(0.6, 1.0))
+        if l == 0:  # nucleoplasm, sparing nucleoli
+            p = ctx.nuc_fill * (1 - 0.85 * nucleoli_map)
+        elif l == 1:  # nuclear membrane: thin rim of the nucleus
+            rim = np.exp(-(((ctx.dn - 1.0) * c.rn) / sp(5)) ** 2)
+            p = rim * 1.3 + 0.05 * ctx.nuc_fill
+        elif l == 2:  # nucleoli
+            p = nucleoli_map * 1.2 + 0.04 * ctx.nuc_fill
+        elif l == 3:  # fibrillar centres: tiny dots inside nucleoli
+            ys, xs = [], []
+            for y, x, r in nucleoli:
+                k = int(rng.integers(2, 7))
+                a = rng.uniform(0, 2 * math.pi, k)
+                rr = r * np.sqrt(rng.uniform(0, 0.6, k))
+                ys.extend(y - ctx.y0 + rr * np.sin(a))
+                xs.extend(x - ctx.x0 + rr * np.cos(a))
+            p = _splat(ctx.shape, ys, xs, 1.4, sp(3.5)) + 0.05 * nucleoli_map
+        elif l == 4:  # nuclear speckles: many irregular blobs in the nucleoplasm
+            k = int(rng.integers(15, 40))
+            mask = (ctx.dn < 0.85) & (nucleoli_map < 0.2)
+            ys, xs = _sample_in(rng, ctx, mask, k)
+            p = _splat(ctx.shape, ys, xs, rng.uniform(0.6, 1.2, ys.size), sp(7))
+            p = p * (0.7 + 0.3 * np.clip(_noise(rng, ctx.shape, sp(3)), -1, 1)) + 0.15 * ctx.nuc_fill
+        elif l == 5:  # nuclear bodies: a few bright dots
+            k = int(rng.integers(1, 7))
+            ys, xs = _sample_in(rng, ctx, (ctx.dn < 0.8) & (nucleoli_map < 0.2), k)
+            p = _splat(ctx.shape, ys, xs, 1.5, sp(6)) + 0.06 * ctx.nuc_fill
+        elif l == 6:  # endoplasmic reticulum: follows the yellow network
+            p = er_local * 1.1
+        elif l == 7:  # Golgi: perinuclear cap of ribbons and dots on the centrosome side
+            ca = math.atan2(centro[0] - c.ny, centro[1] - c.nx)
+            k = int(rng.integers(25, 60))
+            a = ca + rng.normal(0, 0.45, k)
+            rr = c.rn * (1.05 + np.abs(rng.normal(0, 0.25, k)))
+            ys = c.ny - ctx.y0 + rr * np.sin(a)
+            xs = c.nx - ctx.x0 + rr * np.cos(a)
+            p = _splat(ctx.shape, ys, xs, rng.uniform(0.5, 1.0, k), sp(6))
+            p = np.minimum(p, 1.5) * ctx.cyto
+        elif l == 8:  # intermediate filaments: long wavy bundles, a cage around the nucleus
+            k = int(np.clip(c.R / (6 * s), 15, 60))
+            step = max(2.0, 10 * s)
+            ys, xs = _sample_in(rng, ctx, ctx.cyto, k, ctx.pn)
+            radial = np.arctan2(ys + ctx.y0 - c.ny, xs + ctx.x0 - c.nx)
+            ang = radial + np.pi / 2 * rng.choice([-1, 1], ys.size) + rng.normal(0, 0.4, ys.size)
+            paths = _walks(rng, np.stack([xs, ys], 1), ang, int(1.5 * c.R / step), step, 0.18)
+            p = _blur(_polylines(ctx.shape, list(paths), 1.0, thick), sp(2)) * 1.6
+        elif l == 9:  # actin: cortical rim + straight stress fibres
+            rim = np.exp(-ctx.edge / sp(8)) * ctx.own
+            ang = c.cang + rng.normal(0, 0.2)
+            k = int(rng.integers(5, 16))
+            lines = []
+            L = 2.5 * c.R
+            for _ in range(k):
+                off = rng.uniform(-0.8, 0.8) * c.R
+                a = ang + rng.normal(0, 0.06)
+                cy0 = c.cy - ctx.y0 + off * math.cos(ang)
+                cx0 = c.cx - ctx.x0 - off * math.sin(ang)
+                lines.append(np.array([[cx0 - L * math.cos(a), cy0 - L * math.sin(a)],
+                                       [cx0 + L * math.cos(a), cy0 + L * math.sin(a)]]))
+            sf = _polylines(ctx.shape, lines, 1.0, thick) * ctx.cyto
+            p = rim * 1.2 + _blur(sf, sp(1.5)) * 0.9 + 0.1 * ctx.prof
+        elif l == 10:  # microtubules: the red filaments of this cell
+            p = mt_local * 1.1 + 0.08 * ctx.prof
+        elif l == MITOSIS:  # mitotic spindle
+            p = spindle * 1.5 if spindle is not None else np.zeros(ctx.shape, np.float32)
+        elif l == 12:  # centrosome: one or two dots by the nucleus
+            k = 1 if rng.random() < 0.5 else 2
+            ys = centro[0] - ctx.y0 + rng.normal(0, sp(6), k)
+            xs = centro[1] - ctx.x0 + rng.normal(0, sp(6), k)
+            p = _splat(ctx.shape, ys, xs, 2.0, sp(5)) + 0.05 * ctx.prof
+        elif l == 13:  # plasma membrane: rim of the cell
+            p = np.exp(-ctx.edge / sp(5)) * ctx.own * 1.3 + 0.04 * ctx.prof
+        elif l == 14:  # mitochondria: short curved threads, denser around the nucleus
+            k = int(np.clip((c.R / (3 * s)) ** 2 / 25, 40, 400))
+            ys, xs = _sample_in(rng, ctx, ctx.cyto, k, ctx.pn + 0.2)
+            steps = max(1.0, 8 * s) * rng.uniform(0.3, 1.3, ys.size)  # threads of varied length
+            paths = _walks(rng, np.stack([xs, ys], 1), rng.uniform(0, 2 * math.pi, ys.size), 4, steps, 0.5)
+            p = _blur(_polylines(ctx.shape, list(paths), 1.0, thick), sp(2)) * 1.5
+        elif l == 15:  # aggresome: one bright juxtanuclear blob
+            ca = math.atan2(centro[0] - c.ny, centro[1] - c.nx) + rng.normal(0, 0.3)
+            rr = c.rn * 1.25
+            y = c.ny - ctx.y0 + rr * math.sin(ca)
+            x = c.nx - ctx.x0 + rr * math.cos(ca)
+            p = _splat(ctx.shape, [y], [x], 1.6, max(sp(18), c.rn * 0.18)) + 0.08 * ctx.prof
+        elif l == 16:  # cytosol: diffuse, the nucleus dimmer
+            p = ctx.prof * np.where(ctx.nuc, 0.3, 1.0)
+        elif l == 17:  # vesicles: many cytoplasmic dots
+            k = int(np.clip((c.R / (3 * s)) ** 2 / 20, 40, 600))
+            ys, xs = _sample_in(rng, ctx, ctx.cyto, k)
+            p = _splat(ctx.shape, ys, xs, rng.uniform(0.4, 1.3, k), sp(4)) + 0.05 * ctx.prof
+        else:
+            continue
+        g += amp * p.astype(np.float32)
+    return g
+
+
+# channel: (robust maximum after gain, normal range, faint range); faint applies to green only
+_LEVELS = {"red": (0.35, 0.8), "green": (0.25, 0.75), "blue": (0.5, 0.9), "yellow": (0.3, 0.7)}
+
+
+def _finish(rng: np.random.Generator, size: int, channels, negative: bool = False) -> np.ndarray:
+    """Gain, out-of-focus haze and blur, shot/read noise and offset -> H x W x 4 in [0, 1].
+
+    Noise is specified for a 512 px image and scaled as for a field binned from 2048 px, so a
+    2048 px image is as noisy per pixel as a real one (mostly zeros in the background).
+    """
+    H, W = channels[0].shape
+    z = size / 512
+    focus = float(rng.uniform(0.4, 1.0) if rng.random() < 0.85 else rng.uniform(1.0, 2.2)) * max(1.0, z / 2)
+    faint = rng.random() < 0.15 or negative  # no specific staining: the camera shows little
+    small = (max(8, W // 8), max(8, H // 8))
+    out = np.empty((H, W, 4), np.float32)
+    for i, (name, ch) in enumerate(zip(("red", "green", "blue", "yellow"), channels)):
+        lo, hi = (0.03, 0.12) if (faint and name == "green") else _LEVELS[name]
+        ref = float(np.percentile(ch[::3, ::3], 99.9))
+        x = ch * np.float32(rng.uniform(lo, hi) / ref if ref > 1e-6 else 0.0)
+        # out-of-focus light: a wide halo around everything bright
+        halo = cv2.resize(_blur(cv2.resize(x, small, interpolation=cv2.INTER_AREA), 2.5), (W, H),
+                          interpolation=cv2.INTER_LINEAR)
+        x = _blur(x, focus) + float(rng.uniform(0.05, 0.2)) * halo
+        shot = float(rng.uniform(0.004, 0.02)) * z * z
+        read = float(rng.uniform(0.002, 0.008)) * z
+        offset = float(rng.uniform(-1.5, 0.5)) * read
+        x += np.sqrt(np.maximum(x, 0) * shot) * rng.standard_normal((H, W), dtype=np.float32)
+        x += read * rng.standard_normal((H, W), dtype=np.float32) + offset
+        np.clip(x, 0.0, 1.0, out=out[..., i])
+    return out
+
+
+def make_field(rng: np.random.Generator | int, size: int = 512, labels: list[int] | None = None,
+               n_cells: int | None = None, heterogeneity: bool = True,
+               n_mitotic: int | None = None) -> SynthField:
+    """Draw one synthetic field of `size` x `size` pixels.
+
+    `labels` fixes the image label set (default: drawn from the real frequencies); with
+    ``heterogeneity=False`` every interphase cell shows every label (used to render one class).
+    Returns a `SynthField` with a float32 RGBY image in [0, 1] before quantisation.
+    """
+    if not isinstance(rng, np.random.Generator):
+        rng = np.random.default_rng(rng)
+    size = int(size)
+    s = size / REF_SIZE
+    # independent streams: changing the labels leaves geometry, textures and noise unchanged
+    rng, rng_lab, rng_pat, rng_img = rng.spawn(4)
+    if labels is None:
+        labels = draw_image_labels(rng_lab)
+    labels = sorted(set(int(l) for l in labels))
+    if n_cells is None:
+        n_cells = int(np.clip(round(rng.lognormal(math.log(18), 0.45)), 5, 45))
+    if n_mitotic is None:
+        n_mitotic = int(rng.binomial(n_cells, 0.03))
+        if MITOSIS in labels:
+            n_mitotic = max(n_mitotic, int(rng.integers(1, 4)))
+    n_mitotic = min(n_mitotic, n_cells)
+    cells = _place_cells(rng, size, n_cells, n_mitotic)
+    pad = max(8, size // 8)
+    wobble = _noise(rng, (size + 2 * pad, size + 2 * pad), max(1.0, 90 * s))
+    lab, nuc, dcell = _rasterise(cells, size, wobble, rng)
+    _assign_labels(rng_lab, cells, labels, heterogeneity)
+
+    # distances to background and to contacts between cells (the image border is neither:
+    # cells go on beyond it), for thickness profiles, valleys and rims
+    lp = cv2.copyMakeBorder(lab, 1, 1, 1, 1, cv2.BORDER_REPLICATE)
+    contact = np.zeros(lp.shape, bool)
+    dh = (lp[:, 1:] != lp[:, :-1]) & (lp[:, 1:] > 0) & (lp[:, :-1] > 0)
+    dv = (lp[1:, :] != lp[:-1, :]) & (lp[1:, :] > 0) & (lp[:-1, :] > 0)
+    contact[:, 1:] |= dh
+    contact[:, :-1] |= dh
+    contact[1:, :] |= dv
+    contact[:-1, :] |= dv
+    edge_bg = cv2.distanceTransform((lp > 0).astype(np.uint8), cv2.DIST_L2, 3)[1:-1, 1:-1]
+    edge_int = cv2.distanceTransform((~contact).astype(np.uint8), cv2.DIST_L2, 3)[1:-1, 1:-1]
+    valley = float(rng_img.uniform(0.35, 0.75))
+
+    H = W = size
+    red = np.zeros((H, W), np.float32)
+    green = np.zeros((H, W), np.float32)
+    blue = np.zeros((H, W), np.float32)
+    yellow = np.zeros((H, W), np.float32)
+    thick = max(1, int(round(size / 900)))
+
+    # ER network: the zero set of smooth noise is a net of curved tubules
+    er_noise = _noise(rng_img, (H, W), max(0.8, 9 * s))
+    er_net = np.exp(-(er_noise / 0.45) ** 2).astype(np.float32)
+    chroma = _noise(rng_img, (H, W), max(0.7, 5 * s))
+
+    cell_level = np.exp(rng_img.normal(0, 0.35, len(cells) + 1)).astype(np.float32)
+    for c in cells:
+        ctx = _Ctx(c, lab, nuc, dcell, edge_bg, edge_int, valley, s)
+        own = ctx.own
+        nucleoli = _nucleoli(rng, c)
+        nmap = _nucleoli_map(ctx, nucleoli)
+        ang = rng.uniform(0, 2 * math.pi)
+        centro = (c.ny + 1.15 * c.rn * math.sin(ang), c.nx + 1.15 * c.rn * math.cos(ang))
+        spindle = None
+        if c.mitotic:
+            # metaphase: chromatin condensed to a plate, spindle poles on either side
+            pa = c.cang + math.pi / 2
+            plate = np.abs((ctx.xx - c.nx) * math.cos(pa) + (ctx.yy - c.ny) * math.sin(pa))
+            along = np.abs(-(ctx.xx - c.nx) * math.sin(pa) + (ctx.yy - c.ny) * math.cos(pa))
+            chrom = np.clip(1.0 - plate / (0.22 * c.rn), 0, 1) * np.clip(1.0 - along / (0.95 * c.rn), 0, 1)
+            chrom = (chrom > 0.05).astype(np.float32) * own
+            nuc[ctx.sl][ctx.nuc & (chrom == 0)] = 0  # the nucleus of a mitotic cell is its chromatin
+            nuc[ctx.sl][(chrom > 0) & own] = c.id
+            ctx.nuc = nuc[ctx.sl] == c.id
+            ctx.cyto = own & ~ctx.nuc
+            blue[ctx.sl] += chrom * (0.85 + 0.25 * np.clip(chroma[ctx.sl], -1, 1)) * 1.1
+            pole_d = 1.1 * c.rn
+            poles = [(c.ny + pole_d * math.sin(pa), c.nx + pole_d * math.cos(pa)),
+                     (c.ny - pole_d * math.sin(pa), c.nx - pole_d * math.cos(pa))]
+            lines = []
+            for py, px in poles:
+                for t in np.linspace(-0.9, 0.9, 14):
+                    ty = c.ny + t * c.rn * math.cos(pa)
+                    tx = c.nx - t * c.rn * math.sin(pa)
+                    lines.append(np.array([[px - ctx.x0, py - ctx.y0], [tx - ctx.x0, ty - ctx.y0]]))
+            spindle = _blur(_polylines(ctx.shape, lines, 1.0, thick), max(0.7, 3 * s)) * own
+            spindle += _splat(ctx.shape, [p[0] - ctx.y0 for p in poles], [p[1] - ctx.x0 for p in poles],
+                              1.0, max(0.7, 5 * s))
+            mt = spindle * 1.2 + 0.35 * ctx.prof
+            centro = poles[0]
+        else:
+            tex = 0.78 + 0.22 * np.clip(chroma[ctx.sl], -2, 2) / 2
+            b = ctx.nuc_fill * tex * (1 - 0.45 * nmap) * float(rng.uniform(0.55, 0.95))
+            blue[ctx.sl] += b * ctx.nuc
+            mt = _microtubules(rng, ctx, centro, thick) * own * 0.8
+            mt = _blur(mt, max(0.6, 2 * s)) * 1.6 * (ctx.prof + 0.2) * np.where(ctx.nuc, 0.5, 1.0)
+            mt += 0.22 * ctx.prof
+        red[ctx.sl] += mt * float(rng.uniform(0.7, 1.1)) * own
+        er = (0.25 + 0.75 * er_net[ctx.sl]) * (0.3 + 0.7 * ctx.pn) * ctx.prof
+        er = np.where(ctx.nuc, 0.12 * ctx.prof, er)
+        er += 0.5 * np.exp(-(((ctx.dn - 1.0) * c.rn) / max(0.7, 6 * s)) ** 2) * own * (not c.mitotic)
+        er_l = er.astype(np.float32) * own
+        yellow[ctx.sl] += er_l * float(rng.uniform(0.7, 1.1))
+        gl = _render_patterns(rng_pat, ctx, c.labels, er_l, mt * own, nucleoli, nmap, centro, spindle, thick)
+        gl = gl * own * cell_level[c.id] + 0.04 * ctx.prof  # non-specific background of every cell
+        green[ctx.sl] += gl
+
+    # antibody staining is punctate: a log-normal grain at the scale of a few 2048-px pixels
+    gsd = float(rng_img.uniform(0.45, 0.9))
+    green *= np.exp(gsd * _noise(rng_img, (H, W), max(0.5, 2.5 * s)) - gsd * gsd / 2)
+    # debris and antibody aggregates: a few bright specks anywhere, cells or background
+    k = int(rng_img.poisson(2.0))
+    green += _splat((H, W), rng_img.uniform(0, H, k), rng_img.uniform(0, W, k),
+                    rng_img.uniform(0.5, 2.0, k), max(0.7, 5 * s))
+    clean = np.stack([red, green, blue, yellow], axis=-1)
+    image = _finish(rng_img, size, (red, green, blue, yellow), negative=not any(c.labels for c in cells))
+    cell_labels = [list(c.labels) if c.labels else [NEGATIVE] for c in cells]
+    locs = sorted({l for c in cells for l in c.labels})
+    image_labels = locs if locs else [NEGATIVE]
+    return SynthField(image=image, clean=clean, cells=lab, nuclei=nuc, cell_labels=cell_labels,
+                      image_labels=image_labels, mitotic=[c.mitotic for c in cells])
+
+
+def quantise(image: np.ndarray, bit_depth: int = 8) -> np.ndarray:
+    """Float [0, 1] image -> uint8 (x 255) or uint16 (x 65535), rounded."""
+    if bit_depth == 8:
+        return np.round(image * 255.0).astype(np.uint8)
+    if bit_depth == 16:
+        return np.round(image * 65535.0).astype(np.uint16)
+    raise ConfigError(f"--bit-depth must be 8 or 16, got {bit_depth}")
+
+
+# --------------------------------------------------------------------------------------------
+# masks in the competition encoding
+
+
+def encode_masks(label_image: np.ndarray, ids) -> list[str]:
+    """Competition encoding of ``label_image == k`` for each k in `ids` (text, byte-identical
+    to the official per-mask encoder, done in one pycocotools call)."""
+    from pycocotools import mask as coco_mask
+
+    ids = list(ids)
+    if not ids:
+        return []
+    # N x W x H in C order is H x W x N in Fortran order: no copy, no transposition pass
+    lt = np.ascontiguousarray(label_image.T)
+    stack = np.empty((len(ids),) + lt.shape, np.uint8)
+    for i, k in enumerate(ids):
+        np.equal(lt, k, out=stack[i].view(bool))
+    rles = coco_mask.encode(stack.transpose(2, 1, 0))
+    return [base64.b64encode(zlib.compress(r["counts"], zlib.Z_BEST_COMPRESSION)).decode("ascii") for r in rles]
+
+
+# --------------------------------------------------------------------------------------------
+# dataset
+
+
+def image_id(seed: int, split: str, index: int) -> str:
+    """Deterministic uuid-like ID for image `index` of `split`."""
+    h = hashlib.sha256(f"kit-synth:{seed}:{split}:{index}".encode()).hexdigest()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:32]}"
+
+
+def _write_png(path: Path, img: np.ndarray) -> None:
+    with atomic_path(path) as tmp:
+        if not cv2.imwrite(str(tmp), img):
+            raise OSError(f"cannot write {path}")
+
+
+def _generate_one(job: tuple) -> tuple:
+    out, split, index, size, seed, bit_depth = job
+    cv2.setNumThreads(0)
+    rng = np.random.default_rng([int(seed), SPLITS[split], int(index)])
+    f = make_field(rng, size)
+    iid = image_id(seed, split, index)
+    q = quantise(f.image, bit_depth)
+    folder = Path(out) / split
+    for k, ch in enumerate(("red", "green", "blue", "yellow")):
+        _write_png(folder / f"{iid}_{ch}.png", np.ascontiguousarray(q[..., k]))
+    _write_png(Path(out) / "truth" / f"{iid}_cell_mask.png", f.cells)
+    _write_png(Path(out) / "truth" / f"{iid}_nuclei_mask.png", f.nuclei)
+    ids = list(range(1, len(f.cell_labels) + 1))
+    masks = encode_masks(f.cells, ids)
+    pred = " ".join(f"{l} 1 {m}" for m, ls in zip(masks, f.cell_labels) for l in ls)
+    rows = [(iid, k, format_label(ls)) for k, ls in zip(ids, f.cell_labels)]
+    return split, iid, f.label_string(), pred, rows
+
+
+def generate_dataset(out: str | Path, n_train: int, n_test: int, size: int = 512, seed: int = 0,
+                     bit_depth: int = 8, workers: int = 1) -> Path:
+    """Write a synthetic dataset in the Kaggle layout with truth (see module doc); returns `out`."""
+    from tqdm import tqdm
+
+    if n_train < 0 or n_test < 0 or n_train + n_test == 0:
+        raise ConfigError(f"need at least one image (--train {n_train}, --test {n_test})")
+    if size < 64:
+        raise ConfigError(f"--size must be at least 64 px, got {size}")
+    if bit_depth not in (8, 16):
+        raise ConfigError(f"--bit-depth must be 8 or 16, got {bit_depth}")
+    out = Path(out)
+    for sub in ("train", "test", "truth"):
+        (out / sub).mkdir(parents=True, exist_ok=True)
+    jobs = [(str(out), "train", i, size, seed, bit_depth) for i in range(n_train)]
+    jobs += [(str(out), "test", i, size, seed, bit_depth) for i in range(n_test)]
+    bar = dict(total=len(jobs), desc="synth", unit="img", disable=None)
+    if workers > 1 and len(jobs) > 1:
+        import multiprocessing as mp
+
+        with mp.get_context("spawn").Pool(workers) as pool:
+            results = list(tqdm(pool.imap(_generate_one, jobs, chunksize=1), **bar))
+    else:
+        results = [_generate_one(j) for j in tqdm(jobs, **bar)]
+
+    train = [r for r in results if r[0] == "train"]
+    test = [r for r in results if r[0] == "test"]
+    with atomic_open(out / "train.csv", "w", newline="") as f:
+        f.write("ID,Label\n")
+        for _, iid, label, _, _ in train:
+            f.write(f"{iid},{label}\n")
+    with atomic_open(out / "sample_submission.csv", "w", newline="") as f:
+        f.write("ID,ImageWidth,ImageHeight,PredictionString\n")
+        for _, iid, _, _, _ in test:
+            f.write(f"{iid},{size},{size},\n")
+    for name, rs in (("train_solution.csv", train), ("test_solution.csv", test)):
+        with atomic_open(out / name, "w", newline="") as f:
+            f.write("ID,ImageWidth,ImageHeight,PredictionString\n")
+            for _, iid, _, pred, _ in rs:
+                f.write(f"{iid},{size},{size},{pred}\n")
+    with atomic_open(out / "truth" / "cell_labels.csv", "w", newline="") as f:
+        f.write("ID,cell_id,Label\n")
+        for r in results:
+            for iid, k, label in r[4]:
+                f.write(f"{iid},{k},{label}\n")
+    return out
+
+
+def configure_synth(parser) -> None:
+    parser.add_argument("--out", required=True, help="output folder (Kaggle layout + truth/)")
+    parser.add_argument("--train", type=int, default=64, help="number of train images (default 64)")
+    parser.add_argument("--test", type=int, default=16, help="number of test images (default 16)")
+    parser.add_argument("--size", type=int, default=512, help="image side in pixels (default 512)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (same seed, same bytes)")
+    parser.add_argument("--bit-depth", type=int, default=8, choices=(8, 16), help="PNG bit depth")
+    parser.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
+    parser.set_defaults(func=_run_synth)
+
+
+def _run_synth(args) -> int:
+    out = generate_dataset(args.out, args.train, args.test, args.size, args.seed, args.bit_depth, args.workers)
+    print(f"wrote {args.train} train + {args.test} test images ({args.size} px, {args.bit_depth}-bit) to {out}")
+    return 0

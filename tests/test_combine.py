@@ -1,0 +1,232 @@
+"""kit.combine: strategies on hand-made probabilities, the AP it tunes with, the sweep."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from kit.combine import (
+    CombineSpec,
+    broadcast_image_probs,
+    candidate_specs,
+    cell_ap_per_class,
+    combine,
+    match_cells,
+    rank01,
+    truth_from_solution,
+    visible_fraction,
+)
+from kit.errors import ConfigError, DataError
+from kit.labels import NEGATIVE, NUM_CLASSES
+
+
+def _probs(rows: list[dict[int, float]], fill: float = 0.1) -> np.ndarray:
+    out = np.full((len(rows), NUM_CLASSES), fill)
+    for r, values in enumerate(rows):
+        for c, v in values.items():
+            out[r, c] = v
+    return out
+
+
+CELL = _probs([{0: 0.2, 5: 0.9, NEGATIVE: 0.3}, {0: 0.8, 5: 0.1, NEGATIVE: 0.05}])
+IMAGE = _probs([{0: 0.8, 5: 0.4, NEGATIVE: 0.6}, {0: 0.8, 5: 0.4, NEGATIVE: 0.6}])
+
+
+def test_cell_only_and_image_only_return_their_input():
+    np.testing.assert_array_equal(combine(CELL, IMAGE, CombineSpec("cell_only")), CELL)
+    np.testing.assert_array_equal(combine(CELL, IMAGE, CombineSpec("image_only")), IMAGE)
+
+
+def test_product_and_weighted_means_exact_values():
+    prod = combine(CELL, IMAGE, CombineSpec("product"))
+    assert prod[0, 0] == pytest.approx(0.16)
+    assert prod[0, 5] == pytest.approx(0.36)
+    geo = combine(CELL, IMAGE, CombineSpec("geometric", weight=0.5))
+    assert geo[0, 0] == pytest.approx(0.4)  # sqrt(0.2 * 0.8)
+    assert geo[0, 5] == pytest.approx(0.6)  # sqrt(0.9 * 0.4)
+    geo3 = combine(CELL, IMAGE, CombineSpec("geometric", weight=0.25))
+    assert geo3[1, 5] == pytest.approx(0.1**0.25 * 0.4**0.75)
+    # the extremes of the geometric mean are the single sources
+    np.testing.assert_allclose(combine(CELL, IMAGE, CombineSpec("geometric", weight=1.0)), CELL)
+    np.testing.assert_allclose(combine(CELL, IMAGE, CombineSpec("geometric", weight=0.0)), IMAGE)
+    mean = combine(CELL, IMAGE, CombineSpec("mean", weight=0.75))
+    assert mean[0, 5] == pytest.approx(0.75 * 0.9 + 0.25 * 0.4)
+
+
+def test_rank_blend_exact_values():
+    cell = _probs([{0: 0.1}, {0: 0.5}, {0: 0.9}, {0: 0.3}])
+    image = _probs([{0: 0.7}, {0: 0.7}, {0: 0.2}, {0: 0.2}])
+    out = combine(cell, image, CombineSpec("rank", weight=0.5))
+    # cell ranks 1,3,4,2 -> /4; image ranks (ties averaged) 3.5,3.5,1.5,1.5 -> /4
+    np.testing.assert_allclose(out[:, 0], 0.5 * np.array([1, 3, 4, 2]) / 4 + 0.5 * np.array([3.5, 3.5, 1.5, 1.5]) / 4)
+    np.testing.assert_allclose(rank01(np.array([[3.0], [1.0], [2.0]]))[:, 0], [1.0, 1 / 3, 2 / 3])
+
+
+def test_negative_modes():
+    out = combine(CELL, IMAGE, CombineSpec("product", negative="max"))
+    assert out[0, NEGATIVE] == pytest.approx(0.6)
+    assert out[1, NEGATIVE] == pytest.approx(0.6)
+    out = combine(CELL, IMAGE, CombineSpec("product", negative="complement"))
+    # 1 - the largest combined location score: row 0 max is 0.36 (class 5), row 1 0.64 (class 0)
+    assert out[0, NEGATIVE] == pytest.approx(1 - 0.36)
+    assert out[1, NEGATIVE] == pytest.approx(1 - 0.64)
+    out = combine(CELL, IMAGE, CombineSpec("product", negative="model"))
+    assert out[0, NEGATIVE] == pytest.approx(0.18)
+
+
+def test_border_power_scales_every_class_by_visible_fraction():
+    visible = np.array([0.25, 1.0])
+    base = combine(CELL, IMAGE, CombineSpec("product"))
+    out = combine(CELL, IMAGE, CombineSpec("product", border_power=0.5), visible)
+    np.testing.assert_allclose(out[0], base[0] * 0.5)
+    np.testing.assert_allclose(out[1], base[1])
+
+
+def test_visible_fraction_from_cell_table():
+    table = pd.DataFrame(
+        {
+            "area": [100, 100, 100, 40, 300],
+            "touches_border": [False, False, False, True, True],
+            "nucleus_visible_fraction": [1.0, 1.0, 1.0, 0.9, 0.5],
+        }
+    )
+    np.testing.assert_allclose(visible_fraction(table), [1, 1, 1, 0.4, 0.5])
+    no_nucleus = table.drop(columns="nucleus_visible_fraction")
+    np.testing.assert_allclose(visible_fraction(no_nucleus), [1, 1, 1, 0.4, 1.0])
+
+
+def test_broadcast_image_probs_and_missing_image():
+    image = np.stack([np.full(NUM_CLASSES, 0.1), np.full(NUM_CLASSES, 0.7)])
+    out = broadcast_image_probs(["b", "a", "b"], ["a", "b"], image)
+    np.testing.assert_array_equal(out[:, 0], [0.7, 0.1, 0.7])
+    with pytest.raises(DataError, match="image c"):
+        broadcast_image_probs(["c"], ["a", "b"], image)
+
+
+def test_spec_validation_and_round_trip():
+    spec = CombineSpec("geometric", 0.3, "max", 0.5)
+    assert CombineSpec.from_dict(spec.to_dict() | {"score": 0.5}) == spec
+    assert "geometric(w=0.3)" in spec.name and "neg=max" in spec.name
+    with pytest.raises(ConfigError, match="strategy"):
+        CombineSpec("sum")
+    with pytest.raises(ConfigError, match="weight"):
+        CombineSpec("mean", weight=1.5)
+    with pytest.raises(ConfigError, match="negative"):
+        CombineSpec("mean", negative="min")
+
+
+def test_cell_ap_exact_values_and_unverified_classes_ignored():
+    # class 0: ranked TP, FP, TP with 3 true cells (one never predicted): precision 1, 1/2, 2/3,
+    # envelope 1, 2/3, 2/3; recall steps 1/3 at ranks 1 and 3 -> AP = 1/3 + 2/9.
+    # Row 3 (score 0.95, FP) is on an image where class 0 is not verified: ignored by the metric.
+    scores = np.zeros((4, NUM_CLASSES))
+    scores[:, 0] = [0.9, 0.8, 0.7, 0.95]
+    truth = np.zeros((4, NUM_CLASSES), bool)
+    truth[[0, 2], 0] = True
+    verified = np.zeros((4, NUM_CLASSES), bool)
+    verified[:3, 0] = True
+    n_pos = np.zeros(NUM_CLASSES, int)
+    n_pos[0] = 3
+    ap = cell_ap_per_class(scores, truth, verified, n_pos)
+    assert ap[0] == pytest.approx(1 / 3 + 2 / 9)
+    assert np.isnan(ap[1:]).all()  # no truth for the other classes
+    verified[3, 0] = True  # now the 0.95 false positive counts and ranks first
+    ap = cell_ap_per_class(scores, truth, verified, n_pos)
+    # precision 0, 1/2, 1/3, 1/2 -> envelope 1/2 at both recall steps: AP = 1/3 * 1/2 * 2
+    assert ap[0] == pytest.approx(1 / 3)
+
+
+def test_match_cells_uses_iou_threshold():
+    true = np.zeros((10, 10), np.int32)
+    true[0:5, 0:5] = 1  # 25 px
+    true[5:10, 5:10] = 2
+    pred = np.zeros_like(true)
+    pred[0:5, 0:4] = 7  # IoU 20/25 = 0.8 with cell 1
+    pred[5:10, 5:8] = 3  # IoU 15/25 = 0.6 with cell 2: a match (>= as the metric)
+    pred[0:2, 6:9] = 4  # touches nothing
+    assert match_cells(pred, true) == {7: 1, 3: 2}
+    assert match_cells(pred, true, iou=0.61) == {7: 1}
+
+
+def test_fast_cell_map_equals_kit_metric():
+    """The tuner's shortcut (match once, then sort per class) scores exactly as kit.metric."""
+    from kit.metric import evaluate_predictions
+    from kit.rle import encode_label_image
+    from kit.submission import ImagePrediction
+
+    rng = np.random.default_rng(3)
+    solution, submission = {}, {}
+    all_scores, all_truth, all_verified = [], [], []
+    n_pos = np.zeros(NUM_CLASSES, int)
+    for image_id in ["img_a", "img_b", "img_c"]:
+        true = np.zeros((40, 40), np.int32)
+        pred = np.zeros_like(true)
+        k = 0
+        classes = {}
+        for y in range(0, 40, 10):
+            for x in range(0, 40, 20):
+                k += 1
+                true[y:y + 10, x:x + 20] = k
+                classes[k] = sorted(set(rng.choice([0, 2, 5, NEGATIVE], size=rng.integers(1, 3)).tolist()))
+                # predicted cells: some exact, some shifted (IoU < 0.6), one missing
+                if k % 4 == 1:
+                    pred[y:y + 10, x:x + 20] = k
+                elif k % 4 == 2:
+                    pred[y:y + 10, x + 8:x + 20] = k  # IoU 0.6
+                elif k % 4 == 3:
+                    pred[y:y + 10, x + 12:x + 20] = k  # IoU 0.4
+        true_rle = encode_label_image(true)
+        solution[image_id] = ImagePrediction(40, 40, [(c, 1.0, true_rle[j]) for j in classes for c in classes[j]])
+        pred_rle = encode_label_image(pred)
+        ids = sorted(pred_rle)
+        scores = np.round(rng.random((len(ids), NUM_CLASSES)), 2)  # rounding makes ties
+        submission[image_id] = ImagePrediction(
+            40, 40, [(c, float(scores[r, c]), pred_rle[j]) for r, j in enumerate(ids) for c in range(NUM_CLASSES)])
+        labels, cls = truth_from_solution(solution[image_id])
+        match = match_cells(pred, labels)
+        t = np.zeros((len(ids), NUM_CLASSES), bool)
+        for r, j in enumerate(ids):
+            if j in match:
+                t[r, cls[match[j]]] = True
+        verified = np.zeros(NUM_CLASSES, bool)
+        for c_list in cls.values():
+            verified[c_list] = True
+            for c in set(c_list):
+                n_pos[c] += 1
+        all_scores.append(scores)
+        all_truth.append(t)
+        all_verified.append(np.repeat(verified[None], len(ids), 0))
+    expected = evaluate_predictions(solution, submission)
+    ap = cell_ap_per_class(np.concatenate(all_scores), np.concatenate(all_truth), np.concatenate(all_verified), n_pos)
+    for c in range(NUM_CLASSES):
+        ref = expected["per_class_ap"][str(c)]
+        if ref is None:
+            assert np.isnan(ap[c])
+        else:
+            assert ap[c] == pytest.approx(ref, abs=1e-12)
+    assert np.nanmean(ap) == pytest.approx(expected["mAP"], abs=1e-12)
+
+
+def test_truth_from_solution_builds_label_image():
+    from kit.rle import encode_label_image
+    from kit.submission import ImagePrediction
+
+    labels = np.zeros((6, 8), np.int32)
+    labels[1:3, 1:4] = 1
+    labels[3:6, 4:8] = 2
+    rle = encode_label_image(labels)
+    row = ImagePrediction(8, 6, [(0, 1.0, rle[2]), (16, 1.0, rle[2]), (NEGATIVE, 1.0, rle[1])])
+    out, classes = truth_from_solution(row)
+    # ids follow first appearance: cell 2 of the input is 1 here
+    np.testing.assert_array_equal(out == 1, labels == 2)
+    np.testing.assert_array_equal(out == 2, labels == 1)
+    assert classes == {1: [0, 16], 2: [NEGATIVE]}
+
+
+def test_candidate_specs_cover_the_sweep():
+    specs = candidate_specs(weights=[0.2, 0.8], border_powers=[0.0, 1.0])
+    names = {s.strategy for s in specs}
+    assert names == {"cell_only", "image_only", "product", "geometric", "mean", "rank"}
+    # unweighted: 3 * 3 negatives * 2 powers; weighted: 3 * 2 weights * 3 * 2
+    assert len(specs) == 3 * 3 * 2 + 3 * 2 * 3 * 2
+    assert len(set(specs)) == len(specs)

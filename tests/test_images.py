@@ -1,0 +1,192 @@
+"""kit.images: reading a sample's four channels, bad inputs, and depth-independent scaling."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from kit.errors import DataError
+from kit.images import (
+    CHANNELS,
+    ImageReadError,
+    channel_path,
+    read_channel,
+    read_sample,
+    stack_channels,
+    to_float,
+    to_uint8,
+)
+
+
+def write_sample(folder: Path, image_id: str, shape=(24, 32), dtype=np.uint8, ext=".png", seed=0) -> np.ndarray:
+    """Write four random channels; return the H x W x 4 array they hold (RGBY)."""
+    rng = np.random.default_rng(seed)
+    high = 256 if dtype == np.uint8 else 65536
+    image = rng.integers(0, high, size=(*shape, 4)).astype(dtype)
+    folder.mkdir(parents=True, exist_ok=True)
+    for k, c in enumerate(CHANNELS):
+        assert cv2.imwrite(str(folder / f"{image_id}_{c}{ext}"), image[..., k])
+    return image
+
+
+def test_channel_order_is_rgby():
+    assert CHANNELS == ("red", "green", "blue", "yellow")
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
+@pytest.mark.parametrize("ext", [".png", ".tif"])
+def test_read_sample_lossless_formats(tmp_path, dtype, ext):
+    image = write_sample(tmp_path, "s1", dtype=dtype, ext=ext)
+    out = read_sample(tmp_path, "s1")
+    assert out.shape == (24, 32, 4)  # H x W x 4, non-square to catch a transposition
+    assert out.dtype == dtype
+    np.testing.assert_array_equal(out, image)
+    assert out.flags["C_CONTIGUOUS"]
+
+
+def test_read_sample_jpeg(tmp_path):
+    # a smooth image so that JPEG's loss stays small
+    yy, xx = np.mgrid[0:40, 0:48]
+    base = ((xx + yy) * 2).astype(np.uint8)
+    for k, c in enumerate(CHANNELS):
+        cv2.imwrite(str(tmp_path / f"j_{c}.jpg"), base + 10 * k)
+    out = read_sample(tmp_path, "j")
+    assert out.shape == (40, 48, 4) and out.dtype == np.uint8
+    for k in range(4):
+        assert np.abs(out[..., k].astype(int) - (base + 10 * k)).mean() < 3
+
+
+def test_colour_jpeg_channel_becomes_grey_by_max(tmp_path):
+    # the HPA website serves e.g. the yellow channel as a yellow-tinted RGB image
+    grey = np.tile(np.arange(0, 200, 5, dtype=np.uint8), (16, 1))
+    bgr = np.stack([np.zeros_like(grey), grey, grey], axis=-1)  # yellow = red + green
+    path = tmp_path / "c_yellow.png"
+    cv2.imwrite(str(path), bgr)
+    out = read_channel(path)
+    assert out.ndim == 2
+    np.testing.assert_array_equal(out, grey)
+
+
+def test_mixed_depth_promoted_to_uint16_full_scale_kept(tmp_path):
+    image8 = write_sample(tmp_path, "m", dtype=np.uint8)
+    green16 = np.random.default_rng(1).integers(0, 65536, size=(24, 32)).astype(np.uint16)
+    cv2.imwrite(str(tmp_path / "m_green.png"), green16)
+    out = read_sample(tmp_path, "m")
+    assert out.dtype == np.uint16
+    np.testing.assert_array_equal(out[..., 1], green16)
+    np.testing.assert_array_equal(out[..., 0], image8[..., 0].astype(np.uint16) * 257)
+    assert to_float(out)[..., 0].max() == pytest.approx(image8[..., 0].max() / 255)
+
+
+def test_png_preferred_and_other_extension_found(tmp_path):
+    write_sample(tmp_path, "x", ext=".tif")
+    assert channel_path(tmp_path, "x", "red").suffix == ".tif"
+    write_sample(tmp_path, "x", ext=".png")
+    assert channel_path(tmp_path, "x", "red").suffix == ".png"
+
+
+def test_ids_with_underscores(tmp_path):
+    image = write_sample(tmp_path, "10580_1610_C1_1")
+    np.testing.assert_array_equal(read_sample(tmp_path, "10580_1610_C1_1"), image)
+
+
+def test_missing_channel_names_the_file(tmp_path):
+    write_sample(tmp_path, "s")
+    (tmp_path / "s_yellow.png").unlink()
+    with pytest.raises(ImageReadError) as info:
+        read_sample(tmp_path, "s")
+    assert "s_yellow" in str(info.value) and str(tmp_path) in str(info.value)
+    assert "missing" in str(info.value)
+
+
+def test_different_shapes_name_the_file(tmp_path):
+    write_sample(tmp_path, "s")
+    cv2.imwrite(str(tmp_path / "s_blue.png"), np.zeros((10, 12), np.uint8))
+    with pytest.raises(ImageReadError) as info:
+        read_sample(tmp_path, "s")
+    message = str(info.value)
+    assert "s_blue.png" in message and "12x10" in message and "32x24" in message
+
+
+def test_truncated_png_names_the_file(tmp_path):
+    write_sample(tmp_path, "s", shape=(64, 64), dtype=np.uint16)
+    path = tmp_path / "s_green.png"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) * 2 // 3])
+    with pytest.raises(ImageReadError) as info:
+        read_sample(tmp_path, "s")
+    assert str(path) in str(info.value) and "truncated" in str(info.value)
+
+
+def test_png_cut_in_the_header_names_the_file(tmp_path):
+    write_sample(tmp_path, "s")
+    path = tmp_path / "s_red.png"
+    path.write_bytes(path.read_bytes()[:20])
+    with pytest.raises(ImageReadError, match="s_red.png"):
+        read_sample(tmp_path, "s")
+
+
+def test_empty_file_names_the_file(tmp_path):
+    write_sample(tmp_path, "s")
+    (tmp_path / "s_red.png").write_bytes(b"")
+    with pytest.raises(ImageReadError) as info:
+        read_sample(tmp_path, "s")
+    assert "empty" in str(info.value) and "s_red.png" in str(info.value)
+
+
+def test_non_image_file_names_the_file(tmp_path):
+    write_sample(tmp_path, "s")
+    (tmp_path / "s_blue.png").write_text("ID,Label\nthis is not an image\n")
+    with pytest.raises(ImageReadError) as info:
+        read_sample(tmp_path, "s")
+    assert "unreadable" in str(info.value) and "s_blue.png" in str(info.value)
+
+
+def test_truncated_tif_names_the_file(tmp_path):
+    rng = np.random.default_rng(0)
+    write_sample(tmp_path, "t", shape=(64, 64), dtype=np.uint16, ext=".tif")
+    path = tmp_path / "t_red.tif"
+    cv2.imwrite(str(path), rng.integers(0, 65536, (64, 64)).astype(np.uint16))
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(ImageReadError, match="t_red.tif"):
+        read_sample(tmp_path, "t")
+
+
+def test_read_channel_missing_file(tmp_path):
+    with pytest.raises(ImageReadError, match="nothere_red.png"):
+        read_channel(tmp_path / "nothere_red.png")
+
+
+def test_image_read_error_is_a_data_error():
+    assert issubclass(ImageReadError, DataError)
+
+
+def test_stack_channels_checks_shapes():
+    a = np.zeros((4, 5), np.uint8)
+    with pytest.raises(ImageReadError, match="green"):
+        stack_channels([a, np.zeros((5, 4), np.uint8), a, a])
+    assert stack_channels([a, a, a, a]).shape == (4, 5, 4)
+
+
+def test_to_float_both_depths_full_scale():
+    img8 = np.array([[0, 128, 255]], np.uint8)
+    img16 = np.array([[0, 32896, 65535]], np.uint16)
+    f8, f16 = to_float(img8), to_float(img16)
+    assert f8.dtype == np.float32 and f16.dtype == np.float32
+    np.testing.assert_allclose(f8, [[0, 128 / 255, 1]], rtol=1e-6)
+    np.testing.assert_allclose(f16, f8, rtol=1e-6)  # 8-bit v and 16-bit v * 257 are the same intensity
+    # scaled by the dtype, not the image's maximum: a faint image stays faint
+    assert to_float(np.full((2, 2), 1000, np.uint16)).max() == pytest.approx(1000 / 65535)
+
+
+def test_to_uint8_both_depths():
+    img8 = np.arange(256, dtype=np.uint8)
+    assert to_uint8(img8) is img8
+    v = np.arange(256, dtype=np.uint16) * 257
+    np.testing.assert_array_equal(to_uint8(v), np.arange(256))
+    edges = to_uint8(np.array([0, 128, 129, 385, 65535], np.uint16))
+    np.testing.assert_array_equal(edges, [0, 0, 1, 1, 255])  # nearest, never above 255
+    with pytest.raises(TypeError):
+        to_uint8(np.zeros(3, np.float32))

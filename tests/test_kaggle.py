@@ -1,0 +1,423 @@
+"""kit.kaggle: metadata validation, bundle layout, credentials, push commands, runtime estimate.
+
+Builds here bundle one tiny pure-Python distribution (tqdm) instead of the kit's full run-time set,
+so each takes about a second; the full set is exercised by tests/test_kernel_offline.py.
+"""
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from kit import kaggle as kg
+from kit.errors import ConfigError, KitError
+
+SECRET = "0123456789abcdef0123456789abcdef"
+
+
+# ----------------------------------------------------------------------------------------------
+# fixtures
+
+
+@pytest.fixture
+def fake_run(tmp_path) -> Path:
+    """A run folder with the files `kit train` writes (checkpoint contents are placeholders)."""
+    run = tmp_path / "runs" / "exp1"
+    (run / "cell" / "fold0").mkdir(parents=True)
+    (run / "cell" / "fold1").mkdir(parents=True)
+    (run / "image" / "fold0").mkdir(parents=True)
+    (run / "config.yaml").write_text(
+        "data: {tile_size: 96, field_size: 256, segment_backend: classical}\n"
+        "cell_model: {backbone: resnet18}\nimage_model: {backbone: resnet34}\npredict: {tta: 2}\n"
+    )
+    (run / "combine.yaml").write_text("strategy: product\n")
+    (run / "summary.json").write_text("{}")
+    for p in ("cell/fold0", "cell/fold1", "image/fold0"):
+        (run / p / "best.pt").write_bytes(b"best-" + p.encode())
+        (run / p / "last.pt").write_bytes(b"last with optimizer state")
+        (run / p / "epochs.csv").write_text("epoch\n0\n")
+    return run
+
+
+@pytest.fixture
+def no_credentials(tmp_path, monkeypatch):
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    for var in ("KAGGLE_USERNAME", "KAGGLE_KEY", "KAGGLE_API_TOKEN", "KAGGLE_CONFIG_DIR", "XDG_CONFIG_HOME"):
+        monkeypatch.delenv(var, raising=False)
+    return home
+
+
+@pytest.fixture
+def with_credentials(no_credentials):
+    cred = no_credentials / ".kaggle" / "kaggle.json"
+    cred.parent.mkdir()
+    cred.write_text(json.dumps({"username": "someone", "key": SECRET}))
+    cred.chmod(stat.S_IRUSR | stat.S_IWUSR)
+    return cred
+
+
+def small_build(run: Path, out: Path, **kw) -> dict:
+    opts = kg.BuildOptions(run_dir=run, user="someone", out=out, packages=["tqdm"], **kw)
+    return kg.build(opts, log=lambda *_: None)
+
+
+def valid_kernel_meta(folder: Path | None = None) -> dict:
+    meta = kg.kernel_metadata("someone", "hpa-kit-infer", "Hpa Kit Infer", "infer.py",
+                              dataset_sources=["someone/hpa-kit-code"], competition=kg.DEFAULT_COMPETITION, gpu=True)
+    if folder is not None:
+        (folder / "infer.py").write_text("print('hi')\n")
+    return meta
+
+
+# ----------------------------------------------------------------------------------------------
+# metadata validation (rules of kaggle-api's dataset_create_new / kernels_push)
+
+
+def test_valid_metadata_has_no_problems(tmp_path):
+    assert kg.dataset_metadata_problems(kg.dataset_metadata("someone", "hpa-kit-code", "Hpa Kit Code")) == []
+    meta = valid_kernel_meta(tmp_path)
+    assert kg.kernel_metadata_problems(meta, tmp_path, known_datasets={"someone/hpa-kit-code"}) == []
+    assert meta["enable_internet"] is False and meta["language"] == "python" and meta["kernel_type"] == "script"
+
+
+@pytest.mark.parametrize("change, field_name, words", [
+    ({"id": "someone-hpa-kit-code"}, "'id'", "user/slug"),
+    ({"id": "someone/abcde"}, "'id'", "6-50"),  # dataset slugs: 6-50 (kernel slugs: >= 5)
+    ({"id": "someone/" + "a" * 51}, "'id'", "6-50"),
+    ({"id": "someone/HPA_kit_code"}, "'id'", "lowercase"),
+    ({"title": "HPA"}, "'title'", "6-50"),
+    ({"title": "x" * 51}, "'title'", "6-50"),
+    ({"licenses": []}, "'licenses'", "exactly one"),
+    ({"licenses": [{"name": "CC0-1.0"}, {"name": "MIT"}]}, "'licenses'", "exactly one"),
+])
+def test_dataset_metadata_problems_name_the_field(change, field_name, words):
+    meta = {**kg.dataset_metadata("someone", "hpa-kit-code", "Hpa Kit Code"), **change}
+    problems = kg.dataset_metadata_problems(meta, "code/dataset-metadata.json")
+    assert problems, change
+    assert any(field_name in p and words in p and p.startswith("code/dataset-metadata.json") for p in problems), problems
+
+
+@pytest.mark.parametrize("change, field_name, words", [
+    ({"id": "someone/abcd"}, "'id'", "5-50"),
+    ({"id": "/hpa-kit-infer"}, "'id'", "user name"),
+    ({"title": "Hpa"}, "'title'", "5-50"),
+    ({"code_file": "missing.py"}, "'code_file'", "not in"),
+    ({"code_file": ""}, "'code_file'", "missing"),
+    ({"language": "julia"}, "'language'", "python"),
+    ({"kernel_type": "app"}, "'kernel_type'", "script"),
+    ({"enable_internet": True}, "'enable_internet'", "internet off"),
+    ({"enable_gpu": "true"}, "'enable_gpu'", "explicitly"),
+    ({"dataset_sources": ["someone/other-dataset"]}, "'dataset_sources[0]'", "none of the datasets built"),
+    ({"dataset_sources": ["hpa-kit-code"]}, "'dataset_sources[0]'", "user/slug"),
+    ({"competition_sources": ["kaggle/hpa"]}, "'competition_sources'", "slugs"),
+])
+def test_kernel_metadata_problems_name_the_field(tmp_path, change, field_name, words):
+    meta = {**valid_kernel_meta(tmp_path), **change}
+    problems = kg.kernel_metadata_problems(meta, tmp_path, "kernel/kernel-metadata.json", {"someone/hpa-kit-code"})
+    assert any(field_name in p and words in p for p in problems), problems
+
+
+def test_title_that_does_not_slugify_to_the_id_warns():
+    meta = kg.kernel_metadata("someone", "hpa-kit-infer", "My HPA kernel", "infer.py", dataset_sources=[],
+                              competition=None, gpu=False)
+    assert "my-hpa-kernel" in kg.kernel_title_warning(meta)
+    meta["title"] = "Hpa Kit Infer"
+    assert kg.kernel_title_warning(meta) is None
+
+
+def test_build_rejects_bad_names_before_writing_anything(fake_run, tmp_path, no_credentials):
+    out = tmp_path / "out"
+    with pytest.raises(ConfigError) as err:
+        small_build(fake_run, out, prefix="HPA_Kit")
+    assert "field 'id'" in str(err.value) and "lowercase" in str(err.value)
+    with pytest.raises(ConfigError, match="6-50"):
+        small_build(fake_run, out, prefix="p" * 44)  # <prefix>-weights: 52 characters
+    with pytest.raises(ConfigError, match="--user"):
+        kg.build(kg.BuildOptions(run_dir=fake_run, user="not a user", out=out, packages=["tqdm"]), log=lambda *_: None)
+    assert not out.exists()
+
+
+def test_build_needs_a_run_folder_with_checkpoints(tmp_path, no_credentials):
+    empty = tmp_path / "run"
+    empty.mkdir()
+    with pytest.raises(ConfigError, match="no config.yaml"):
+        small_build(empty, tmp_path / "out")
+    (empty / "config.yaml").write_text("{}\n")
+    with pytest.raises(ConfigError, match="best.pt"):
+        small_build(empty, tmp_path / "out")
+
+
+# ----------------------------------------------------------------------------------------------
+# bundle layout
+
+
+def test_build_lays_out_three_folders_ready_for_the_kaggle_cli(fake_run, tmp_path, no_credentials):
+    out = tmp_path / "out"
+    manifest = small_build(fake_run, out, train_kernel=True)
+    assert manifest["datasets"] == {"code": {"dir": "code", "id": "someone/hpa-kit-code"},
+                                    "weights": {"dir": "weights", "id": "someone/hpa-kit-weights"}}
+    assert manifest["kernels"]["infer"] == {"dir": "kernel", "id": "someone/hpa-kit-infer"}
+    # weights: best.pt of every model and fold, config, combine; never last.pt or training logs
+    files = sorted(str(p.relative_to(out / "weights")) for p in (out / "weights").rglob("*") if p.is_file())
+    assert files == sorted([
+        "dataset-metadata.json", "kit-weights.json", "run/config.yaml", "run/combine.yaml", "run/summary.json",
+        "run/cell/fold0/best.pt", "run/cell/fold1/best.pt", "run/image/fold0/best.pt"])
+    wm = json.loads((out / "weights" / "kit-weights.json").read_text())
+    assert wm["folds"] == {"cell": [0, 1], "image": [0]} and wm["run_id"] == "exp1"
+    assert (out / "weights/run/cell/fold1/best.pt").read_bytes() == b"best-cell/fold1"
+    # code: the kit wheel, the pinned wheel, the manifest, pinned requirements; no torch anywhere
+    wheels = sorted(p.name for p in (out / "code/wheels").glob("*.whl"))
+    assert len(wheels) == 2 and wheels[0].startswith("hpa_kit-") and wheels[1].startswith("tqdm-")
+    bundle = json.loads((out / "code/kit-bundle.json").read_text())
+    import tqdm
+    assert bundle["requirements"] == [f"tqdm=={tqdm.__version__}"]
+    assert "torch" in bundle["protected"] and "torchvision" in bundle["protected"]
+    assert (out / "code/requirements.txt").read_text().splitlines()[1:] == bundle["requirements"]
+    # metadata: what the kaggle CLI reads, valid by our rules, with the fields the issue names
+    km = json.loads((out / "kernel/kernel-metadata.json").read_text())
+    assert km["enable_internet"] is False and km["enable_gpu"] is True and km["is_private"] is True
+    assert km["dataset_sources"] == ["someone/hpa-kit-code", "someone/hpa-kit-weights"]
+    assert km["competition_sources"] == [kg.DEFAULT_COMPETITION]
+    assert (out / "kernel" / km["code_file"]).is_file()
+    tm = json.loads((out / "kernel-train/kernel-metadata.json").read_text())
+    assert tm["code_file"] == "train.py" and tm["dataset_sources"] == ["someone/hpa-kit-code"]
+    dm = json.loads((out / "code/dataset-metadata.json").read_text())
+    assert dm["licenses"] == [{"name": "CC0-1.0"}] and dm["id"] == "someone/hpa-kit-code"
+    assert kg.load_build(out)["kernels"]["train"]["id"] == "someone/hpa-kit-train"
+
+
+def test_include_last_bundles_last_checkpoints(fake_run, tmp_path, no_credentials):
+    out = tmp_path / "out"
+    small_build(fake_run, out, include_last=True)
+    assert (out / "weights/run/cell/fold0/last.pt").is_file()
+
+
+def test_kernel_script_gets_the_build_settings_and_compiles(fake_run, tmp_path, no_credentials):
+    out = tmp_path / "out"
+    small_build(fake_run, out, prefix="my-hpa", competition="hpa-single-cell-image-classification",
+                predict_args=["--tta", "2"], train_kernel=True)
+    text = (out / "kernel/infer.py").read_text()
+    assert "'code_dataset': 'my-hpa-code'" in text and "'weights_dataset': 'my-hpa-weights'" in text
+    assert "'predict_args': ['--tta', '2']" in text
+    compile(text, "infer.py", "exec")
+    train = (out / "kernel-train/train.py").read_text()
+    assert "'fold': 0" in train
+    compile(train, "train.py", "exec")
+
+
+def test_the_kit_wheel_is_pure_python_with_package_data_and_no_torch(tmp_path):
+    whl = kg.build_kit_wheel(tmp_path)
+    assert whl.name.endswith("-py3-none-any.whl")
+    with zipfile.ZipFile(whl) as zf:
+        names = set(zf.namelist())
+        meta = zf.read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
+    assert "kit/kaggle.py" in names and "kit/cli.py" in names
+    data_files = [p.relative_to(kg.REPO).as_posix() for p in (kg.REPO / "kit" / "data").glob("*.csv")]
+    assert data_files and set(data_files) <= names
+    requires = [line for line in meta.splitlines() if line.startswith("Requires-Dist:")]
+    hard = [r for r in requires if "extra ==" not in r]
+    assert hard and not any("torch" in r for r in hard), hard
+    assert not (kg.REPO / "build" / "lib").exists() or True  # the source tree is copied before building
+    assert not list(kg.REPO.glob("*.egg-info"))
+
+
+# ----------------------------------------------------------------------------------------------
+# credentials
+
+
+def test_a_bundle_never_holds_credentials(fake_run, tmp_path, with_credentials):
+    (fake_run / "kaggle.json").write_text(with_credentials.read_text())  # a careless copy in the run folder
+    out = tmp_path / "out"
+    logged: list[str] = []
+    kg.build(kg.BuildOptions(run_dir=fake_run, user="someone", out=out, packages=["tqdm"]), log=logged.append)
+    for p in out.rglob("*"):
+        assert p.name != "kaggle.json"
+        if p.is_file():
+            data = p.read_bytes()
+            assert SECRET.encode() not in data, p
+            if p.suffix == ".whl":
+                with zipfile.ZipFile(p) as zf:
+                    for n in zf.namelist():
+                        assert "kaggle.json" not in n and SECRET.encode() not in zf.read(n), (p, n)
+    assert not any(SECRET in line for line in logged)
+
+
+def test_check_no_credentials_catches_a_planted_file_or_key(tmp_path, with_credentials):
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    (bundle / "notes.txt").write_text("nothing here")
+    kg.check_no_credentials(bundle)
+    (bundle / "notes.txt").write_text(f"key = {SECRET}")
+    with pytest.raises(KitError, match="API key") as err:
+        kg.check_no_credentials(bundle)
+    assert SECRET not in str(err.value)
+    (bundle / "notes.txt").unlink()
+    (bundle / "sub").mkdir()
+    (bundle / "sub" / "kaggle.json").write_text("{}")
+    with pytest.raises(KitError, match="credential file"):
+        kg.check_no_credentials(bundle)
+
+
+def test_credentials_are_found_by_file_or_environment(no_credentials, monkeypatch):
+    assert kg.have_credentials() is None
+    monkeypatch.setenv("KAGGLE_USERNAME", "someone")
+    monkeypatch.setenv("KAGGLE_KEY", SECRET)
+    where = kg.have_credentials()
+    assert where.startswith("environment") and SECRET not in where
+    monkeypatch.delenv("KAGGLE_KEY")
+    assert kg.have_credentials() is None
+    cfg = no_credentials / "cfg"
+    cfg.mkdir()
+    (cfg / "kaggle.json").write_text("{}")
+    monkeypatch.setenv("KAGGLE_CONFIG_DIR", str(cfg))
+    assert kg.have_credentials() == str(cfg / "kaggle.json")
+
+
+# ----------------------------------------------------------------------------------------------
+# push
+
+
+def test_dry_run_prints_the_exact_commands(fake_run, tmp_path, with_credentials, capsys):
+    out = tmp_path / "out"
+    small_build(fake_run, out)
+    from kit.cli import main
+
+    assert main(["kernel", "push", "--out", str(out), "--dry-run"]) == 0
+    lines = [l for l in capsys.readouterr().out.splitlines() if not l.startswith("#")]
+    assert lines == [
+        f"kaggle datasets create -p {out}/code --dir-mode zip",
+        f"kaggle datasets version -p {out}/code -m 'kit kernel build' --dir-mode zip",
+        f"kaggle datasets create -p {out}/weights --dir-mode zip",
+        f"kaggle datasets version -p {out}/weights -m 'kit kernel build' --dir-mode zip",
+        f"kaggle kernels push -p {out}/kernel",
+    ]
+    assert main(["kernel", "push", "--out", str(out), "--dry-run", "--update", "-m", "new folds"]) == 0
+    printed = capsys.readouterr().out
+    assert "datasets create" not in printed and f"kaggle datasets version -p {out}/weights -m 'new folds'" in printed
+    assert SECRET not in printed
+
+
+def test_push_revalidates_hand_edited_metadata(fake_run, tmp_path, no_credentials):
+    out = tmp_path / "out"
+    small_build(fake_run, out)
+    meta_path = out / "kernel/kernel-metadata.json"
+    meta = json.loads(meta_path.read_text())
+    meta["enable_internet"] = True
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(ConfigError, match="enable_internet"):
+        kg.push(out, dry_run=True, log=lambda *_: None)
+
+
+def test_push_without_credentials_says_so_and_runs_nothing(fake_run, tmp_path, no_credentials, monkeypatch, capsys):
+    out = tmp_path / "out"
+    small_build(fake_run, out)
+    calls = tmp_path / "calls.txt"
+    _fake_kaggle(tmp_path / "bin", calls, monkeypatch)
+    from kit.cli import main
+
+    assert main(["kernel", "push", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "no Kaggle credentials" in err and "nothing was pushed" in err
+    assert not calls.exists()
+
+
+def test_push_runs_the_kaggle_executable_in_order(fake_run, tmp_path, with_credentials, monkeypatch, capsys):
+    out = tmp_path / "out"
+    small_build(fake_run, out)
+    calls = tmp_path / "calls.txt"
+    _fake_kaggle(tmp_path / "bin", calls, monkeypatch, fail_create="weights")
+    assert kg.push(out, mode="auto") == 0
+    ran = calls.read_text().splitlines()
+    assert ran == [
+        f"datasets create -p {out}/code --dir-mode zip",
+        f"datasets create -p {out}/weights --dir-mode zip",  # exists already ...
+        f"datasets version -p {out}/weights -m kit kernel build --dir-mode zip",  # ... so a new version
+        f"kernels push -p {out}/kernel",
+    ]
+    assert SECRET not in capsys.readouterr().out
+
+
+def _fake_kaggle(bindir: Path, calls: Path, monkeypatch, fail_create: str = "") -> None:
+    """A `kaggle` executable that records its arguments; `datasets create` of `fail_create` says it exists."""
+    bindir.mkdir()
+    exe = bindir / "kaggle"
+    exe.write_text(
+        f"#!{sys.executable}\n"
+        "import sys\n"
+        f"open({str(calls)!r}, 'a').write(' '.join(sys.argv[1:]) + '\\n')\n"
+        f"if sys.argv[1:3] == ['datasets', 'create'] and {fail_create!r} and sys.argv[4].endswith({fail_create!r}):\n"
+        "    print('409 - Conflict: dataset already exists'); sys.exit(1)\n"
+    )
+    exe.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bindir}{os.pathsep}{os.environ['PATH']}")
+
+
+# ----------------------------------------------------------------------------------------------
+# runtime estimate
+
+
+def test_estimate_grows_with_work_and_says_when_it_will_not_finish():
+    small = kg.estimate_runtime(559, hardware="t4", cell_backbone="resnet18", tile_size=128, n_folds=1)
+    big = kg.estimate_runtime(559, hardware="t4", cell_backbone="resnet50", tile_size=256, n_folds=5, tta=8)
+    assert small.fits and small.seconds < big.seconds
+    assert "fits in Kaggle's 9 h" in small.lines()[0]
+    cpu = kg.estimate_runtime(559, hardware="kaggle-cpu", cell_backbone="resnet101", tile_size=384, n_folds=5, tta=8)
+    assert not cpu.fits and "WILL NOT FINISH" in cpu.lines()[0]
+    # twice the images, about twice the time (less the fixed set-up)
+    double = kg.estimate_runtime(1118, hardware="t4", cell_backbone="resnet18", tile_size=128, n_folds=1)
+    assert double.seconds - kg.FIXED_OVERHEAD_S == pytest.approx(2 * (small.seconds - kg.FIXED_OVERHEAD_S))
+    with pytest.raises(ConfigError, match="--hardware"):
+        kg.estimate_runtime(10, hardware="tpu")
+
+
+def test_build_prints_the_estimate_from_the_run_config(fake_run, tmp_path, no_credentials):
+    logged: list[str] = []
+    kg.build(kg.BuildOptions(run_dir=fake_run, user="someone", out=tmp_path / "out", packages=["tqdm"], gpu=False,
+                             n_test=100), log=logged.append)
+    line = next(l for l in logged if l.startswith("runtime estimate"))
+    assert "(kaggle-cpu)" in line and "100 test images" in line
+    expected = kg.estimate_runtime(100, hardware="kaggle-cpu", cell_backbone="resnet18", image_backbone="resnet34",
+                                   tile_size=96, field_size=256, tta=2, n_folds=2)
+    assert f"{expected.hours:.2f} h" in line
+
+
+# ----------------------------------------------------------------------------------------------
+# wheels
+
+
+def test_repacked_wheel_installs_and_matches_the_installed_files(tmp_path):
+    import tqdm
+
+    whl = kg.repack_installed("tqdm", tmp_path)
+    assert whl.name == f"tqdm-{tqdm.__version__}-py3-none-any.whl"
+    target = tmp_path / "target"
+    res = subprocess.run([sys.executable, "-m", "pip", "install", "--no-index", "--no-deps", "--quiet",
+                          "--disable-pip-version-check", "--target", str(target), str(whl)],
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    original = Path(tqdm.__file__).parent
+    for name in ("std.py", "__init__.py"):
+        assert (target / "tqdm" / name).read_bytes() == (original / name).read_bytes()
+
+
+def test_closure_excludes_the_torch_stack():
+    pins, protected = kg.kernel_pins(roots=["pandas", "scikit-image"])
+    assert "pandas" in pins and "scikit-image" in pins
+    assert "numpy" not in pins and "numpy" in protected  # numpy comes with the image's torchvision
+    assert not any(n.startswith(("torch", "nvidia-", "triton")) for n in pins)
+    with pytest.raises(ConfigError, match="not installed"):
+        kg.dependency_closure(["surely-not-installed-dist"])
+
+
+def test_missing_wheel_for_another_python_is_an_error_naming_it(tmp_path):
+    with pytest.raises(ConfigError, match="tqdm==") as err:
+        kg.gather_wheels({"tqdm": "0.0.1"}, tmp_path / "w", wheelhouses=[tmp_path], python_version="3.10")
+    assert "--wheelhouse" in str(err.value)

@@ -1,0 +1,276 @@
+"""Synthetic data: layout, determinism, truth consistency, patterns, bit depths, sizes."""
+from __future__ import annotations
+
+import base64
+import zlib
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+import pytest
+from pycocotools import mask as coco_mask
+
+from conftest import REAL_TRAIN_CSV, require
+from kit import synth
+from kit.images import read_sample, to_float
+from kit.labels import NEGATIVE, parse_label
+
+
+def official_encode(mask: np.ndarray) -> str:
+    """The competition's encode_binary_mask, verbatim in effect."""
+    m = np.asfortranarray(mask.reshape(mask.shape[0], mask.shape[1], 1).astype(np.uint8))
+    counts = coco_mask.encode(m)[0]["counts"]
+    return base64.b64encode(zlib.compress(counts, zlib.Z_BEST_COMPRESSION)).decode("ascii")
+
+
+def decode(text: str, h: int, w: int) -> np.ndarray:
+    counts = zlib.decompress(base64.b64decode(text))
+    return coco_mask.decode({"size": [h, w], "counts": counts}).astype(bool)
+
+
+def read_u16(path: Path) -> np.ndarray:
+    img = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    assert img is not None and img.dtype == np.uint16, path
+    return img
+
+
+def all_bytes(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+# ---------------------------------------------------------------------------------- layout
+
+
+def test_layout(tiny_dataset):
+    train = pd.read_csv(tiny_dataset / "train.csv", dtype=str, keep_default_na=False)
+    sub = pd.read_csv(tiny_dataset / "sample_submission.csv", dtype=str, keep_default_na=False)
+    assert list(train.columns) == ["ID", "Label"] and len(train) == 12
+    assert list(sub.columns) == ["ID", "ImageWidth", "ImageHeight", "PredictionString"] and len(sub) == 4
+    assert (sub["PredictionString"] == "").all() and (sub["ImageWidth"] == "256").all()
+    assert not set(train["ID"]) & set(sub["ID"])
+    for split, ids in (("train", train["ID"]), ("test", sub["ID"])):
+        for iid in ids:
+            img = read_sample(tiny_dataset / split, iid)
+            assert img.shape == (256, 256, 4) and img.dtype == np.uint8
+            for kind in ("cell_mask", "nuclei_mask"):
+                assert read_u16(tiny_dataset / "truth" / f"{iid}_{kind}.png").shape == (256, 256)
+    for name in ("train_solution.csv", "test_solution.csv"):
+        sol = pd.read_csv(tiny_dataset / name, dtype=str, keep_default_na=False)
+        assert list(sol.columns) == ["ID", "ImageWidth", "ImageHeight", "PredictionString"]
+    cells = pd.read_csv(tiny_dataset / "truth" / "cell_labels.csv", dtype=str, keep_default_na=False)
+    assert list(cells.columns) == ["ID", "cell_id", "Label"]
+    assert set(cells["ID"]) == set(train["ID"]) | set(sub["ID"])
+
+
+# ---------------------------------------------------------------------------------- determinism
+
+
+def test_same_seed_same_bytes_and_worker_count_irrelevant(tmp_path):
+    a = synth.generate_dataset(tmp_path / "a", n_train=2, n_test=1, size=128, seed=3, bit_depth=8)
+    b = synth.generate_dataset(tmp_path / "b", n_train=2, n_test=1, size=128, seed=3, bit_depth=8, workers=2)
+    ba, bb = all_bytes(a), all_bytes(b)
+    assert len(ba) == 3 * 6 + 1 + 4 and ba == bb  # 6 PNGs per image, cell_labels.csv, 4 CSVs
+
+
+def test_different_seed_different_data(tmp_path):
+    a = synth.generate_dataset(tmp_path / "a", n_train=2, n_test=0, size=96, seed=1)
+    b = synth.generate_dataset(tmp_path / "b", n_train=2, n_test=0, size=96, seed=2)
+    ids_a = (a / "train.csv").read_text().split()[1:]
+    ids_b = (b / "train.csv").read_text().split()[1:]
+    assert ids_a != ids_b
+    green = lambda d: sorted(p.read_bytes() for p in (d / "train").glob("*_green.png"))
+    assert green(a) != green(b)
+
+
+def test_make_field_deterministic():
+    f1 = synth.make_field(np.random.default_rng([5, 0, 1]), 128)
+    f2 = synth.make_field(np.random.default_rng([5, 0, 1]), 128)
+    assert np.array_equal(f1.image, f2.image) and np.array_equal(f1.cells, f2.cells)
+    assert f1.cell_labels == f2.cell_labels
+
+
+# ---------------------------------------------------------------------------------- truth
+
+
+def test_truth_consistent(tiny_dataset):
+    train = pd.read_csv(tiny_dataset / "train.csv", dtype=str, keep_default_na=False)
+    image_label = dict(zip(train["ID"], train["Label"]))
+    cells = pd.read_csv(tiny_dataset / "truth" / "cell_labels.csv", dtype=str, keep_default_na=False)
+    cell_label = {(r.ID, int(r.cell_id)): parse_label(r.Label) for r in cells.itertuples()}
+    n_subset = 0
+    for split, sol_name in (("train", "train_solution.csv"), ("test", "test_solution.csv")):
+        sol = pd.read_csv(tiny_dataset / sol_name, dtype=str, keep_default_na=False)
+        for r in sol.itertuples():
+            cm = read_u16(tiny_dataset / "truth" / f"{r.ID}_cell_mask.png")
+            nm = read_u16(tiny_dataset / "truth" / f"{r.ID}_nuclei_mask.png")
+            ids = [int(k) for k in np.unique(cm) if k]
+            assert ids == list(range(1, len(ids) + 1)) and len(ids) >= 3
+            # one nucleus per cell, same id, inside its cell, in one piece
+            assert [int(k) for k in np.unique(nm) if k] == ids
+            assert np.array_equal(cm[nm > 0], nm[nm > 0])
+            for k in ids:
+                n_comp, _ = cv2.connectedComponents((nm == k).astype(np.uint8))
+                assert n_comp == 2, f"{r.ID} nucleus {k} is in {n_comp - 1} pieces"
+                n_comp, _ = cv2.connectedComponents((cm == k).astype(np.uint8), connectivity=4)
+                assert n_comp == 2, f"{r.ID} cell {k} is in {n_comp - 1} pieces"
+            # every solution mask is exactly one truth cell, with that cell's labels
+            tokens = r.PredictionString.split()
+            assert len(tokens) % 3 == 0
+            got: dict[int, set[int]] = {}
+            by_mask: dict[str, int] = {}
+            for cls, conf, text in zip(tokens[0::3], tokens[1::3], tokens[2::3]):
+                assert conf == "1"
+                if text not in by_mask:
+                    m = decode(text, int(r.ImageHeight), int(r.ImageWidth))
+                    k = int(cm[m][0])
+                    assert k > 0 and np.array_equal(m, cm == k)
+                    by_mask[text] = k
+                got.setdefault(by_mask[text], set()).add(int(cls))
+            assert set(got) == set(ids)
+            for k in ids:
+                assert got[k] == set(cell_label[(r.ID, k)])
+                assert got[k] == {NEGATIVE} or NEGATIVE not in got[k]
+            # image label = union of the cells' location labels; 18 only if all cells are Negative
+            locs = set().union(*got.values()) - {NEGATIVE}
+            if split == "train":
+                assert set(parse_label(image_label[r.ID])) == (locs or {NEGATIVE})
+            n_subset += sum(got[k] != locs for k in ids)
+    assert n_subset > 0, "no cell-to-cell heterogeneity at all"
+
+
+def test_negative_image_has_only_negative_cells():
+    f = synth.make_field(np.random.default_rng(0), 128, labels=[NEGATIVE])
+    assert f.image_labels == [NEGATIVE] and all(ls == [NEGATIVE] for ls in f.cell_labels)
+
+
+def test_mitotic_spindle_only_in_mitotic_cells():
+    for seed in range(4):
+        f = synth.make_field(np.random.default_rng(seed), 128, labels=[0, 11])
+        assert 11 in f.image_labels and any(f.mitotic)
+        for ls, mit in zip(f.cell_labels, f.mitotic):
+            assert (11 in ls) == mit
+
+
+def test_encode_masks_matches_official():
+    rng = np.random.default_rng(0)
+    lab = np.zeros((37, 53), np.uint16)
+    lab[3:20, 5:30] = 1
+    lab[15:37, 25:53] = 2
+    lab[rng.random(lab.shape) < 0.05] = 3
+    ids = [1, 2, 3]
+    assert synth.encode_masks(lab, ids) == [official_encode(lab == k) for k in ids]
+    try:
+        from kit.rle import encode_binary_mask
+    except ImportError:
+        return
+    assert synth.encode_masks(lab, ids)[1] == _text(encode_binary_mask(lab == 2))
+
+
+def _text(x) -> str:
+    return x.decode("ascii") if isinstance(x, bytes) else str(x)
+
+
+# ---------------------------------------------------------------------------------- patterns
+
+
+NUCLEAR = {0, 1, 2, 3, 4, 5}
+
+
+@pytest.mark.parametrize("cls", range(18))
+def test_every_class_pattern_renders(cls):
+    """Same geometry, one class at a time: the class adds green where it belongs."""
+    kw = dict(size=192, n_cells=8, heterogeneity=False, n_mitotic=2 if cls == 11 else 0)
+    f = synth.make_field(np.random.default_rng(11), labels=[cls], **kw)
+    neg = synth.make_field(np.random.default_rng(11), labels=[NEGATIVE], **kw)
+    assert np.array_equal(f.cells, neg.cells)
+    shown = np.isin(f.cells, [k + 1 for k, ls in enumerate(f.cell_labels) if cls in ls])
+    assert shown.any()
+    # noiseless layers of the same geometry, textures and gains: the difference is the pattern
+    extra = np.clip(f.clean[..., 1].astype(np.float64) - neg.clean[..., 1], 0, None)
+    assert extra[shown].max() > 0.3 and extra[shown].mean() > 0.002  # clearly visible where shown
+    assert extra[shown].mean() > 5 * extra[~shown].mean()  # and only there
+    in_nuclei = extra[f.nuclei > 0].sum() / extra.sum()
+    if cls == 1:  # the rim straddles the nuclear edge
+        assert 0.3 < in_nuclei < 0.9, in_nuclei
+    elif cls in NUCLEAR:
+        assert in_nuclei > 0.6, in_nuclei
+    elif cls != 11:  # the spindle surrounds the chromatin
+        assert in_nuclei < 0.4, in_nuclei
+
+
+def test_classes_differ_from_each_other():
+    """Green of class a vs b on the same geometry differ clearly (patterns are not one fill)."""
+    kw = dict(size=160, n_cells=6, heterogeneity=False, n_mitotic=0)
+    greens = {c: synth.make_field(np.random.default_rng(2), labels=[c], **kw).clean[..., 1]
+              for c in (0, 1, 2, 6, 9, 13, 14, 16, 17)}
+    unit = {c: (g - g.mean()) / (g.std() + 1e-9) for c, g in greens.items()}
+    for a in unit:
+        for b in unit:
+            if a < b:
+                corr = float((unit[a] * unit[b]).mean())
+                assert corr < 0.9, (a, b, corr)
+
+
+# ---------------------------------------------------------------------------------- depths, sizes
+
+
+def test_16bit_matches_8bit(tmp_path):
+    a = synth.generate_dataset(tmp_path / "a", n_train=1, n_test=0, size=96, seed=4, bit_depth=8)
+    b = synth.generate_dataset(tmp_path / "b", n_train=1, n_test=0, size=96, seed=4, bit_depth=16)
+    iid = (a / "train.csv").read_text().split()[1].split(",")[0]
+    x8, x16 = read_sample(a / "train", iid), read_sample(b / "train", iid)
+    assert x8.dtype == np.uint8 and x16.dtype == np.uint16
+    assert np.abs(to_float(x8) - to_float(x16)).max() <= 0.5 / 255 + 1e-6
+    assert x16.max() > 255 and len(np.unique(x16)) > len(np.unique(x8))
+
+
+@pytest.mark.parametrize("size", [96, 256, 512])
+def test_scale_invariant_geometry(size):
+    counts, fracs = [], []
+    for seed in range(3):
+        f = synth.make_field(np.random.default_rng([seed, size]), size)
+        n = int(f.cells.max())
+        counts.append(n)
+        fracs.append(np.median(np.bincount(f.cells.ravel())[1:]) / size ** 2)
+    assert all(4 <= n <= 45 for n in counts), counts
+    assert 0.005 < np.median(fracs) < 0.08, fracs
+
+
+def test_large_field():
+    f = synth.make_field(np.random.default_rng(1), 1728, n_cells=18)
+    n = int(f.cells.max())
+    assert 12 <= n <= 18
+    assert 0.3 < (f.cells > 0).mean() < 0.98
+
+
+# ---------------------------------------------------------------------------------- labels
+
+
+def test_label_table_shipped_and_sampled():
+    sets, p = synth.label_table()
+    assert len(sets) > 300 and abs(p.sum() - 1) < 1e-9
+    assert all(s == sorted(set(s)) and (s == [NEGATIVE] or NEGATIVE not in s) for s in sets)
+    rng = np.random.default_rng(0)
+    draws = [synth.draw_image_labels(rng) for _ in range(3000)]
+    freq0 = np.mean([0 in d for d in draws])
+    expect0 = sum(pi for s, pi in zip(sets, p) if 0 in s)
+    assert abs(freq0 - expect0) < 0.04
+
+
+def test_label_table_rebuilds_from_real_csv(tmp_path):
+    real = require(REAL_TRAIN_CSV)
+    out = synth.build_label_table(real, tmp_path / "label_sets.csv")
+    assert out.read_bytes() == synth.LABEL_TABLE.read_bytes()
+
+
+# ---------------------------------------------------------------------------------- CLI
+
+
+def test_cli(tmp_path, capsys):
+    from kit.cli import main
+
+    assert main(["synth", "--out", str(tmp_path / "d"), "--train", "1", "--test", "1", "--size", "64"]) == 0
+    assert len(list((tmp_path / "d" / "train").glob("*.png"))) == 4
+    assert main(["synth", "--out", str(tmp_path / "e"), "--train", "0", "--test", "0"]) == 2
+    assert "at least one image" in capsys.readouterr().err
