@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import base64
-import statistics
 import sys
 import tempfile
 import time

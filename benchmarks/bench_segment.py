@@ -67,6 +67,8 @@ def speed(args, root: Path) -> None:
     print(f"speed: {len(ids)} synthetic {args.speed_size} px images, one thread, median of {args.repeats} "
           f"repeats per image (machine shared with other jobs: compare ratios)")
     rows = []
+    warm = read_sample(ds / "train", ids[0])
+    segment_image(warm, scale=args.scale)  # first call pays for lazy imports
     for image_id in ids:
         image = read_sample(ds / "train", image_id)
         t_quarter, (nuc, cells) = _timed(lambda: segment_image(image, scale=args.scale), args.repeats)

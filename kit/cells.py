@@ -6,8 +6,8 @@ Cell table (`cell_table`, one row per cell, ordered by cell_id; a pandas DataFra
   area, nucleus_area        pixel counts
   touches_border            the cell has a pixel on the image's outer row or column
   nucleus_visible_fraction  estimated fraction of the nucleus inside the image: 1.0 for a nucleus
-                            off the border, else its area over the area of the circle through its
-                            border chord and depth (a circle cut by a line: r = (c^2/4 + h^2) / 2h)
+                            off the border, else its area over that of the ellipse (or circle)
+                            fitted to its chord on the border, depth and width (`_visible_fraction`)
   with an image also:
   mean_red, mean_green, mean_blue, mean_yellow   mean intensity over the cell, in [0, 1] of full scale
   nucleus_blue              mean blue intensity over the nucleus, in [0, 1] of full scale
@@ -90,29 +90,38 @@ def _border_ids(labels: np.ndarray, n: int) -> np.ndarray:
 
 
 def _visible_fraction(mask: np.ndarray, box: tuple[int, int, int, int], shape: tuple[int, int]) -> float:
-    """Estimated fraction of a nucleus inside the image (circle through its border chord and depth).
+    """Estimated fraction of a nucleus inside the image, from its shape at the border.
 
     `mask` is the nucleus inside its bounding box `box` (x0, y0, x1, y1) in an image of `shape`.
+    Per touched side, with chord c (pixels on the border line), depth h (extent inward) and width w
+    (extent along the border): when the nucleus widens inward (w > c) its centre is inside and an
+    ellipse with semi-axes w/2 and h / (1 + sqrt(1 - (c/w)^2)) fits; otherwise a circle through
+    the chord and depth, r = (c^2/4 + h^2) / 2h. The fraction is area / (pi a b), the lowest over
+    the touched sides.
     """
     x0, y0, x1, y1 = box
     h_img, w_img = shape
     area = float(mask.sum())
     best = 1.0
-    sides = []
+    sides = []  # (pixels on the border line, depth inward, width along the border)
     if x0 == 0:
-        sides.append((mask[:, 0], x1 - x0))
+        sides.append((mask[:, 0], x1 - x0, y1 - y0))
     if x1 == w_img:
-        sides.append((mask[:, -1], x1 - x0))
+        sides.append((mask[:, -1], x1 - x0, y1 - y0))
     if y0 == 0:
-        sides.append((mask[0, :], y1 - y0))
+        sides.append((mask[0, :], y1 - y0, x1 - x0))
     if y1 == h_img:
-        sides.append((mask[-1, :], y1 - y0))
-    for line, depth in sides:
+        sides.append((mask[-1, :], y1 - y0, x1 - x0))
+    for line, depth, width in sides:
         chord = float(line.sum())
         if chord == 0:
             continue
-        r = (chord * chord / 4.0 + depth * depth) / (2.0 * depth)
-        best = min(best, area / (np.pi * r * r))
+        if width > chord + 2:
+            a = width / 2.0
+            b = depth / (1.0 + np.sqrt(max(0.0, 1.0 - (chord / width) ** 2)))
+        else:
+            a = b = (chord * chord / 4.0 + depth * depth) / (2.0 * depth)
+        best = min(best, area / (np.pi * a * b))
     return float(min(1.0, best))
 
 

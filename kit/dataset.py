@@ -47,7 +47,7 @@ KINDS: dict[str, tuple[str, str]] = {
     "bad_csv": ("error", "CSV files that cannot be read, or bad rows/fields in them"),
     "bad_label": ("error", "bad Label values in train.csv"),
     "duplicate_id": ("error", "IDs listed more than once"),
-    "no_images": ("error", "image folders without any image"),
+
     "missing_channel": ("error", "channel files missing"),
     "unreadable_image": ("error", "empty, truncated or unreadable image files"),
     "shape_mismatch": ("error", "samples whose channels differ in shape"),
@@ -59,6 +59,7 @@ KINDS: dict[str, tuple[str, str]] = {
     "train_test_overlap": ("warning", "IDs present in both train and test"),
     "duplicate_channel_file": ("warning", "one channel stored in more than one format"),
     "mixed_depth_in_sample": ("warning", "samples mixing 8- and 16-bit channels (read as 16-bit)"),
+    "no_images": ("warning", "image folders without any image"),
     "stray_file": ("warning", "files that are not <ID>_<channel>.<ext> channel images (ignored)"),
     "no_sample_submission": ("warning", "test/ without sample_submission.csv"),
     "counts": ("info", "samples"),
@@ -366,46 +367,59 @@ class DatasetIndex:
 # --------------------------------------------------------------------------------------------
 # check_data
 # --------------------------------------------------------------------------------------------
-def _read_csv_rows(path: Path, required: tuple[str, ...], problems: list[Problem]):
-    """Yield (line, dict) for each data row; header and row-shape problems go to `problems`."""
+def _read_csv(path: Path, required: tuple[str, ...], problems: list[Problem],
+              allow_empty: bool = False) -> list[tuple[int, dict]] | None:
+    """[(line, row dict)] of the data rows, or None when the file or its header is unusable.
+
+    Problems go to `problems`. Names are not stripped, as `kit.labels.read_labels_csv` does not
+    strip them either: ``ID, Label`` lacks a ``Label`` column there and here alike.
+    """
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
             reader = csv.reader(f)
             header = next(reader, None)
             if header is None:
-                problems.append(_problem("bad_csv", f"{path}: empty file (expected header {','.join(required)})", path=str(path)))
-                return
-            header = [h.strip() for h in header]
+                problems.append(_problem(
+                    "bad_csv", f"{path}: empty file (expected header {','.join(required)})", path=str(path)
+                ))
+                return None
             missing = [c for c in required if c not in header]
             if missing:
                 problems.append(_problem(
                     "bad_csv", f"{path}: missing column(s) {', '.join(missing)} (found {header})", path=str(path), row=1
                 ))
-                return
-            n_rows = 0
+                return None
+            rows = []
             for fields in reader:
                 if not fields or (len(fields) == 1 and not fields[0].strip()):
                     continue  # blank line
-                n_rows += 1
                 if len(fields) != len(header):
                     problems.append(_problem(
                         "bad_csv", f"{path}: line {reader.line_num}: {len(fields)} fields, header has {len(header)}",
                         path=str(path), row=reader.line_num,
                     ))
                     continue
-                yield reader.line_num, dict(zip(header, fields))
-            if n_rows == 0:
-                problems.append(_problem("bad_csv", f"{path}: no rows below the header", path=str(path)))
+                rows.append((reader.line_num, dict(zip(header, fields))))
     except (UnicodeDecodeError, csv.Error, OSError) as exc:
         problems.append(_problem("bad_csv", f"{path}: cannot read as CSV: {exc}", path=str(path)))
+        return None
+    if not rows and not allow_empty:
+        problems.append(_problem("bad_csv", f"{path}: no rows below the header", path=str(path)))
+    return rows
 
 
 def _check_ids(path: Path, rows: list[tuple[int, str]], problems: list[Problem]) -> None:
     first: dict[str, int] = {}
     for line, image_id in rows:
-        if not image_id:
+        if not image_id.strip():
             problems.append(_problem("bad_csv", f"{path}: line {line}: empty ID", path=str(path), row=line))
-        elif image_id in first:
+            continue
+        if image_id != image_id.strip():
+            problems.append(_problem(
+                "bad_csv", f"{path}: line {line}: ID {image_id!r} has surrounding spaces",
+                path=str(path), row=line, image_id=image_id,
+            ))
+        if image_id in first:
             problems.append(_problem(
                 "duplicate_id", f"{path}: line {line}: ID {image_id} already on line {first[image_id]}",
                 path=str(path), row=line, image_id=image_id,
@@ -471,6 +485,9 @@ def _run_sample_checks(jobs: list, decode: bool, workers: int, progress: bool):
 
     desc = "decoding images" if decode else "checking image headers"
     bar = dict(total=len(jobs), desc=desc, unit="sample", disable=not progress, file=sys.stderr)
+    main_file = getattr(sys.modules.get("__main__"), "__file__", None)
+    if main_file is not None and not os.path.exists(main_file):
+        workers = 1  # `python - < script`: spawn cannot re-import <stdin>, and its pool would respawn forever
     if decode and workers > 1 and len(jobs) > 1:
         ctx = multiprocessing.get_context("spawn")
         with ctx.Pool(workers, initializer=_worker_init) as pool:
@@ -514,11 +531,11 @@ def check_data(
     # train.csv: every row checked, nothing stops at the first problem.
     train_label_ids: list[str] | None = None
     if train_csv.is_file():
-        rows = list(_read_csv_rows(train_csv, ("ID", "Label"), problems))
-        train_label_ids = [r["ID"].strip() for _, r in rows]
-        _check_ids(train_csv, [(line, r["ID"].strip()) for line, r in rows], problems)
-        for line, r in rows:
-            image_id = r["ID"].strip()
+        rows = _read_csv(train_csv, ("ID", "Label"), problems)
+        train_label_ids = None if rows is None else [r["ID"] for _, r in rows]
+        _check_ids(train_csv, [(line, r["ID"]) for line, r in rows or []], problems)
+        for line, r in rows or []:
+            image_id = r["ID"]
             try:
                 parse_label(r["Label"], row=line, image_id=image_id or None)
             except LabelError as exc:
@@ -528,10 +545,10 @@ def check_data(
     sub_sizes: dict[str, tuple[int, tuple[int, int] | None]] = {}
     sub_ids: list[str] | None = None
     if sub_csv.is_file():
-        rows = list(_read_csv_rows(sub_csv, ("ID",), problems))
-        sub_ids = [r["ID"].strip() for _, r in rows]
-        _check_ids(sub_csv, [(line, r["ID"].strip()) for line, r in rows], problems)
-        for line, r in rows:
+        rows = _read_csv(sub_csv, ("ID",), problems, allow_empty=True)  # an empty test set is consistent
+        sub_ids = None if rows is None else [r["ID"] for _, r in rows]
+        _check_ids(sub_csv, [(line, r["ID"]) for line, r in rows or []], problems)
+        for line, r in rows or []:
             size = None
             if "ImageWidth" in r and "ImageHeight" in r:
                 try:
@@ -541,9 +558,9 @@ def check_data(
                         "bad_csv",
                         f"{sub_csv}: line {line}: ImageWidth/ImageHeight {r['ImageWidth']!r}/{r['ImageHeight']!r} "
                         f"are not integers (ID {r['ID']})",
-                        path=str(sub_csv), row=line, image_id=r["ID"].strip(),
+                        path=str(sub_csv), row=line, image_id=r["ID"],
                     ))
-            sub_sizes.setdefault(r["ID"].strip(), (line, size))
+            sub_sizes.setdefault(r["ID"], (line, size))
 
     # Image files.
     scans = {split: index.scan(split) for split in SPLITS}
@@ -571,7 +588,7 @@ def check_data(
     if train_label_ids is not None:
         labelled = set(train_label_ids)
         for image_id in dict.fromkeys(train_label_ids):
-            if image_id and image_id not in train_files:
+            if image_id.strip() and image_id not in train_files:
                 problems.append(_problem(
                     "label_without_images", f"{train_csv}: ID {image_id} has no files in train/",
                     path=str(train_csv), image_id=image_id,
@@ -586,7 +603,7 @@ def check_data(
     if sub_ids is not None:
         listed = set(sub_ids)
         for image_id, (line, size) in sub_sizes.items():
-            if not image_id:
+            if not image_id.strip():
                 continue
             if image_id not in test_files:
                 problems.append(_problem(

@@ -129,25 +129,69 @@ def balancing_weights(targets: np.ndarray, power: float = 0.5) -> np.ndarray:
 # Cell tiles
 
 
+def expected_tile_dir(data_cfg) -> Path | None:
+    """The folder kit.cells writes for this config (tile size, mask cache, backend with default
+    options), or None when kit.cells / the backend is unavailable."""
+    try:
+        from kit.cells import tile_cache_dir
+        from kit.segment.cache import MaskCache
+
+        return tile_cache_dir(data_cfg.tile_cache, data_cfg.tile_size, MaskCache(data_cfg.mask_cache, data_cfg.segment_backend))
+    except (ImportError, DataError, KeyError, ValueError):
+        return None
+    except Exception as exc:  # a ConfigError for an unknown backend is the user's to see
+        from kit.errors import KitError
+
+        if isinstance(exc, KitError):
+            raise
+        return None
+
+
 def resolve_tile_dir(data_cfg) -> Path:
-    """The folder of ``<ID>.npy`` tiles for data_cfg.tile_size (see module doc)."""
+    """The folder of ``<ID>.npy`` tiles for data_cfg (see module doc).
+
+    Order: data.tile_cache itself when it holds .npy files; kit.cells' folder for this tile size,
+    mask cache and backend; the only ``tiles-<tile_size>-*`` folder under data.tile_cache.
+    """
     root = Path(data_cfg.tile_cache)
-    if not root.is_dir():
-        raise DataError(f"tile cache not found: {root} (build it with kit.cells first, or set data.tile_cache)")
-    if next(root.glob("*.npy"), None) is not None:
+    if root.is_dir() and next(root.glob("*.npy"), None) is not None:
         return root
-    candidates = sorted(p for p in root.glob(f"tiles-{data_cfg.tile_size}-*") if p.is_dir())
+    expected = expected_tile_dir(data_cfg)
+    if expected is not None and expected.is_dir():
+        return expected
+    candidates = sorted(p for p in root.glob(f"tiles-{data_cfg.tile_size}-*") if p.is_dir()) if root.is_dir() else []
+    if len(candidates) == 1:
+        return candidates[0]
     if not candidates:
         raise DataError(
             f"no tiles-{data_cfg.tile_size}-* folder under tile cache {root}: build tiles of "
             f"{data_cfg.tile_size} px with kit.cells first, or set data.tile_cache/data.tile_size"
         )
-    if len(candidates) > 1:
-        raise DataError(
-            f"several tile caches of {data_cfg.tile_size} px under {root} "
-            f"({', '.join(p.name for p in candidates)}): set data.tile_cache to one of them"
-        )
-    return candidates[0]
+    raise DataError(
+        f"several tile caches of {data_cfg.tile_size} px under {root} "
+        f"({', '.join(p.name for p in candidates)}): set data.tile_cache to one of them"
+    )
+
+
+def ensure_tiles(data_cfg, ids: Sequence[str], workers: int = 1, progress: bool = True) -> Path:
+    """The tile folder for `ids`, building missing images' tiles with kit.cells (which segments
+    into the mask cache what is not there yet) when the folder is kit.cells' own for this config."""
+    expected = expected_tile_dir(data_cfg)
+    try:
+        tile_dir = resolve_tile_dir(data_cfg)
+    except DataError:
+        if expected is None:
+            raise
+        tile_dir = expected
+    if expected is not None and tile_dir == expected:
+        missing = [i for i in ids if not (tile_dir / f"{i}.csv").is_file()]
+        if missing:
+            from kit.cells import build_tile_cache
+            from kit.segment.cache import MaskCache
+
+            build_tile_cache(data_cfg.images_dir, missing, MaskCache(data_cfg.mask_cache, data_cfg.segment_backend),
+                             data_cfg.tile_cache, data_cfg.tile_size, workers=workers, progress=progress)
+    return tile_dir
 
 
 def _tile_count(path: Path) -> int:
@@ -160,8 +204,6 @@ def _tile_count(path: Path) -> int:
 def _cell_ids(path: Path, n: int) -> np.ndarray:
     import pandas as pd
 
-    if not path.is_file():
-        return np.arange(1, n + 1, dtype=np.int64)  # tables missing: cell ids in order
     table = pd.read_csv(path, usecols=["cell_id"])
     if len(table) != n:
         raise DataError(f"{path}: {len(table)} rows but the tiles file holds {n} tiles")
@@ -196,7 +238,7 @@ class CellTileDataset(Dataset):
         rng = np.random.default_rng(seed)
         for i, image_id in enumerate(self.ids):
             path = self.tile_dir / f"{image_id}.npy"
-            if not path.is_file():
+            if not path.is_file() or not (self.tile_dir / f"{image_id}.csv").is_file():
                 self.missing.append(image_id)
                 continue
             n = _tile_count(path)

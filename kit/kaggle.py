@@ -16,7 +16,7 @@ Command ``python -m kit kernel build|push|estimate``.
       weights/                  dataset <user>/<prefix>-weights
         dataset-metadata.json
         kit-weights.json        manifest: run id, folds, sha256 of every file
-        run/config.yaml, run/combine.yaml, run/summary.json, run/{cell,image}/fold<k>/best.pt
+        run/config.yaml, run/combine.yaml, run/summary.json, run/train_metrics.json, run/{cell,image}/fold<k>/best.pt
       kernel/                   kernel <user>/<prefix>-infer: kernel-metadata.json + infer.py
       kernel-train/             kernel <user>/<prefix>-train (only with --train-kernel)
 
@@ -488,7 +488,7 @@ def repack_installed(name: str, dest: Path) -> Path:
     out = Path(dest) / f"{stem}-{'.'.join(py)}-{'.'.join(abi)}-{'.'.join(plat)}.whl"
     skip = {"RECORD", "INSTALLER", "REQUESTED", "direct_url.json"}
     records = []
-    with atomic_path(out) as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as zf:
+    with atomic_path(out) as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED, compresslevel=1) as zf:
         for f in files:
             if not f.parts or f.parts[0] == ".." or "__pycache__" in f.parts or f.suffix == ".pyc":
                 continue
@@ -501,8 +501,8 @@ def repack_installed(name: str, dest: Path) -> Path:
             arc = "/".join(f.parts)
             info = zipfile.ZipInfo(arc, date_time=(2020, 1, 1, 0, 0, 0))
             info.external_attr = (src.stat().st_mode & 0o777) << 16
-            info.compress_type = zipfile.ZIP_DEFLATED
-            zf.writestr(info, data)
+            info.compress_type = zipfile.ZIP_DEFLATED  # level 1 (writestr): faster than the default 6
+            zf.writestr(info, data, compresslevel=1)
             digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
             records.append(f"{arc},sha256={digest},{len(data)}")
         records.append(f"{dist_info}/RECORD,,")
@@ -671,11 +671,32 @@ def _read_yaml(path: Path) -> dict:
     return data if isinstance(data, dict) else {}
 
 
-def copy_run(run_dir: Path, dest: Path, *, include_last: bool = False) -> dict:
+# Checkpoint keys inference needs (kit.models.model_from_checkpoint reads model + config); the rest
+# (optimizer moments: 2x the weights for AdamW, scheduler, scaler, RNG states) only serves resuming.
+INFERENCE_KEYS = ("model", "config", "epoch", "epochs", "kind", "fold", "best_score", "best_epoch", "best_metrics",
+                  "history")
+
+
+def slim_checkpoint(src: Path, dst: Path) -> None:
+    """Copy a kit checkpoint keeping only `INFERENCE_KEYS` (a third of the size after AdamW training)."""
+    import torch  # only here: building a bundle otherwise needs no torch
+
+    try:
+        ckpt = torch.load(src, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ConfigError(f"{src}: not a readable kit checkpoint ({exc}); --full-checkpoints copies it as is") from None
+    if not isinstance(ckpt, dict) or "model" not in ckpt:
+        raise ConfigError(f"{src}: not a kit checkpoint (no 'model' entry); --full-checkpoints copies it as is")
+    with atomic_path(dst) as tmp:
+        torch.save({k: v for k, v in ckpt.items() if k in INFERENCE_KEYS}, tmp)
+
+
+def copy_run(run_dir: Path, dest: Path, *, include_last: bool = False, full_checkpoints: bool = False) -> dict:
     """Copy what inference needs from a run folder into `dest`; returns the weights manifest.
 
-    Copies config.yaml (required), combine.yaml, summary.json and every ``<model>/fold<k>/best.pt``
-    (``last.pt``, which also holds the optimizer state, only with `include_last`).
+    Copies config.yaml (required), combine.yaml, summary.json, train_metrics.json and every ``<model>/fold<k>/best.pt``
+    (``last.pt``, which also holds the optimizer state, only with `include_last`). best.pt is slimmed to
+    what inference reads (`slim_checkpoint`) unless `full_checkpoints`.
     """
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
@@ -686,14 +707,19 @@ def copy_run(run_dir: Path, dest: Path, *, include_last: bool = False) -> dict:
         raise ConfigError(f"--run {run_dir}: no <model>/fold<k>/best.pt checkpoint; has the run finished a fold?")
     if dest.exists():
         shutil.rmtree(dest)
-    files = [run_dir / "config.yaml"] + [run_dir / n for n in ("combine.yaml", "summary.json") if (run_dir / n).is_file()]
+    files = [run_dir / "config.yaml"] + [run_dir / n for n in ("combine.yaml", "summary.json", "train_metrics.json")
+                                       if (run_dir / n).is_file()]
     files += checkpoints
-    manifest: dict[str, Any] = {"run_id": run_dir.resolve().name, "run_dir": "run", "folds": {}, "files": {}}
+    manifest: dict[str, Any] = {"run_id": run_dir.resolve().name, "run_dir": "run", "folds": {}, "files": {},
+                                "slim_checkpoints": not full_checkpoints}
     for src in files:
         rel = src.relative_to(run_dir)
         out = dest / "run" / rel
         out.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(src, out)
+        if src.name == "best.pt" and not full_checkpoints:
+            slim_checkpoint(src, out)
+        else:
+            shutil.copy2(src, out)
         manifest["files"][f"run/{rel.as_posix()}"] = _sha256(out)
         if src.name == "best.pt":
             manifest["folds"].setdefault(rel.parts[0], []).append(int(rel.parts[1][len("fold"):]))
@@ -702,6 +728,8 @@ def copy_run(run_dir: Path, dest: Path, *, include_last: bool = False) -> dict:
 
 def render_kernel(template: Path, settings: dict) -> str:
     """The kernel script with its settings block replaced by `settings`."""
+    if not template.is_file():
+        raise KitError(f"{template}: kernel template not found; run `kit kernel build` from a clone of the kit")
     text = template.read_text()
     start, end = text.find(SETTINGS_BEGIN), text.find(SETTINGS_END)
     if start < 0 or end < start:
@@ -730,8 +758,11 @@ class BuildOptions:
     gpu: bool = True
     private: bool = True
     include_last: bool = False
+    full_checkpoints: bool = False
     train_kernel: bool = False
     train_fold: int = 0
+    n_splits: int = 5
+    train_args: list[str] = field(default_factory=list)
     n_test: int = DEFAULT_N_TEST
     hardware: str | None = None  # None -> t4 with --gpu, kaggle-cpu without
     predict_args: list[str] = field(default_factory=list)
@@ -774,7 +805,8 @@ def build(opts: BuildOptions, log=print) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     # weights dataset
     log(f"weights dataset: copying {opts.run_dir} -> {out / 'weights'}")
-    weights_manifest = copy_run(Path(opts.run_dir), out / "weights", include_last=opts.include_last)
+    weights_manifest = copy_run(Path(opts.run_dir), out / "weights", include_last=opts.include_last,
+                                full_checkpoints=opts.full_checkpoints)
     weights_manifest.update(created=_now(), kit_version=__version__)
     _write_json(out / "weights" / WEIGHTS_MANIFEST, weights_manifest)
     _write_json(out / "weights" / DATASET_META, datasets["weights"])
@@ -814,6 +846,7 @@ def build(opts: BuildOptions, log=print) -> dict:
         else:
             (code / weights_dir).mkdir()
             shutil.copy2(src, code / weights_dir / src.name)
+    pretrained = _bundle_pretrained(run_config, code) if opts.train_kernel else {}
     with atomic_open(code / "requirements.txt") as f:
         f.write("# pinned extras of the kit for the Kaggle kernel (torch stack excluded; see kit-bundle.json)\n")
         f.writelines(f"{n}=={v}\n" for n, v in pins.items())
@@ -829,6 +862,7 @@ def build(opts: BuildOptions, log=print) -> dict:
         "protected": sorted(protected),
         "hpacellseg_wheel": hpacellseg,
         "hpacellseg_weights": weights_dir,
+        "pretrained": pretrained,
     }
     _write_json(code / BUNDLE_MANIFEST, bundle)
     _write_json(code / DATASET_META, datasets["code"])
@@ -841,9 +875,8 @@ def build(opts: BuildOptions, log=print) -> dict:
         kdir.mkdir(parents=True, exist_ok=True)
         s = dict(settings)
         if name == "train":
-            s = {**settings, "fold": opts.train_fold}
-            s.pop("weights_dataset")
-            s.pop("predict_args")
+            s = {"competition": opts.competition, "code_dataset": slugs["code"], "fold": opts.train_fold,
+                 "n_splits": opts.n_splits, "train_args": list(opts.train_args)}
         with atomic_open(kdir / meta["code_file"]) as f:
             f.write(render_kernel(KERNEL_TEMPLATES[name], s))
         _write_json(kdir / KERNEL_META, meta)
@@ -870,6 +903,21 @@ def build(opts: BuildOptions, log=print) -> dict:
     for line in estimate.lines():
         log(line)
     return manifest
+
+
+def _bundle_pretrained(run_config: dict, code: Path) -> dict:
+    """Copy the run's local ImageNet weights files (model.pretrained) into the code dataset for the train
+    kernel; ``{cell_model|image_model: relative path}``. A path that does not exist here is skipped."""
+    out = {}
+    for kind in ("cell_model", "image_model"):
+        path = (run_config.get(kind) or {}).get("pretrained")
+        if path and Path(path).is_file():
+            dst = code / "pretrained" / Path(path).name
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            if not dst.is_file() or dst.stat().st_size != Path(path).stat().st_size:
+                shutil.copy2(path, dst)
+            out[kind] = f"pretrained/{dst.name}"
+    return out
 
 
 def _kernel_dir(name: str) -> str:
@@ -940,6 +988,17 @@ def _kaggle_exe() -> str | None:
     return exe
 
 
+def _run_kaggle(args: list[str]) -> tuple[subprocess.CompletedProcess, str]:
+    res = subprocess.run(args, capture_output=True, text=True)
+    return res, (res.stdout + res.stderr).strip()
+
+
+def _failed(res: subprocess.CompletedProcess, text: str) -> bool:
+    # The kaggle CLI reports some failures ("Dataset creation error: ...", "Kernel push error: ...")
+    # with exit status 0, so its words count too.
+    return res.returncode != 0 or re.search(r"\berror\b", text, re.I) is not None
+
+
 def push(out: Path, *, dry_run: bool = False, mode: str = "auto", message: str = "kit kernel build",
          log=print) -> int:
     """Print (dry run) or run the kaggle CLI commands of a build. Returns an exit code."""
@@ -962,19 +1021,17 @@ def push(out: Path, *, dry_run: bool = False, mode: str = "auto", message: str =
         raise KitError("the kaggle CLI is not installed: `pip install kaggle` (only needed for push); nothing was pushed")
     log(f"credentials found ({where.split(' ')[0] if where.startswith('environment') else 'file'}); pushing")
     for c in cmds:
-        args = [exe, *c[1:]]
         log("$ " + shlex.join(c))
-        res = subprocess.run(args, capture_output=True, text=True)
-        text = (res.stdout + res.stderr).strip()
-        if res.returncode != 0 and mode == "auto" and c[1:3] == ["datasets", "create"] and "already" in text.lower():
-            alt = [exe, "datasets", "version", "-p", c[4], "-m", message, "--dir-mode", "zip"]
-            log(f"  the dataset exists; $ {shlex.join(['kaggle', *alt[1:]])}")
-            res = subprocess.run(alt, capture_output=True, text=True)
-            text = (res.stdout + res.stderr).strip()
+        res, text = _run_kaggle([exe, *c[1:]])
+        exists = re.search(r"already (exists|in use)|\b409\b", text, re.I)
+        if _failed(res, text) and mode == "auto" and c[1:3] == ["datasets", "create"] and exists:
+            alt = ["datasets", "version", "-p", c[4], "-m", message, "--dir-mode", "zip"]
+            log(f"  the dataset exists; $ {shlex.join(['kaggle', *alt])}")
+            res, text = _run_kaggle([exe, *alt])
         if text:
             log("  " + text.replace("\n", "\n  "))
-        if res.returncode != 0:
-            log(f"error: `{shlex.join(c)}` failed with status {res.returncode}; later commands were not run")
+        if _failed(res, text):
+            log(f"error: `{shlex.join(c)}` failed (status {res.returncode}); later commands were not run")
             return res.returncode or 1
     return 0
 
@@ -1006,8 +1063,12 @@ def configure_kernel(parser: argparse.ArgumentParser) -> None:
     b.add_argument("--gpu", action=argparse.BooleanOptionalAction, default=True, help="kernel with a GPU (default)")
     b.add_argument("--public", action="store_true", help="make the kernel public (default private)")
     b.add_argument("--include-last", action="store_true", help="also bundle last.pt (with optimizer state)")
+    b.add_argument("--full-checkpoints", action="store_true",
+                   help="copy best.pt as is (default: only the weights and config inference reads, ~1/3 the size)")
     b.add_argument("--train-kernel", action="store_true", help="also lay out kernel-train/ (trains one fold)")
-    b.add_argument("--train-fold", type=int, default=0)
+    b.add_argument("--train-fold", type=int, default=0, help="the fold the train kernel trains")
+    b.add_argument("--n-splits", type=int, default=5, help="folds the train kernel cuts (same seed = same folds)")
+    b.add_argument("--train-arg", action="append", default=[], help="extra `kit train` argument/override (repeatable)")
     b.add_argument("--n-test", type=int, default=DEFAULT_N_TEST, help="test images for the runtime estimate")
     b.add_argument("--hardware", choices=sorted(HARDWARE), default=None, help="hardware of the runtime estimate")
     b.add_argument("--predict-arg", action="append", default=[], help="extra argument passed to `kit predict`")
@@ -1036,8 +1097,8 @@ def _cmd_build(args: argparse.Namespace) -> int:
         license_name=args.license_name, wheelhouses=args.wheelhouse, index=args.index,
         python_version=args.python_version, extra_packages=args.extra_package, packages=args.packages,
         hpacellseg_wheel=args.hpacellseg_wheel, hpacellseg_weights=args.hpacellseg_weights, gpu=args.gpu,
-        private=not args.public, include_last=args.include_last, train_kernel=args.train_kernel,
-        train_fold=args.train_fold, n_test=args.n_test, hardware=args.hardware, predict_args=args.predict_arg,
+        private=not args.public, include_last=args.include_last, full_checkpoints=args.full_checkpoints, train_kernel=args.train_kernel,
+        train_fold=args.train_fold, n_splits=args.n_splits, train_args=args.train_arg, n_test=args.n_test, hardware=args.hardware, predict_args=args.predict_arg,
     )
     if args.platform:
         opts.platforms = args.platform

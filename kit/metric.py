@@ -28,10 +28,25 @@ The HPA 2021 host scored with the Open Images challenge instance-segmentation ev
    scores 0.
 6. Images of the solution without a submission row have no detections; submission IDs not in the
    solution are ignored; a width/height that contradicts the solution is an error.
+7. Confidences are ranked as the float32 a submission file stores (`kit.submission` writes the
+   shortest float32 round-trip string), so scoring predictions in memory and scoring the file
+   written from them agree exactly. A confidence <= -10 on a verified class is an error: the
+   reference drops such scores (``non_max_suppression(..., score_threshold=-10)``) and then fails
+   on arrays of different lengths.
 
-Memory: masks are decoded per image to their bounding-box crops (`kit.rle.decode_to_crop`), one
-decode per distinct mask string (a cell with several classes repeats its mask), and IoU is
-computed only for pairs whose boxes overlap, on the crops. Only (score, TP) pairs outlive an image.
+Where this differs from a bare Open Images evaluator, on purpose: a ground-truth cell of zero area
+is not counted (Open Images would match ground truth without a mask by its box, and ignore the
+detections that match it), a
+predicted mask of zero area is dropped (Open Images would count it as a false positive), and ties
+in confidence are broken by a stable order (the reference's ``np.argsort(scores)[::-1]`` leaves
+them to numpy's quicksort).
+
+Memory: no mask is ever decoded to a full frame. Per image, each distinct mask string is decoded
+once (a cell with several classes repeats its mask) to its runs, box and area (`kit.rle.mask_runs`);
+box overlaps of all (detection, ground truth) pairs are computed at once, and only masks in an
+overlapping pair are expanded to a crop of their box (`kit.rle.runs_to_crop`), where the
+intersection is counted. Only the (score, TP) pairs outlive an image, so memory stays flat in
+the number of images (a few MiB for 559 images of 2048 px).
 
 API: `InstanceSegmentationEvaluator` (``reset`` / ``process`` / ``evaluate``), for training loops
 (OOF), notebooks and the CLI; `evaluate_predictions` and `evaluate_files` wrap it;
@@ -44,9 +59,8 @@ import json
 import math
 import sys
 from collections import defaultdict
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
+from typing import Iterable, Mapping
 
 import numpy as np
 
@@ -67,6 +81,8 @@ __all__ = [
 ]
 
 IOU_TYPES = ("mask", "box")
+# np_box_mask_list_ops.non_max_suppression keeps only scores > -10 (filter_scores_greater_than)
+SCORE_FLOOR = -10.0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -115,75 +131,97 @@ def average_precision(precision: np.ndarray, recall: np.ndarray) -> float:
 # masks of one image
 # ----------------------------------------------------------------------------------------------
 
-@dataclass
-class _Mask:
-    area: int
-    box: tuple[int, int, int, int] | None  # y0, x0, y1, x1 (exclusive); None when empty
-    crop: np.ndarray | None = None  # bool crop of the box, decoded on first use
-    _runs: object = None
-
-
 class _ImageMasks:
-    """Decodes each distinct mask string of one image once, to its box (and crop when needed)."""
+    """The distinct mask strings of one image: decoded once each, to a box, an area and, only for
+    masks whose box overlaps another's, a crop of the box."""
 
     def __init__(self, height: int, width: int, image_id: str, iou_type: str):
         self.height, self.width, self.image_id, self.iou_type = height, width, image_id, iou_type
-        self._masks: dict[str, _Mask] = {}
-        self._iou: dict[tuple[str, str], np.float32] = {}
+        self.index: dict[str, int] = {}
+        self.boxes: list[tuple[int, int, int, int]] = []  # y0, x0, y1, x1 (exclusive); zeros when empty
+        self.areas: list[int] = []
+        self._runs: list = []
+        self._crops: dict[int, np.ndarray] = {}
 
-    def get(self, text: str, what: str) -> _Mask:
-        m = self._masks.get(text)
-        if m is None:
+    def add(self, text: str, what: str) -> int:
+        """Index of `text` (decoding it on first sight); RLE errors become DataError naming `what`."""
+        k = self.index.get(text)
+        if k is None:
             try:
                 runs = mask_runs(text, self.height, self.width)
             except RLEError as exc:
                 raise DataError(f"ID {self.image_id}: {what}: {exc}") from None
-            box = mask_bbox(runs)
-            if self.iou_type == "box":
-                area = 0 if box is None else (box[2] - box[0]) * (box[3] - box[1])
-            else:
-                area = runs.area
-            m = _Mask(area, box, None, runs if self.iou_type == "mask" else None)
-            self._masks[text] = m
-        return m
+            box = mask_bbox(runs) or (0, 0, 0, 0)
+            area = (box[2] - box[0]) * (box[3] - box[1]) if self.iou_type == "box" else runs.area
+            k = self.index[text] = len(self.boxes)
+            self.boxes.append(box)
+            self.areas.append(area)
+            self._runs.append(runs if self.iou_type == "mask" else None)
+        return k
 
-    def iou(self, det: str, gt: str) -> np.float32:
-        key = (det, gt)
-        v = self._iou.get(key)
-        if v is None:
-            v = self._iou[key] = self._compute_iou(self._masks[det], self._masks[gt])
-        return v
+    def _crop(self, k: int) -> np.ndarray:
+        crop = self._crops.get(k)
+        if crop is None:
+            crop = self._crops[k] = runs_to_crop(self._runs[k], self.boxes[k])[2]
+        return crop
 
-    def _compute_iou(self, a: _Mask, b: _Mask) -> np.float32:
-        if a.box is None or b.box is None:
-            return np.float32(0.0)
-        y0, x0 = max(a.box[0], b.box[0]), max(a.box[1], b.box[1])
-        y1, x1 = min(a.box[2], b.box[2]), min(a.box[3], b.box[3])
-        if y1 <= y0 or x1 <= x0:
-            return np.float32(0.0)
+    def iou_matrix(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        """float32 IoU of masks `rows` x masks `cols`, as ``np_mask_ops.iou`` computes it."""
+        boxes = np.asarray(self.boxes, dtype=np.int64).reshape(-1, 4)
+        areas = np.asarray(self.areas, dtype=np.int64)
+        a, b = boxes[rows], boxes[cols]
+        y0 = np.maximum(a[:, None, 0], b[None, :, 0])
+        x0 = np.maximum(a[:, None, 1], b[None, :, 1])
+        y1 = np.minimum(a[:, None, 2], b[None, :, 2])
+        x1 = np.minimum(a[:, None, 3], b[None, :, 3])
+        box_inter = np.clip(y1 - y0, 0, None) * np.clip(x1 - x0, 0, None)
         if self.iou_type == "box":
-            inter = (y1 - y0) * (x1 - x0)
+            inter = box_inter
         else:
-            ca, cb = self._crop(a), self._crop(b)
-            inter = np.count_nonzero(
-                ca[y0 - a.box[0]:y1 - a.box[0], x0 - a.box[1]:x1 - a.box[1]]
-                & cb[y0 - b.box[0]:y1 - b.box[0], x0 - b.box[1]:x1 - b.box[1]]
-            )
-        union = a.area + b.area - inter
-        # float32 as np_mask_ops.iou (sums with dtype float32, then divide)
-        return np.float32(inter) / np.float32(max(union, 1e-7))
-
-    @staticmethod
-    def _crop(m: _Mask) -> np.ndarray:
-        if m.crop is None:
-            m.crop = runs_to_crop(m._runs)[2]
-            m._runs = None
-        return m.crop
+            inter = np.zeros_like(box_inter)
+            for i, j in zip(*np.nonzero(box_inter)):  # only pairs whose boxes overlap
+                r, c = int(rows[i]), int(cols[j])
+                ra, rb = self.boxes[r], self.boxes[c]
+                ty0, tx0, ty1, tx1 = int(y0[i, j]), int(x0[i, j]), int(y1[i, j]), int(x1[i, j])
+                inter[i, j] = np.count_nonzero(
+                    self._crop(r)[ty0 - ra[0]:ty1 - ra[0], tx0 - ra[1]:tx1 - ra[1]]
+                    & self._crop(c)[ty0 - rb[0]:ty1 - rb[0], tx0 - rb[1]:tx1 - rb[1]]
+                )
+        union = areas[rows][:, None] + areas[cols][None, :] - inter
+        # float32 sums and division, as the reference (exact for counts below 2**24)
+        return inter.astype(np.float32) / np.maximum(union.astype(np.float32), np.float32(1e-7))
 
 
 # ----------------------------------------------------------------------------------------------
 # the evaluator
 # ----------------------------------------------------------------------------------------------
+
+def _check_class(cls, image_id: str, what: str) -> int:
+    try:
+        c = int(cls)
+    except (TypeError, ValueError):
+        c = -1
+    if c != cls or not 0 <= c < NUM_CLASSES:
+        raise DataError(f"ID {image_id}: {what}: class id {cls!r} is not an integer in 0..{NUM_CLASSES - 1}")
+    return c
+
+
+def _check_score(score, image_id: str, what: str) -> float:
+    """The confidence as the float32 a submission file stores; DataError when unusable."""
+    try:
+        with np.errstate(over="ignore"):
+            value = float(np.float32(score))
+    except (TypeError, ValueError):
+        raise DataError(f"ID {image_id}: {what}: confidence {score!r} is not a number") from None
+    if not math.isfinite(value):
+        raise DataError(f"ID {image_id}: {what}: confidence {score!r} is not finite")
+    if value <= SCORE_FLOOR:
+        raise DataError(
+            f"ID {image_id}: {what}: confidence {value!r} is <= {SCORE_FLOOR:g}: the host's evaluation "
+            f"drops such scores in its NMS step and then fails on the misaligned arrays; submit probabilities"
+        )
+    return value
+
 
 class InstanceSegmentationEvaluator:
     """Accumulates images, then scores them as the host did (see the module docstring).
@@ -240,53 +278,67 @@ class InstanceSegmentationEvaluator:
                 f"ID {image_id}: submission says {detections.width} x {detections.height} (width x height), "
                 f"the solution {ground_truth.width} x {ground_truth.height}"
             )
-        self._seen.add(image_id)
-        image_index = len(self._images)
-        self._images.append(image_id)
         masks = _ImageMasks(int(ground_truth.height), int(ground_truth.width), image_id, self.iou_type)
+        n_gt_empty = n_ignored = n_dropped = 0
 
-        gt_by_class: dict[int, list[str]] = defaultdict(list)
+        gt_by_class: dict[int, list[int]] = defaultdict(list)  # class -> mask index per GT instance
         for i, (cls, _, text) in enumerate(ground_truth.triples):
-            cls = int(cls)
-            m = masks.get(text, f"ground-truth triple {i}")
+            cls = _check_class(cls, image_id, f"solution triple {i}")
+            k = masks.add(text, f"solution triple {i}")
             cells = gt_by_class[cls]  # the class is verified even if all its cells are empty
-            if m.area > 0:
-                cells.append(text)
+            if masks.areas[k] > 0:
+                cells.append(k)
             else:
-                self._n_gt_empty += 1
+                n_gt_empty += 1
+
+        det_by_class: dict[int, list[tuple[float, int]]] = defaultdict(list)
+        for i, (cls, score, text) in enumerate(detections.triples if detections is not None else ()):
+            cls = _check_class(cls, image_id, f"submission triple {i}")
+            if cls not in gt_by_class:
+                n_ignored += 1
+                continue
+            score = _check_score(score, image_id, f"submission triple {i}")
+            k = masks.add(text, f"submission triple {i}")
+            if masks.areas[k] == 0:
+                n_dropped += 1
+                continue
+            det_by_class[cls].append((score, k))
+
+        results = []  # (class, scores in rank order, TP flags), committed once all went well
+        if det_by_class:
+            det_masks = np.unique([k for dets in det_by_class.values() for _, k in dets])
+            gt_masks = np.unique([k for cells in gt_by_class.values() for k in cells]).astype(np.int64)
+            iou = masks.iou_matrix(det_masks, gt_masks) if len(gt_masks) else None
+            det_row = {int(k): r for r, k in enumerate(det_masks)}
+            gt_col = {int(k): c for c, k in enumerate(gt_masks)}
+            for cls, dets in det_by_class.items():
+                scores = np.array([s for s, _ in dets], dtype=np.float32)
+                order = np.argsort(-scores, kind="stable")
+                cells = gt_by_class[cls]
+                tp = np.zeros(len(dets), dtype=bool)
+                if cells:
+                    sub = iou[np.ix_([det_row[dets[d][1]] for d in order], [gt_col[k] for k in cells])]
+                    best = sub.argmax(axis=1)  # the first listed cell on an IoU tie
+                    hit = sub[np.arange(len(order)), best] >= self._thr32
+                    matched = np.zeros(len(cells), dtype=bool)
+                    for rank in np.flatnonzero(hit):  # greedy in descending confidence, no fall-back
+                        j = best[rank]
+                        if not matched[j]:
+                            matched[j] = tp[rank] = True
+                results.append((cls, scores[order].astype(np.float64), tp))
+
+        image_index = len(self._images)
+        self._seen.add(image_id)
+        self._images.append(image_id)
         for cls, cells in gt_by_class.items():
             self._n_gt[cls] += len(cells)
-        if detections is None:
-            return
-
-        det_by_class: dict[int, list[tuple[float, str]]] = defaultdict(list)
-        for i, (cls, score, text) in enumerate(detections.triples):
-            cls = int(cls)
-            if cls not in gt_by_class:
-                self._n_ignored += 1
-                continue
-            if masks.get(text, f"triple {i}").area == 0:
-                self._n_dropped_empty += 1
-                continue
-            det_by_class[cls].append((float(score), text))
-
-        for cls, dets in det_by_class.items():
-            scores = np.array([s for s, _ in dets], dtype=np.float64)
-            order = np.argsort(-scores, kind="stable")
-            cells = gt_by_class[cls]
-            matched = np.zeros(len(cells), dtype=bool)
-            tp = np.zeros(len(dets), dtype=bool)
-            if cells:
-                for rank, d in enumerate(order):
-                    text = dets[d][1]
-                    ious = np.array([masks.iou(text, g) for g in cells], dtype=np.float32)
-                    j = int(np.argmax(ious))  # first on a tie
-                    if ious[j] >= self._thr32 and not matched[j]:
-                        matched[j] = True
-                        tp[rank] = True
-            self._scores[cls].append(scores[order])
+        for cls, scores, tp in results:
+            self._scores[cls].append(scores)
             self._tp[cls].append(tp)
-            self._image_of[cls].append(np.full(len(dets), image_index, dtype=np.int64))
+            self._image_of[cls].append(np.full(len(scores), image_index, dtype=np.int64))
+        self._n_gt_empty += n_gt_empty
+        self._n_ignored += n_ignored
+        self._n_dropped_empty += n_dropped
 
     def evaluate(self) -> dict:
         """Score everything processed so far.
@@ -391,10 +443,8 @@ def evaluate_files(
     except DataError as exc:
         raise DataError(f"solution: {exc}") from None
     submission = read_submission(submission_path)
-    try:
-        return evaluate_predictions(solution, submission, iou, iou_type, image_ids, progress=progress)
-    except DataError as exc:
-        raise DataError(f"{submission_path}: {exc}") from None
+    # errors of evaluate_predictions name the ID and say "solution" or "submission" triple
+    return evaluate_predictions(solution, submission, iou, iou_type, image_ids, progress=progress)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -474,27 +524,42 @@ def configure_evaluate(parser) -> None:
     parser.add_argument("--iou", type=float, default=0.6, help="matching IoU threshold (default 0.6, the competition's)")
     parser.add_argument("--iou-type", choices=IOU_TYPES, default="mask", help="IoU on masks (default) or on their bounding boxes")
     parser.add_argument("--ids", type=Path, help="score only the IDs in this file (one per line, or a CSV with an ID column)")
+    parser.add_argument("--fold", type=int, help="with --ids FOLDS.csv: score only the images of this fold (out-of-fold)")
     parser.add_argument("--json", action="store_true", help="end stdout with one line of JSON: mAP, per-class AP and counts")
     parser.set_defaults(func=_evaluate_main)
 
 
-def _read_ids(path: Path) -> list[str]:
+def _read_ids(path: Path, fold: int | None = None) -> list[str]:
+    """IDs to score: one per line, or a CSV with an ``ID`` column (and ``fold`` when `fold` is set)."""
+    import csv
+
     if not path.is_file():
         raise DataError(f"IDs file not found: {path}")
-    lines = [ln.strip() for ln in path.read_text().splitlines() if ln.strip()]
-    if lines and "," in lines[0]:
-        header = lines[0].split(",")
-        if "ID" not in header:
-            raise DataError(f"{path}: a CSV needs an ID column (found {header})")
-        k = header.index("ID")
-        return [ln.split(",")[k] for ln in lines[1:]]
-    if lines and lines[0] == "ID":
-        lines = lines[1:]
-    return lines
+    lines = [ln.strip() for ln in path.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+    if not lines:
+        raise DataError(f"{path}: no IDs")
+    if "," not in lines[0]:
+        if fold is not None:
+            raise DataError(f"{path}: --fold needs a CSV with ID and fold columns (e.g. folds/<name>.csv)")
+        return lines[1:] if lines[0] == "ID" else lines
+    rows = list(csv.DictReader(lines))
+    header = list(rows[0]) if rows else lines[0].split(",")
+    if "ID" not in header:
+        raise DataError(f"{path}: a CSV needs an ID column (found {header})")
+    if fold is None:
+        return [r["ID"] for r in rows]
+    if "fold" not in header:
+        raise DataError(f"{path}: no fold column for --fold (found {header})")
+    ids = [r["ID"] for r in rows if str(r["fold"]).strip() == str(fold)]
+    if not ids:
+        raise DataError(f"{path}: no image in fold {fold}")
+    return ids
 
 
 def _evaluate_main(args) -> int:
-    ids = _read_ids(args.ids) if args.ids else None
+    if args.fold is not None and not args.ids:
+        raise ConfigError("--fold needs --ids FOLDS.csv (a CSV with ID and fold columns)")
+    ids = _read_ids(args.ids, args.fold) if args.ids else None
     result = evaluate_files(args.solution, args.submission, args.iou, args.iou_type, ids, progress=True)
     print(format_report(result))
     if args.json:

@@ -40,7 +40,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Sequence
 
 import numpy as np
 
@@ -332,10 +332,12 @@ class Predictor:
         return ids, tiles, field, visible_fraction(table), masks_text, w, h
 
     def predict_folder(self, images_dir: str | Path, ids: Sequence[str], masks: MaskSource | None = None,
-                       progress: bool = True, stop_after: int | None = None) -> dict[str, ImageResult]:
+                       progress: bool = True, stop_after: int | None = None,
+                       prefetch: bool = True) -> dict[str, ImageResult]:
         """Results of every image in `ids` (cached ones loaded, the rest predicted and cached).
 
         `stop_after` stops after that many newly predicted images (tests simulate a kill with it).
+        `prefetch` reads and tiles the next image in a thread while the models run.
         """
         from tqdm import tqdm
 
@@ -351,11 +353,12 @@ class Predictor:
             bar = tqdm(total=len(todo), desc="predict", unit="img", disable=not progress, file=sys.stderr)
             # read-ahead of one image in a thread: decoding and tiling overlap the CNN
             with ThreadPoolExecutor(max_workers=1) as pool:
-                pending = pool.submit(self._prepare, images_dir, todo[0], masks)
+                submit = pool.submit if prefetch else _run_now
+                pending = submit(self._prepare, images_dir, todo[0], masks)
                 for n, image_id in enumerate(todo):
                     ids_, tiles, field, visible, masks_text, w, h = pending.result()
                     if n + 1 < len(todo) and (stop_after is None or n + 1 < stop_after):
-                        pending = pool.submit(self._prepare, images_dir, todo[n + 1], masks)
+                        pending = submit(self._prepare, images_dir, todo[n + 1], masks)
                     cell_probs = cell_ens.predict(tiles)
                     image_probs = image_ens.predict(field[None])[0]
                     ImageResult(image_id, ids_, cell_probs, image_probs, visible, masks_text, w, h).save(
@@ -375,6 +378,20 @@ class Predictor:
                 json.dump({"images": str(images_dir.resolve()), "masks": masks.key, "tta": self.tta,
                            "which": self.which, "tile_size": self.cfg.data.tile_size,
                            "field_size": self.cfg.data.field_size}, f, indent=2)
+
+
+class _Done:
+    """A finished future (prefetch off)."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def result(self):
+        return self.value
+
+
+def _run_now(fn, *args):
+    return _Done(fn(*args))
 
 
 # --------------------------------------------------------------------------------------------
@@ -413,7 +430,7 @@ def build_predictions(results: dict[str, ImageResult], spec: CombineSpec, min_co
         triples = []
         for row, mask in enumerate(r.masks):
             for c in range(NUM_CLASSES):
-                conf = float(s[row, c])
+                conf = float(np.float32(s[row, c]))  # what the CSV stores: in-memory scoring = file scoring
                 if conf >= min_confidence:
                     triples.append((c, conf, str(mask)))
         preds[image_id] = ImagePrediction(r.width, r.height, triples)

@@ -21,8 +21,9 @@ This module reproduces those bytes without pycocotools' full-frame copies:
   image in column-major order (each string identical to ``encode_binary_mask(labels == id)``).
 - `decode_binary_mask(text, height, width) -> H x W bool`, `decode_to_crop(text, height, width)
   -> (y0, x0, crop)`: the full frame, or only the mask's bounding box (what the metric needs).
-- `mask_runs(text, height, width) -> (starts, ends)`: the foreground runs as column-major pixel
-  offsets (end exclusive), the cheapest form for areas and boxes.
+- `mask_runs(text, height, width) -> MaskRuns(starts, ends, height, width)`: the foreground runs
+  as column-major pixel offsets (end exclusive), the cheapest form for areas; `mask_bbox(runs)`
+  and `runs_to_crop(runs)` give the box and the crop from them (what `kit.metric` uses).
 
 Every malformed string (not base64, not zlib, not RLE, run lengths not summing to H x W) raises
 `RLEError` (a `kit.errors.DataError`) saying what is wrong.
@@ -46,6 +47,7 @@ __all__ = [
     "decode_to_crop",
     "mask_runs",
     "mask_bbox",
+    "runs_to_crop",
     "MaskRuns",
     "counts_to_string",
     "string_to_counts",
@@ -332,38 +334,38 @@ def mask_bbox(runs: MaskRuns) -> tuple[int, int, int, int] | None:
     if len(runs.starts) == 0:
         return None
     h = runs.height
-    last = runs.ends - 1
-    x0 = int(runs.starts[0] // h)
-    x1 = int(last[-1] // h) + 1
-    if np.any(runs.starts // h != last // h):  # a run wraps from one column into the next
+    xs, ys = np.divmod(runs.starts, h)
+    xe, ye = np.divmod(runs.ends - 1, h)
+    x0, x1 = int(xs[0]), int(xe[-1]) + 1
+    if (xs != xe).any():  # a run wraps from one column into the next
         return 0, x0, h, x1
-    return int((runs.starts % h).min()), x0, int((last % h).max()) + 1, x1
+    return int(ys.min()), x0, int(ye.max()) + 1, x1
 
 
-def runs_to_crop(runs: MaskRuns) -> tuple[int, int, np.ndarray]:
+def runs_to_crop(runs: MaskRuns, box: tuple[int, int, int, int] | None = None) -> tuple[int, int, np.ndarray]:
     """Decoded runs -> ``(y0, x0, crop)`` where crop is the bool mask inside its bounding box.
 
-    An empty mask gives ``(0, 0, zeros((0, 0), bool))``.
+    `box` is ``mask_bbox(runs)`` when the caller has it already. An empty mask gives
+    ``(0, 0, zeros((0, 0), bool))``. The crop is a Fortran-ordered view (no copy was needed).
     """
-    box = mask_bbox(runs)
     if box is None:
+        box = mask_bbox(runs)
+    if box is None or len(runs.starts) == 0:
         return 0, 0, np.zeros((0, 0), dtype=bool)
     y0, x0, y1, x1 = box
     ch, cw = y1 - y0, x1 - x0
     h = runs.height
-    # offset inside the crop's own column-major frame; each run stays contiguous there because a
+    # offsets inside the crop's own column-major frame; each run stays contiguous there because a
     # run that wraps columns forces the crop to full height
-    def local(p: np.ndarray) -> np.ndarray:
-        return (p // h - x0) * ch + (p % h - y0)
-
-    starts = local(runs.starts)
-    ends = local(runs.ends - 1) + 1
-    # alternating background/foreground run lengths inside the crop, expanded in one call
-    edges = np.empty(2 * len(starts) + 2, dtype=np.int64)
+    xs, ys = np.divmod(runs.starts, h)
+    xe, ye = np.divmod(runs.ends - 1, h)
+    edges = np.empty(2 * len(xs) + 2, dtype=np.int64)
     edges[0], edges[-1] = 0, ch * cw
-    edges[1:-1:2], edges[2:-1:2] = starts, ends
+    edges[1:-1:2] = (xs - x0) * ch + (ys - y0)
+    edges[2:-1:2] = (xe - x0) * ch + (ye - y0) + 1
+    # alternating background/foreground lengths, expanded in one call
     flat = np.repeat(np.arange(len(edges) - 1) % 2 == 1, np.diff(edges))
-    return y0, x0, flat.reshape(cw, ch).T  # a Fortran-ordered view: no copy
+    return y0, x0, flat.reshape(cw, ch).T
 
 
 def decode_to_crop(text: str | bytes, height: int, width: int) -> tuple[int, int, np.ndarray]:

@@ -6,7 +6,8 @@ Format (CSV, header line, one row per test image, every test image present)::
     5b931256-bb99-11e8-b2b9-ac1f6b6435d0,2048,2048,0 0.91 eNqL... 5 0.2 eNqL... 0 0.4 eNqd...
 
 - ``PredictionString`` is a space-separated list of triples ``class confidence mask``: ``class`` an
-  integer 0..18 (`kit.labels.CLASS_NAMES`), ``confidence`` a finite float (higher ranks first),
+  integer 0..18 (`kit.labels.CLASS_NAMES`), ``confidence`` a finite float > -10 (higher ranks
+  first; the host's scoring fails on scores <= -10),
   ``mask`` the cell's mask string (`kit.rle`). A cell with several classes repeats its mask, one
   triple per class. An image with no cells has an empty PredictionString.
 - ``ImageWidth``/``ImageHeight`` are the image's size in pixels; every mask decodes to it.
@@ -51,7 +52,9 @@ __all__ = [
 ]
 
 COLUMNS: tuple[str, ...] = ("ID", "ImageWidth", "ImageHeight", "PredictionString")
-Triple = tuple  # (class_id: int, confidence: float, mask: str)
+# The host's evaluation keeps only scores > -10 and fails when it drops one (see kit.metric).
+SCORE_FLOOR = -10.0
+Triple = tuple[int, float, str]  # (class id, confidence, mask string)
 
 # A row of a 3072 px image with 100+ cells and several classes each is far above csv's default
 # 128 KiB field limit.
@@ -95,6 +98,8 @@ def _check_triple(triple: Sequence, where: str) -> tuple[int, float, str]:
         raise DataError(f"{where}: confidence {conf!r} is not a number") from None
     if not math.isfinite(conf_f):
         raise DataError(f"{where}: confidence {conf!r} is not finite")
+    if conf_f <= SCORE_FLOOR:
+        raise DataError(f"{where}: confidence {conf!r} <= {SCORE_FLOOR:g} breaks the host's scoring; write probabilities")
     if isinstance(mask, bytes):
         mask = mask.decode("ascii")
     if not isinstance(mask, str) or not mask or any(ch.isspace() for ch in mask):
@@ -111,8 +116,11 @@ def format_prediction_string(triples: Iterable[Sequence]) -> str:
     return " ".join(parts)
 
 
-def _parse_triples(text: str | None) -> tuple[list[tuple[int, float, str]], list[str]]:
-    """Parse a PredictionString, collecting every problem (``"triple i: ..."``) instead of raising."""
+def _parse_triples(text: str | None, check_floor: bool = False) -> tuple[list[tuple[int, float, str]], list[str]]:
+    """Parse a PredictionString, collecting every problem (``"triple i: ..."``) instead of raising.
+
+    `check_floor` also reports confidences <= -10 (the validator's job; reading accepts them).
+    """
     if text is None or (isinstance(text, float) and math.isnan(text)):
         return [], []
     tokens = str(text).split()
@@ -138,6 +146,12 @@ def _parse_triples(text: str | None) -> tuple[list[tuple[int, float, str]], list
             conf = float(conf_s)
             if not math.isfinite(conf):
                 problems.append(f"triple {i}: confidence {conf_s!r} is not finite")
+                ok = False
+            elif check_floor and conf <= SCORE_FLOOR:
+                problems.append(
+                    f"triple {i}: confidence {conf_s} <= {SCORE_FLOOR:g} breaks the host's scoring "
+                    f"(its NMS step drops it); submit probabilities"
+                )
                 ok = False
         except ValueError:
             problems.append(f"triple {i}: confidence {conf_s!r} is not a number")
@@ -193,7 +207,7 @@ def write_submission(
             raise DataError(
                 f"{path}: {len(unknown)} prediction(s) for IDs not in the test list, e.g. {unknown[0]}"
             )
-    with atomic_open(path, "w", newline="", encoding="ascii") as f:
+    with atomic_open(path, "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f, lineterminator="\n")
         writer.writerow(COLUMNS)
         for image_id in ids:
@@ -229,8 +243,17 @@ def _open_rows(path: Path):
         missing = [c for c in COLUMNS if c not in header]
         if missing:
             raise DataError(f"{path}: missing column(s) {', '.join(missing)} (found {header})")
-        for row in reader:
-            yield reader.line_num, row, [c for c in header if c not in COLUMNS]
+        extra = [c for c in header if c not in COLUMNS]
+        while True:
+            try:
+                row = next(reader)
+            except StopIteration:
+                return
+            except (csv.Error, UnicodeDecodeError) as exc:
+                raise DataError(f"{path}: line {reader.line_num + 1}: cannot read as CSV: {exc}") from None
+            yield reader.line_num, row, extra
+    except (csv.Error, UnicodeDecodeError) as exc:  # in the header
+        raise DataError(f"{path}: cannot read as CSV: {exc}") from None
     finally:
         f.close()
 
@@ -311,6 +334,8 @@ def validate_submission(
     from kit.rle import RLEError, mask_runs
 
     path = Path(path)
+    if not path.is_file():
+        raise DataError(f"submission file not found: {path}")
     problems: list[str] = []
     sample_rows: dict[str, tuple[int | None, int | None]] | None = None
     if sample is not None:
@@ -326,13 +351,10 @@ def validate_submission(
         raise DataError(f"images folder not found: {image_dir}")
 
     seen: dict[str, int] = {}
-    n_triples = 0
     try:
         rows = list(_open_rows(path))
     except DataError as exc:
         return [str(exc)]
-    except (csv.Error, UnicodeDecodeError) as exc:
-        return [f"{path}: cannot read as CSV: {exc}"]
     if rows and rows[0][2]:
         problems.append(f"{path}: unexpected column(s) {', '.join(rows[0][2])} (expected {','.join(COLUMNS)})")
     iterator = rows
@@ -367,9 +389,8 @@ def validate_submission(
                 problems.append(f"{where}: no image file {image_id}_<channel>.png in {image_dir}")
             elif width is not None and height is not None and size != (width, height):
                 problems.append(f"{where}: size {width} x {height}, the image is {size[0]} x {size[1]}")
-        triples, triple_problems = _parse_triples(row.get("PredictionString"))
+        triples, triple_problems = _parse_triples(row.get("PredictionString"), check_floor=True)
         problems.extend(f"{where}: {p}" for p in triple_problems)
-        n_triples += len(triples)
         if check_masks and width is not None and height is not None:
             checked: dict[str, str | None] = {}
             for i, (_, _, mask) in enumerate(triples):

@@ -1,17 +1,40 @@
 """Synthetic HPA-like fields of view with per-cell ground truth (`python -m kit synth`).
 
-Every image is a confocal-like field of touching cells, four channels as on the HPA: red
-(microtubules), green (protein of interest), blue (nuclei), yellow (endoplasmic reticulum). A field
-of any size is the same physical field (about 18 cells, the real median per 2048 px image) drawn at
-that size, so a 512 px image looks like a downscaled 2048 px field.
+Every image is a confocal-like field of cells that touch each other and the border, four channels
+as on the HPA: red (microtubules), green (protein of interest), blue (nuclei), yellow
+(endoplasmic reticulum). A field of any size is the same physical field (cell count drawn around
+18, the real median per 2048 px image) drawn at that size, so a 512 px image looks like a
+downscaled 2048 px field. What is drawn, and why:
+
+* geometry: star-shaped cells with smooth random outlines (harmonics + a noise wobble), elongated
+  and with the nucleus often off-centre; where two cells compete for a pixel the nearer in
+  normalised distance wins, so contacts look like real cell-cell borders. One nucleus per cell
+  (textured ellipse with some irregularity, dark nucleoli); about 3% of cells are mitotic (rounded,
+  chromatin condensed to a metaphase plate, which is then the nucleus, with a spindle).
+* red: microtubules radiating and curving from the centrosome by the nucleus; yellow: a
+  reticular ER network, denser and with sheets near the nucleus, bright nuclear rim. Both follow a
+  thickness profile that fades at free edges and dips in a slight valley where cells touch (as in
+  real images, and what lets a watershed find the contacts).
+* green: one pattern per class (see `_render_patterns`): nucleoplasm sparing nucleoli, nuclear
+  rim, a few large nucleoli, tiny dots inside nucleoli, many speckles, a few nuclear bodies, ER
+  following yellow, a perinuclear Golgi cap on the centrosome side, wavy intermediate filaments
+  caging the nucleus, cortical actin with straight stress fibres, microtubules following red,
+  a spindle (mitotic cells only), one or two centrosome dots, plasma-membrane rim, short
+  mitochondrial threads, one juxtanuclear aggresome, diffuse cytosol, vesicle dots; Negative
+  cells show only the weak non-specific signal every cell has.
+* staining and camera: a log-normal punctate grain on green, a few debris specks, per-cell and
+  per-image intensity (15% of images faint), optical blur (15% out of focus), out-of-focus halo,
+  shot + read noise and a subtracted dark level (so most background pixels are exactly 0). Gains
+  put each channel's robust maximum at a random level; 16-bit files are the same image at 65535
+  full scale (finer levels), so both depths agree after `kit.images.to_float`.
 
 Labels: an image's label set is drawn from the real label-combination frequencies of the 2021
-train.csv (`kit/data/label_sets.csv`, see `build_label_table`). Within an image each cell shows a
-non-empty subset of the image's location labels (0..17) or none (then it is Negative, class 18);
-class 11 (mitotic spindle) is shown only by mitotic cells. The image label written to train.csv is
-the union of the location labels of its cells, and ``18`` only when every cell is Negative (an image
-drawn as Negative has only Negative cells). Negative cells of other images are class 18 in the
-solution files.
+train.csv (`kit/data/label_sets.csv`, see `build_label_table`). Within an image each interphase
+cell shows a non-empty subset of the image's location labels (0..17) or none (then it is Negative,
+class 18); class 11 (mitotic spindle) is shown by mitotic cells only, which show no nuclear
+classes. Rule for the image label written to train.csv: the union of the location labels of its
+cells, and ``18`` only when every cell is Negative (an image drawn as Negative has only Negative
+cells). Negative cells of other images are class 18 in the solution files.
 
 Files written by `generate_dataset(out, ...)` (Kaggle layout plus truth)::
 
@@ -27,16 +50,19 @@ Files written by `generate_dataset(out, ...)` (Kaggle layout plus truth)::
     out/truth/<ID>_nuclei_mask.png  uint16, nucleus k lies inside cell k, one nucleus per cell
     out/truth/cell_labels.csv  ID,cell_id,Label  (Label "18" for a Negative cell)
 
-Determinism: image i of split s is drawn from ``numpy.random.default_rng([seed, s, i])`` only, so
-the bytes do not depend on the number of workers or the machine. IDs are hex digests of
-(seed, split, index), formatted like the uuid-style HPA IDs.
+Determinism: image i of split s is drawn from ``numpy.random.default_rng([seed, s, i])`` only
+(split into independent streams for geometry, labels, patterns and camera, so fixing the labels
+leaves the rest unchanged), never from worker order: the bytes do not depend on `workers`.
+Same seed, same bytes with the pinned numpy and OpenCV. The shape geometry on the pixel grid
+avoids vectorised sin/cos/arctan (whose last bit may differ between CPU SIMD paths), so the truth
+masks are the most robust part; float rendering through OpenCV filters and numpy's exp could in
+principle differ in the last bit of a pixel on a CPU with another SIMD path. IDs are hex digests
+of (seed, split, index), formatted like the uuid-style HPA IDs.
 """
 from __future__ import annotations
 
-import base64
 import hashlib
 import math
-import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -112,7 +138,13 @@ def _blur(img: np.ndarray, sigma: float) -> np.ndarray:
 
 def _noise(rng: np.random.Generator, shape: tuple[int, int], sigma: float) -> np.ndarray:
     """Gaussian-blurred white noise rescaled to unit standard deviation."""
-    n = _blur(rng.standard_normal(shape, dtype=np.float32), sigma)
+    if sigma > 6:  # smooth noise: draw it coarse and enlarge (same look, a fraction of the cost)
+        f = sigma / 3
+        small = (max(4, int(shape[0] / f) + 1), max(4, int(shape[1] / f) + 1))
+        n = _blur(rng.standard_normal(small, dtype=np.float32), 3.0)
+        n = cv2.resize(n, (shape[1], shape[0]), interpolation=cv2.INTER_LINEAR)
+    else:
+        n = _blur(rng.standard_normal(shape, dtype=np.float32), sigma)
     sd = float(n.std())
     return n / sd if sd > 0 else n
 
@@ -132,10 +164,14 @@ def _splat(shape, ys, xs, amps, sigma: float) -> np.ndarray:
     return canvas
 
 
-def _polylines(shape, lines: list[np.ndarray], value: float = 1.0, thickness: int = 1) -> np.ndarray:
+def _polylines(shape, lines, value: float = 1.0, thickness: int = 1) -> np.ndarray:
+    """Draw open polylines of (x, y) points: an (n, k, 2) array or a list of (k, 2) arrays."""
     canvas = np.zeros(shape, np.float32)
-    if lines:
-        pts = [np.round(l).astype(np.int32).reshape(-1, 1, 2) for l in lines]  # (x, y) points
+    if len(lines):
+        if isinstance(lines, np.ndarray):
+            pts = list(np.round(lines).astype(np.int32)[:, :, None, :])
+        else:
+            pts = [np.round(l).astype(np.int32).reshape(-1, 1, 2) for l in lines]
         cv2.polylines(canvas, pts, False, float(value), thickness=max(1, int(thickness)),
                       lineType=cv2.LINE_8)
     return canvas
@@ -159,11 +195,28 @@ def _harmonics(rng, n: int, amp: float) -> list[tuple[int, float, float]]:
     return [(m, float(rng.normal(0, amp / m)), float(rng.uniform(0, 2 * math.pi))) for m in range(2, 2 + n)]
 
 
-def _shape_radius(theta: np.ndarray, harm) -> np.ndarray:
-    r = np.ones_like(theta)
+def _polar_dist(u: np.ndarray, v: np.ndarray, harm) -> np.ndarray:
+    """rho / r(theta) for points (u, v) and a star shape r = 1 + sum a cos(m theta + phase).
+
+    cos(m theta) and sin(m theta) come from powers of (u + iv) / rho, so only exactly rounded
+    operations (+, *, /, sqrt) touch the pixel grid: the truth masks are the same bytes on any
+    machine (no libm or SIMD transcendental functions).
+    """
+    rho = np.sqrt(u * u + v * v)
+    inv = np.maximum(rho, 1e-12)
+    np.divide(1.0, inv, out=inv)
+    cr, sr = u * inv, v * inv
+    cm, sm = cr, sr
+    r = np.ones_like(rho)
+    m_done = 1
     for m, a, ph in harm:
-        r += a * np.cos(m * theta + ph)
-    return r
+        while m_done < m:
+            cm, sm = cm * cr - sm * sr, sm * cr + cm * sr
+            m_done += 1
+        r += (a * math.cos(ph)) * cm
+        r -= (a * math.sin(ph)) * sm
+    np.divide(rho, r, out=rho)
+    return rho
 
 
 # --------------------------------------------------------------------------------------------
@@ -192,22 +245,38 @@ class Cell:
     bbox: tuple[int, int, int, int] = (0, 0, 0, 0)  # y0, y1, x0, x1 (end exclusive)
 
     def nucleus_dist(self, yy, xx):
-        """Normalised nucleus distance (1 on the nuclear rim) on grids yy, xx."""
+        """Normalised nucleus distance (1 on the nuclear rim) on grids yy, xx (broadcastable)."""
         dy, dx = yy - self.ny, xx - self.nx
         c, s = math.cos(self.nang), math.sin(self.nang)
         u = (dx * c + dy * s) / self.na
         v = (-dx * s + dy * c) / self.nb
-        rho = np.sqrt(u * u + v * v)
-        return rho / _shape_radius(np.arctan2(v, u), self.nharm)
+        return _polar_dist(u, v, self.nharm)
+
+    def nucleus_dist_box(self, bbox) -> np.ndarray:
+        """`nucleus_dist` over a bbox: the exact shape near the nucleus, the plain ellipse (its
+        irregularity is a few percent) farther out, where it only weights perinuclear density."""
+        y0, y1, x0, x1 = bbox
+        yy, xx = _grid(bbox)
+        dy, dx = yy - self.ny, xx - self.nx
+        c, s = math.cos(self.nang), math.sin(self.nang)
+        u = (dx * c + dy * s) / self.na
+        v = (-dx * s + dy * c) / self.nb
+        out = np.sqrt(u * u + v * v)
+        e = max(self.na, self.nb) * 1.4 + 2
+        a0, a1 = max(y0, int(self.ny - e)), min(y1, int(self.ny + e) + 2)
+        b0, b1 = max(x0, int(self.nx - e)), min(x1, int(self.nx + e) + 2)
+        if a0 < a1 and b0 < b1:
+            out[a0 - y0:a1 - y0, b0 - x0:b1 - x0] = self.nucleus_dist(*_grid((a0, a1, b0, b1)))
+        return out
 
     def cell_dist(self, yy, xx):
+        """Normalised cell-shape distance (1 on the outline before contacts) on grids yy, xx."""
         dy, dx = yy - self.cy, xx - self.cx
         c, s = math.cos(self.cang), math.sin(self.cang)
         e = math.sqrt(self.elong)
-        u = (dx * c + dy * s) / e
-        v = (-dx * s + dy * c) * e
-        rho = np.sqrt(u * u + v * v)
-        return rho / (self.R * _shape_radius(np.arctan2(v, u), self.charm))
+        u = (dx * c + dy * s) / (e * self.R)
+        v = (-dx * s + dy * c) * (e / self.R)
+        return _polar_dist(u, v, self.charm)
 
     @property
     def rn(self) -> float:
@@ -261,13 +330,14 @@ def _place_cells(rng: np.random.Generator, size: int, n_cells: int, n_mitotic: i
             p = rng.uniform(0, size, 2)
             if len(centres):
                 d = np.hypot(*(centres - p).T)
-                if np.any(d < (nrad + rn_max) * 1.1 + 3) or np.any(d < 0.55 * (crad + R)):
+                # nuclei may touch (as in dense real fields), never overlap
+                if np.any(d < (nrad + rn_max) * 0.98 + 1) or np.any(d < 0.5 * (crad + R)):
                     continue
             break
         else:
             continue
         cang = float(rng.uniform(0, math.pi))
-        off = R * rng.uniform(0.0, 0.25) * (0.3 if mit else 1.0)
+        off = R * rng.uniform(0.0, 0.4) * (0.2 if mit else 1.0)  # nucleus often off-centre
         sign = 1 if rng.random() < 0.5 else -1
         cy = p[0] + sign * off * math.sin(cang)
         cx = p[1] + sign * off * math.cos(cang)
@@ -280,6 +350,12 @@ def _place_cells(rng: np.random.Generator, size: int, n_cells: int, n_mitotic: i
         nrad = np.append(nrad, rn_max)
         crad = np.append(crad, R)
     return cells
+
+
+def _grid(bbox) -> tuple[np.ndarray, np.ndarray]:
+    """Pixel coordinates of a bbox as a column (y) and a row (x) that broadcast to its shape."""
+    y0, y1, x0, x1 = bbox
+    return (np.arange(y0, y1, dtype=np.float32)[:, None], np.arange(x0, x1, dtype=np.float32)[None, :])
 
 
 def _rasterise(cells: list[Cell], size: int, wobble: np.ndarray, rng: np.random.Generator):
@@ -298,7 +374,7 @@ def _rasterise(cells: list[Cell], size: int, wobble: np.ndarray, rng: np.random.
         y0, y1 = max(0, int(min(c.cy, c.ny) - ext)), min(size, int(max(c.cy, c.ny) + ext) + 2)
         x0, x1 = max(0, int(min(c.cx, c.nx) - ext)), min(size, int(max(c.cx, c.nx) + ext) + 2)
         c.bbox = (y0, y1, x0, x1)
-        yy, xx = np.mgrid[y0:y1, x0:x1].astype(np.float32)
+        yy, xx = _grid(c.bbox)
         oy, ox = rng.integers(0, 2 * pad + 1, 2)
         d = c.cell_dist(yy, xx) * (1 + 0.13 * wobble[oy + y0: oy + y1, ox + x0: ox + x1])
         b = best[y0:y1, x0:x1]
@@ -307,9 +383,8 @@ def _rasterise(cells: list[Cell], size: int, wobble: np.ndarray, rng: np.random.
         lab[y0:y1, x0:x1][take] = c.id
     for c in cells:  # nuclei override: the nucleus always belongs to its own cell
         y0, y1, x0, x1 = c.bbox
-        yy, xx = np.mgrid[y0:y1, x0:x1].astype(np.float32)
-        dn = c.nucleus_dist(yy, xx)
-        inside = dn < 1.0
+        dn = c.dn = c.nucleus_dist_box(c.bbox)  # kept for the renderers
+        inside = (dn < 1.0) & (nuc[y0:y1, x0:x1] == 0)
         lab[y0:y1, x0:x1][inside] = c.id
         nuc[y0:y1, x0:x1][inside] = c.id
         best[y0:y1, x0:x1][inside] = np.minimum(best[y0:y1, x0:x1][inside], 0.5)
@@ -317,8 +392,9 @@ def _rasterise(cells: list[Cell], size: int, wobble: np.ndarray, rng: np.random.
         y0, y1, x0, x1 = c.bbox
         own = (lab[y0:y1, x0:x1] == c.id).astype(np.uint8)
         n, comp = cv2.connectedComponents(own, connectivity=4)
-        if n > 2:
-            keep = np.bincount(comp[nuc[y0:y1, x0:x1] == c.id]).argmax()
+        mine = comp[nuc[y0:y1, x0:x1] == c.id]
+        if n > 2 and mine.size:
+            keep = np.bincount(mine).argmax()
             drop = (own > 0) & (comp != keep)
             lab[y0:y1, x0:x1][drop] = 0
             best[y0:y1, x0:x1][drop] = np.inf
@@ -362,7 +438,7 @@ def _assign_labels(rng: np.random.Generator, cells: list[Cell], image_labels: li
 class _Ctx:
     """Per-cell local view used by the pattern renderers."""
 
-    def __init__(self, c: Cell, lab, nuc, dcell, edge_bg, edge_int, valley, s):
+    def __init__(self, c: Cell, lab, nuc, dcell, edge, prof, s):
         y0, y1, x0, x1 = c.bbox
         self.c = c
         self.sl = (slice(y0, y1), slice(x0, x1))
@@ -371,17 +447,12 @@ class _Ctx:
         self.own = lab[self.sl] == c.id
         self.nuc = nuc[self.sl] == c.id
         self.cyto = self.own & ~self.nuc
-        self.yy, self.xx = np.mgrid[y0:y1, x0:x1].astype(np.float32)
-        self.dn = c.nucleus_dist(self.yy, self.xx)
+        self.yy, self.xx = _grid(c.bbox)  # (h, 1) and (1, w): broadcast, never materialised
+        self.dn = c.dn
         self.d = dcell[self.sl]
-        ebg, eint = edge_bg[self.sl], edge_int[self.sl]
-        self.edge = np.minimum(ebg, eint)  # distance to the cell's outline (rims)
+        self.edge = edge[self.sl]  # distance to the cell's outline (rims)
         self.s = s
-        # cytoplasm thickness: a dome over the cell, thin lamella at free edges (fall-off within
-        # ~25 px at 2048) and a slight valley where two cells touch
-        le = max(25 * s, 1.0)
-        prof = (1 - np.exp(-ebg / le)) * (1 - valley * np.exp(-eint / (0.6 * le))) * (1.15 - 0.5 * self.d ** 2)
-        self.prof = np.where(self.own, prof, 0).astype(np.float32)
+        self.prof = prof[self.sl] * self.own  # cytoplasm thickness profile
         # distance from the nuclear rim in nucleus radii -> perinuclear weight
         self.pn = np.exp(-np.maximum(self.dn - 1, 0) * c.rn / (0.45 * c.R)).astype(np.float32)
         self.nuc_fill = np.clip((1 - self.dn) / 0.08, 0, 1).astype(np.float32)
@@ -419,16 +490,25 @@ def _nucleoli(rng, c: Cell):
 
 
 def _nucleoli_map(ctx: _Ctx, nucleoli) -> np.ndarray:
+    """Soft discs of the nucleoli (1 inside), drawn only within each one's own small box."""
     m = np.zeros(ctx.shape, np.float32)
+    h, w = ctx.shape
     for y, x, r in nucleoli:
-        dd = np.hypot(ctx.yy - y, ctx.xx - x) / r
-        m = np.maximum(m, np.clip((1.15 - dd) / 0.3, 0, 1))
+        ly, lx, e = y - ctx.y0, x - ctx.x0, r * 1.2 + 1
+        a0, a1 = max(0, int(ly - e)), min(h, int(ly + e) + 2)
+        b0, b1 = max(0, int(lx - e)), min(w, int(lx + e) + 2)
+        if a0 >= a1 or b0 >= b1:
+            continue
+        yy = np.arange(a0, a1, dtype=np.float32)[:, None] - np.float32(ly)
+        xx = np.arange(b0, b1, dtype=np.float32)[None, :] - np.float32(lx)
+        disc = np.clip((1.15 - np.sqrt(yy * yy + xx * xx) / np.float32(r)) / 0.3, 0, 1)
+        np.maximum(m[a0:a1, b0:b1], disc, out=m[a0:a1, b0:b1])
     return m * ctx.nuc
 
 
 def _microtubules(rng, ctx: _Ctx, centro, thick: int) -> np.ndarray:
     c = ctx.c
-    n = int(np.clip(c.R / (3.5 * ctx.s) / 2, 25, 160))
+    n = int(np.clip(0.4 * c.R / ctx.s, 30, 200))  # ~80 for a typical cell
     step = max(2.0, 12 * ctx.s)
     n_steps = int(2.2 * c.R / step) + 2
     start = np.array([centro[1] - ctx.x0, centro[0] - ctx.y0]) + rng.normal(0, 0.15 * c.rn, (n, 2))
@@ -436,7 +516,7 @@ def _microtubules(rng, ctx: _Ctx, centro, thick: int) -> np.ndarray:
     # filaments of different brightness (bundles vs single tubules)
     m = np.zeros(ctx.shape, np.float32)
     for grp, val in ((paths[: n // 3], 1.0), (paths[n // 3:], 0.55)):
-        m = np.maximum(m, _polylines(ctx.shape, list(grp), val, thick))
+        m = np.maximum(m, _polylines(ctx.shape, grp, val, thick))
     return m
 
 
@@ -493,7 +573,7 @@ def _render_patterns(rng, ctx: _Ctx, labels: list[int], er_local, mt_local, nucl
             radial = np.arctan2(ys + ctx.y0 - c.ny, xs + ctx.x0 - c.nx)
             ang = radial + np.pi / 2 * rng.choice([-1, 1], ys.size) + rng.normal(0, 0.4, ys.size)
             paths = _walks(rng, np.stack([xs, ys], 1), ang, int(1.5 * c.R / step), step, 0.18)
-            p = _blur(_polylines(ctx.shape, list(paths), 1.0, thick), sp(2)) * 1.6
+            p = _blur(_polylines(ctx.shape, paths, 1.0, thick), sp(2)) * 1.6
         elif l == 9:  # actin: cortical rim + straight stress fibres
             rim = np.exp(-ctx.edge / sp(8)) * ctx.own
             ang = c.cang + rng.normal(0, 0.2)
@@ -525,7 +605,7 @@ def _render_patterns(rng, ctx: _Ctx, labels: list[int], er_local, mt_local, nucl
             ys, xs = _sample_in(rng, ctx, ctx.cyto, k, ctx.pn + 0.2)
             steps = max(1.0, 8 * s) * rng.uniform(0.3, 1.3, ys.size)  # threads of varied length
             paths = _walks(rng, np.stack([xs, ys], 1), rng.uniform(0, 2 * math.pi, ys.size), 4, steps, 0.5)
-            p = _blur(_polylines(ctx.shape, list(paths), 1.0, thick), sp(2)) * 1.5
+            p = _blur(_polylines(ctx.shape, paths, 1.0, thick), sp(2)) * 1.5
         elif l == 15:  # aggresome: one bright juxtanuclear blob
             ca = math.atan2(centro[0] - c.ny, centro[1] - c.nx) + rng.normal(0, 0.3)
             rr = c.rn * 1.25
@@ -537,7 +617,7 @@ def _render_patterns(rng, ctx: _Ctx, labels: list[int], er_local, mt_local, nucl
         elif l == 17:  # vesicles: many cytoplasmic dots
             k = int(np.clip((c.R / (3 * s)) ** 2 / 20, 40, 600))
             ys, xs = _sample_in(rng, ctx, ctx.cyto, k)
-            p = _splat(ctx.shape, ys, xs, rng.uniform(0.4, 1.3, k), sp(4)) + 0.05 * ctx.prof
+            p = _splat(ctx.shape, ys, xs, rng.uniform(0.4, 1.3, k), sp(2.5)) + 0.05 * ctx.prof
         else:
             continue
         g += amp * p.astype(np.float32)
@@ -545,34 +625,38 @@ def _render_patterns(rng, ctx: _Ctx, labels: list[int], er_local, mt_local, nucl
 
 
 # channel: (robust maximum after gain, normal range, faint range); faint applies to green only
-_LEVELS = {"red": (0.35, 0.8), "green": (0.25, 0.75), "blue": (0.5, 0.9), "yellow": (0.3, 0.7)}
+_LEVELS = {"red": (0.25, 0.6), "green": (0.3, 0.8), "blue": (0.5, 0.9), "yellow": (0.2, 0.5)}
 
 
 def _finish(rng: np.random.Generator, size: int, channels, negative: bool = False) -> np.ndarray:
     """Gain, out-of-focus haze and blur, shot/read noise and offset -> H x W x 4 in [0, 1].
 
-    Noise is specified for a 512 px image and scaled as for a field binned from 2048 px, so a
-    2048 px image is as noisy per pixel as a real one (mostly zeros in the background).
+    Noise is specified for a 512 px image and grows with the size (a 512 px field is in effect
+    binned from a larger one); the background is mostly exact zeros, as in real HPA images.
     """
     H, W = channels[0].shape
     z = size / 512
-    focus = float(rng.uniform(0.4, 1.0) if rng.random() < 0.85 else rng.uniform(1.0, 2.2)) * max(1.0, z / 2)
+    # optical blur: sigma 1.2-2.5 px at 2048 px in focus, 3-7 px out of focus (15% of images)
+    focus = float(rng.uniform(1.2, 2.5) if rng.random() < 0.85 else rng.uniform(3.0, 7.0)) * size / REF_SIZE
     faint = rng.random() < 0.15 or negative  # no specific staining: the camera shows little
     small = (max(8, W // 8), max(8, H // 8))
     out = np.empty((H, W, 4), np.float32)
     for i, (name, ch) in enumerate(zip(("red", "green", "blue", "yellow"), channels)):
         lo, hi = (0.03, 0.12) if (faint and name == "green") else _LEVELS[name]
-        ref = float(np.percentile(ch[::3, ::3], 99.9))
+        # robust maximum; a few tiny bright structures (fibrillar centres, centrosomes) may
+        # saturate a little, as they do in real images, but do not set the scale alone
+        ref = max(float(np.percentile(ch[::2, ::2], 99.9)), 0.4 * float(ch.max()))
         x = ch * np.float32(rng.uniform(lo, hi) / ref if ref > 1e-6 else 0.0)
         # out-of-focus light: a wide halo around everything bright
         halo = cv2.resize(_blur(cv2.resize(x, small, interpolation=cv2.INTER_AREA), 2.5), (W, H),
                           interpolation=cv2.INTER_LINEAR)
         x = _blur(x, focus) + float(rng.uniform(0.05, 0.2)) * halo
-        shot = float(rng.uniform(0.004, 0.02)) * z * z
-        read = float(rng.uniform(0.002, 0.008)) * z
-        offset = float(rng.uniform(-1.5, 0.5)) * read
-        x += np.sqrt(np.maximum(x, 0) * shot) * rng.standard_normal((H, W), dtype=np.float32)
-        x += read * rng.standard_normal((H, W), dtype=np.float32) + offset
+        shot = float(rng.uniform(0.003, 0.015)) * z
+        read = float(rng.uniform(0.002, 0.007)) * math.sqrt(z)
+        offset = float(rng.uniform(-1.5, 0.3)) * read  # dark level subtracted: many exact zeros
+        # shot (variance ~ signal) and read noise in one Gaussian draw
+        x += np.sqrt(np.maximum(x, 0) * shot + read * read) * rng.standard_normal((H, W), dtype=np.float32)
+        x += offset
         np.clip(x, 0.0, 1.0, out=out[..., i])
     return out
 
@@ -604,7 +688,8 @@ def make_field(rng: np.random.Generator | int, size: int = 512, labels: list[int
     n_mitotic = min(n_mitotic, n_cells)
     cells = _place_cells(rng, size, n_cells, n_mitotic)
     pad = max(8, size // 8)
-    wobble = _noise(rng, (size + 2 * pad, size + 2 * pad), max(1.0, 90 * s))
+    # clipped below so that a cell never reaches past 1 / (1 - 0.13 * 1.75) = 1.3 of its radius
+    wobble = np.maximum(_noise(rng, (size + 2 * pad, size + 2 * pad), max(1.0, 90 * s)), -1.75)
     lab, nuc, dcell = _rasterise(cells, size, wobble, rng)
     _assign_labels(rng_lab, cells, labels, heterogeneity)
 
@@ -620,7 +705,13 @@ def make_field(rng: np.random.Generator | int, size: int = 512, labels: list[int
     contact[:-1, :] |= dv
     edge_bg = cv2.distanceTransform((lp > 0).astype(np.uint8), cv2.DIST_L2, 3)[1:-1, 1:-1]
     edge_int = cv2.distanceTransform((~contact).astype(np.uint8), cv2.DIST_L2, 3)[1:-1, 1:-1]
-    valley = float(rng_img.uniform(0.35, 0.75))
+    valley = float(rng_img.uniform(0.1, 0.5))
+    # cytoplasm thickness: a dome over the cell, thin lamella at free edges (fall-off within
+    # ~25 px at 2048) and a slight valley where two cells touch
+    le = max(25 * s, 1.0)
+    prof = (1 - np.exp(-edge_bg / le)) * (1 - valley * np.exp(-edge_int / (0.6 * le))) * (1.15 - 0.5 * dcell * dcell)
+    prof = np.where(lab > 0, prof, 0).astype(np.float32)
+    edge = np.minimum(edge_bg, edge_int)
 
     H = W = size
     red = np.zeros((H, W), np.float32)
@@ -630,13 +721,14 @@ def make_field(rng: np.random.Generator | int, size: int = 512, labels: list[int
     thick = max(1, int(round(size / 900)))
 
     # ER network: the zero set of smooth noise is a net of curved tubules
-    er_noise = _noise(rng_img, (H, W), max(0.8, 9 * s))
-    er_net = np.exp(-(er_noise / 0.45) ** 2).astype(np.float32)
+    # (mesh ~25 px at 2048; below ~1 px per tubule it blurs into the fine texture it is)
+    er_noise = _noise(rng_img, (H, W), max(0.7, 6 * s))
+    er_net = np.exp(-(er_noise / 0.4) ** 2).astype(np.float32)
     chroma = _noise(rng_img, (H, W), max(0.7, 5 * s))
 
     cell_level = np.exp(rng_img.normal(0, 0.35, len(cells) + 1)).astype(np.float32)
     for c in cells:
-        ctx = _Ctx(c, lab, nuc, dcell, edge_bg, edge_int, valley, s)
+        ctx = _Ctx(c, lab, nuc, dcell, edge, prof, s)
         own = ctx.own
         nucleoli = _nucleoli(rng, c)
         nmap = _nucleoli_map(ctx, nucleoli)
@@ -655,40 +747,49 @@ def make_field(rng: np.random.Generator | int, size: int = 512, labels: list[int
             ctx.nuc = nuc[ctx.sl] == c.id
             ctx.cyto = own & ~ctx.nuc
             blue[ctx.sl] += chrom * (0.85 + 0.25 * np.clip(chroma[ctx.sl], -1, 1)) * 1.1
-            pole_d = 1.1 * c.rn
+            pole_d = 0.95 * c.rn
             poles = [(c.ny + pole_d * math.sin(pa), c.nx + pole_d * math.cos(pa)),
                      (c.ny - pole_d * math.sin(pa), c.nx - pole_d * math.cos(pa))]
             lines = []
             for py, px in poles:
-                for t in np.linspace(-0.9, 0.9, 14):
+                for t in np.linspace(-0.8, 0.8, 12):
                     ty = c.ny + t * c.rn * math.cos(pa)
                     tx = c.nx - t * c.rn * math.sin(pa)
                     lines.append(np.array([[px - ctx.x0, py - ctx.y0], [tx - ctx.x0, ty - ctx.y0]]))
+                # astral microtubules: short rays away from the plate
+                a0 = math.atan2(py - c.ny, px - c.nx)
+                for a in a0 + rng.uniform(-1.2, 1.2, 8):
+                    L = c.rn * rng.uniform(0.3, 0.7)
+                    lines.append(np.array([[px - ctx.x0, py - ctx.y0],
+                                           [px - ctx.x0 + L * math.cos(a), py - ctx.y0 + L * math.sin(a)]]))
             spindle = _blur(_polylines(ctx.shape, lines, 1.0, thick), max(0.7, 3 * s)) * own
             spindle += _splat(ctx.shape, [p[0] - ctx.y0 for p in poles], [p[1] - ctx.x0 for p in poles],
                               1.0, max(0.7, 5 * s))
             mt = spindle * 1.2 + 0.35 * ctx.prof
             centro = poles[0]
         else:
-            tex = 0.78 + 0.22 * np.clip(chroma[ctx.sl], -2, 2) / 2
-            b = ctx.nuc_fill * tex * (1 - 0.45 * nmap) * float(rng.uniform(0.55, 0.95))
+            # DNA: clumpy chromatin, dark nucleoli, nuclei of quite different brightness
+            tex = 0.75 + 0.25 * np.clip(chroma[ctx.sl], -2, 2) / 2
+            b = ctx.nuc_fill * tex * (1 - 0.6 * nmap) * float(np.exp(rng.normal(-0.35, 0.3)))
             blue[ctx.sl] += b * ctx.nuc
             mt = _microtubules(rng, ctx, centro, thick) * own * 0.8
-            mt = _blur(mt, max(0.6, 2 * s)) * 1.6 * (ctx.prof + 0.2) * np.where(ctx.nuc, 0.5, 1.0)
+            mt = _blur(mt, max(0.6, 2 * s)) * 1.6 * (ctx.prof + 0.2) * np.where(ctx.nuc, 0.3, 1.0)
             mt += 0.22 * ctx.prof
-        red[ctx.sl] += mt * float(rng.uniform(0.7, 1.1)) * own
-        er = (0.25 + 0.75 * er_net[ctx.sl]) * (0.3 + 0.7 * ctx.pn) * ctx.prof
+        level = float(np.exp(rng.normal(0, 0.3)))  # cells differ in tubulin/ER content
+        red[ctx.sl] += mt * level * float(rng.uniform(0.8, 1.2)) * own
+        # tubular network everywhere, sheets (diffuse) close to the nucleus
+        er = (0.15 + 0.5 * ctx.pn + 0.7 * er_net[ctx.sl]) * (0.35 + 0.65 * ctx.pn) * ctx.prof
         er = np.where(ctx.nuc, 0.12 * ctx.prof, er)
         er += 0.5 * np.exp(-(((ctx.dn - 1.0) * c.rn) / max(0.7, 6 * s)) ** 2) * own * (not c.mitotic)
         er_l = er.astype(np.float32) * own
-        yellow[ctx.sl] += er_l * float(rng.uniform(0.7, 1.1))
+        yellow[ctx.sl] += er_l * level * float(rng.uniform(0.8, 1.2))
         gl = _render_patterns(rng_pat, ctx, c.labels, er_l, mt * own, nucleoli, nmap, centro, spindle, thick)
         gl = gl * own * cell_level[c.id] + 0.04 * ctx.prof  # non-specific background of every cell
         green[ctx.sl] += gl
 
     # antibody staining is punctate: a log-normal grain at the scale of a few 2048-px pixels
-    gsd = float(rng_img.uniform(0.45, 0.9))
-    green *= np.exp(gsd * _noise(rng_img, (H, W), max(0.5, 2.5 * s)) - gsd * gsd / 2)
+    gsd = float(rng_img.uniform(0.5, 1.1))
+    green *= np.exp(gsd * _noise(rng_img, (H, W), max(0.5, 1.5 * s)) - gsd * gsd / 2)
     # debris and antibody aggregates: a few bright specks anywhere, cells or background
     k = int(rng_img.poisson(2.0))
     green += _splat((H, W), rng_img.uniform(0, H, k), rng_img.uniform(0, W, k),
@@ -717,19 +818,11 @@ def quantise(image: np.ndarray, bit_depth: int = 8) -> np.ndarray:
 
 def encode_masks(label_image: np.ndarray, ids) -> list[str]:
     """Competition encoding of ``label_image == k`` for each k in `ids` (text, byte-identical
-    to the official per-mask encoder, done in one pycocotools call)."""
-    from pycocotools import mask as coco_mask
+    to the official per-mask encoder; one pass over the image via `kit.rle.encode_label_image`)."""
+    from kit.rle import encode_label_image
 
-    ids = list(ids)
-    if not ids:
-        return []
-    # N x W x H in C order is H x W x N in Fortran order: no copy, no transposition pass
-    lt = np.ascontiguousarray(label_image.T)
-    stack = np.empty((len(ids),) + lt.shape, np.uint8)
-    for i, k in enumerate(ids):
-        np.equal(lt, k, out=stack[i].view(bool))
-    rles = coco_mask.encode(stack.transpose(2, 1, 0))
-    return [base64.b64encode(zlib.compress(r["counts"], zlib.Z_BEST_COMPRESSION)).decode("ascii") for r in rles]
+    enc = encode_label_image(label_image)
+    return [enc[int(k)] for k in ids]
 
 
 # --------------------------------------------------------------------------------------------
@@ -779,6 +872,15 @@ def generate_dataset(out: str | Path, n_train: int, n_test: int, size: int = 512
     if bit_depth not in (8, 16):
         raise ConfigError(f"--bit-depth must be 8 or 16, got {bit_depth}")
     out = Path(out)
+    # refuse to mix with another dataset: files of IDs we will not write would stay behind
+    for split, n in (("train", n_train), ("test", n_test)):
+        ours = {image_id(seed, split, i) for i in range(n)}
+        folder = out / split
+        stale = sorted(p.name for p in folder.glob("*.png") if p.name.rsplit("_", 1)[0] not in ours) \
+            if folder.is_dir() else []
+        if stale:
+            raise ConfigError(f"{folder} already holds {len(stale)} image file(s) of another dataset "
+                              f"(e.g. {stale[0]}); choose an empty or new --out folder")
     for sub in ("train", "test", "truth"):
         (out / sub).mkdir(parents=True, exist_ok=True)
     jobs = [(str(out), "train", i, size, seed, bit_depth) for i in range(n_train)]

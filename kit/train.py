@@ -137,16 +137,19 @@ def _targets(table) -> np.ndarray:
     return np.stack([to_multihot(x) for x in table["labels"]]).astype(np.float32)
 
 
-def make_dataset(cfg: Config, kind: str, table, train: bool, progress: bool = True):
-    """The Dataset of `kind` over the images of `table` (augmented when `train`)."""
+def make_dataset(cfg: Config, kind: str, table, train: bool, progress: bool = True, build: bool = True):
+    """The Dataset of `kind` over the images of `table` (augmented when `train`).
+
+    build: create missing cache entries first (cell tiles via kit.cells, downscaled fields)."""
     from kit import datasets as kd
 
     targets = _targets(table)
     ids = table["ID"].tolist()
     tcfg = cfg.train_for(kind)
     if kind == "cell":
+        tile_dir = kd.ensure_tiles(cfg.data, ids, max(1, tcfg.workers), progress) if build else kd.resolve_tile_dir(cfg.data)
         ds = kd.CellTileDataset(
-            kd.resolve_tile_dir(cfg.data), ids, targets, augment=train and tcfg.augment,
+            tile_dir, ids, targets, augment=train and tcfg.augment,
             max_cells_per_image=tcfg.max_cells_per_image if train else 0, seed=tcfg.seed,
         )
         if len(ds.missing) == len(ids):
@@ -155,7 +158,8 @@ def make_dataset(cfg: Config, kind: str, table, train: bool, progress: bool = Tr
                 f"(kit.cells) for these images first"
             )
     else:
-        field_dir = kd.build_field_cache(cfg.data, ids, workers=max(1, tcfg.workers), progress=progress)
+        field_dir = (kd.build_field_cache(cfg.data, ids, workers=max(1, tcfg.workers), progress=progress)
+                     if build else kd.field_cache_dir(cfg.data))
         ds = kd.FieldDataset(field_dir, ids, targets, augment=train and tcfg.augment)
     return ds
 
@@ -445,8 +449,10 @@ def save_checkpoint(state: dict, path: Path) -> None:
 
 
 def _weights_digest(model: nn.Module) -> str:
+    """sha256 of the parameters (not the BN running stats: DDP syncs those from rank 0 at the
+    start of each forward, so after the last step each rank still holds its own)."""
     h = hashlib.sha256()
-    for name, t in unwrap(model).state_dict().items():
+    for name, t in unwrap(model).named_parameters():
         h.update(name.encode())
         h.update(t.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
@@ -526,8 +532,8 @@ def train_fold(cfg: Config, kind: str, fold: int, resume: bool = False, stop_aft
         _barrier(world)
     else:
         _barrier(world)
-        train_ds = make_dataset(cfg, kind, train_df, train=True, progress=False)
-        valid_ds = make_dataset(cfg, kind, valid_df, train=False, progress=False)
+        train_ds = make_dataset(cfg, kind, train_df, train=True, progress=False, build=False)
+        valid_ds = make_dataset(cfg, kind, valid_df, train=False, progress=False, build=False)
     missing = len(train_ds.missing) + len(valid_ds.missing)
     if missing:
         say(f"note: {missing} image(s) have no cell tiles and are skipped")

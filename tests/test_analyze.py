@@ -145,3 +145,14 @@ def test_analyze_real_train_csv(tmp_path):
     assert f"- unique label combinations: {len(set(sets)):,} " in summary
     for name in PLOTS:
         assert_png(tmp_path / "real" / name)
+
+
+def test_analyze_synthetic_dataset(request, tmp_path):
+    pytest.importorskip("kit.synth", reason="kit.synth is written in parallel")
+    root = request.getfixturevalue("tiny_dataset")
+    res = analyze(root, tmp_path / "out")
+    lines = (root / "train.csv").read_text().splitlines()[1:]
+    first_id = lines[0].split(",")[0]
+    assert res.stats.n_images == len(lines) == 12
+    assert res.sample_id == first_id
+    assert_png(tmp_path / "out" / f"channels_{first_id}.png")

@@ -281,6 +281,16 @@ def test_check_data_csv_without_columns(tmp_path):
     messages = [p.message for p in problems if p.kind == "bad_csv"]
     assert any("missing column(s) ID, Label" in m for m in messages)
     assert any("empty file" in m and "sample_submission.csv" in m for m in messages)
+    # an unusable header stops the cross-checks: no flood of "unlabelled" images
+    assert kinds(problems) == Counter({"bad_csv": 2})
+
+
+def test_check_data_ids_with_spaces_and_empty_ids(tmp_path):
+    make_clean(tmp_path)
+    (tmp_path / "train.csv").write_text("ID,Label\ntr0,1\ntr1 ,2\n,3\ntr2,0\ntr3,0\n")
+    problems = [p for p in check_data(tmp_path) if p.kind == "bad_csv"]
+    assert [p.row for p in problems] == [3, 4]
+    assert "surrounding spaces" in problems[0].message and "empty ID" in problems[1].message
 
 
 def test_check_data_missing_root_raises(tmp_path):
@@ -338,3 +348,14 @@ def test_check_data_command_exit_codes_and_json(tmp_path, capsys):
 
     assert main(["check-data", str(tmp_path / "absent")]) == 2
     assert "error: dataset folder not found" in capsys.readouterr().err
+
+
+def test_synthetic_dataset_is_clean(request):
+    pytest.importorskip("kit.synth", reason="kit.synth is written in parallel")
+    root = request.getfixturevalue("tiny_dataset")
+    problems = check_data(root)
+    assert kinds(problems) == Counter()
+    index = DatasetIndex.open(root)
+    assert len(index.train_ids) == 12 and len(index.test_ids) == 4
+    assert index.image_size(index.train_ids[0]) == (256, 256)
+    assert index.read(index.test_ids[0]).shape == (256, 256, 4)

@@ -38,9 +38,13 @@ def fake_run(tmp_path) -> Path:
     )
     (run / "combine.yaml").write_text("strategy: product\n")
     (run / "summary.json").write_text("{}")
-    for p in ("cell/fold0", "cell/fold1", "image/fold0"):
-        (run / p / "best.pt").write_bytes(b"best-" + p.encode())
-        (run / p / "last.pt").write_bytes(b"last with optimizer state")
+    import torch
+
+    for i, p in enumerate(("cell/fold0", "cell/fold1", "image/fold0")):
+        ckpt = {"model": {"w": torch.full((8,), float(i))}, "config": {"run_dir": str(run)}, "epoch": 3,
+                "optimizer": {"state": {0: {"exp_avg": torch.zeros(1000)}}}, "rng": {"python": [1, 2]}}
+        torch.save(ckpt, run / p / "best.pt")
+        torch.save(ckpt, run / p / "last.pt")
         (run / p / "epochs.csv").write_text("epoch\n0\n")
     return run
 
@@ -172,7 +176,12 @@ def test_build_lays_out_three_folders_ready_for_the_kaggle_cli(fake_run, tmp_pat
         "run/cell/fold0/best.pt", "run/cell/fold1/best.pt", "run/image/fold0/best.pt"])
     wm = json.loads((out / "weights" / "kit-weights.json").read_text())
     assert wm["folds"] == {"cell": [0, 1], "image": [0]} and wm["run_id"] == "exp1"
-    assert (out / "weights/run/cell/fold1/best.pt").read_bytes() == b"best-cell/fold1"
+    import torch
+
+    slim = torch.load(out / "weights/run/cell/fold1/best.pt", weights_only=True)
+    assert sorted(slim) == ["config", "epoch", "model"]  # optimizer and RNG states dropped
+    assert torch.equal(slim["model"]["w"], torch.full((8,), 1.0))
+    assert wm["files"]["run/cell/fold1/best.pt"] == kg._sha256(out / "weights/run/cell/fold1/best.pt")
     # code: the kit wheel, the pinned wheel, the manifest, pinned requirements; no torch anywhere
     wheels = sorted(p.name for p in (out / "code/wheels").glob("*.whl"))
     assert len(wheels) == 2 and wheels[0].startswith("hpa_kit-") and wheels[1].startswith("tqdm-")
@@ -194,10 +203,17 @@ def test_build_lays_out_three_folders_ready_for_the_kaggle_cli(fake_run, tmp_pat
     assert kg.load_build(out)["kernels"]["train"]["id"] == "someone/hpa-kit-train"
 
 
-def test_include_last_bundles_last_checkpoints(fake_run, tmp_path, no_credentials):
+def test_include_last_and_full_checkpoints_keep_the_training_state(fake_run, tmp_path, no_credentials):
     out = tmp_path / "out"
-    small_build(fake_run, out, include_last=True)
-    assert (out / "weights/run/cell/fold0/last.pt").is_file()
+    small_build(fake_run, out, include_last=True, full_checkpoints=True)
+    for name in ("best.pt", "last.pt"):
+        assert (out / "weights/run/cell/fold0" / name).read_bytes() == (fake_run / "cell/fold0" / name).read_bytes()
+
+
+def test_a_checkpoint_that_is_not_one_is_named(fake_run, tmp_path, no_credentials):
+    (fake_run / "image/fold0/best.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ConfigError, match="image/fold0/best.pt"):
+        small_build(fake_run, tmp_path / "out")
 
 
 def test_kernel_script_gets_the_build_settings_and_compiles(fake_run, tmp_path, no_credentials):
@@ -225,7 +241,6 @@ def test_the_kit_wheel_is_pure_python_with_package_data_and_no_torch(tmp_path):
     requires = [line for line in meta.splitlines() if line.startswith("Requires-Dist:")]
     hard = [r for r in requires if "extra ==" not in r]
     assert hard and not any("torch" in r for r in hard), hard
-    assert not (kg.REPO / "build" / "lib").exists() or True  # the source tree is copied before building
     assert not list(kg.REPO.glob("*.egg-info"))
 
 
@@ -345,7 +360,17 @@ def test_push_runs_the_kaggle_executable_in_order(fake_run, tmp_path, with_crede
     assert SECRET not in capsys.readouterr().out
 
 
-def _fake_kaggle(bindir: Path, calls: Path, monkeypatch, fail_create: str = "") -> None:
+def test_push_stops_at_a_failure_the_cli_reports_with_status_0(fake_run, tmp_path, with_credentials, monkeypatch):
+    out = tmp_path / "out"
+    small_build(fake_run, out)
+    calls = tmp_path / "calls.txt"
+    _fake_kaggle(tmp_path / "bin", calls, monkeypatch, fail_kernel=True)
+    logged: list[str] = []
+    assert kg.push(out, mode="new", log=logged.append) == 1
+    assert any("kernels push" in l and "failed" in l for l in logged), logged
+
+
+def _fake_kaggle(bindir: Path, calls: Path, monkeypatch, fail_create: str = "", fail_kernel: bool = False) -> None:
     """A `kaggle` executable that records its arguments; `datasets create` of `fail_create` says it exists."""
     bindir.mkdir()
     exe = bindir / "kaggle"
@@ -354,7 +379,9 @@ def _fake_kaggle(bindir: Path, calls: Path, monkeypatch, fail_create: str = "") 
         "import sys\n"
         f"open({str(calls)!r}, 'a').write(' '.join(sys.argv[1:]) + '\\n')\n"
         f"if sys.argv[1:3] == ['datasets', 'create'] and {fail_create!r} and sys.argv[4].endswith({fail_create!r}):\n"
-        "    print('409 - Conflict: dataset already exists'); sys.exit(1)\n"
+        "    print('Dataset creation error: The requested title is already in use')\n"  # status 0, as kaggle does
+        f"if sys.argv[1:3] == ['kernels', 'push'] and {fail_kernel!r}:\n"
+        "    print('Kernel push error: something')\n"
     )
     exe.chmod(0o755)
     monkeypatch.setenv("PATH", f"{bindir}{os.pathsep}{os.environ['PATH']}")

@@ -13,7 +13,6 @@ from kit.models import (
     unwrap,
 )
 
-torch.set_num_threads(1)
 
 
 @pytest.mark.parametrize("name", ["resnet18", "resnet34", "resnet50"])

@@ -12,6 +12,9 @@ import pytest
 from pycocotools import mask as coco_mask
 
 from conftest import REAL_TRAIN_CSV, require
+
+# pycocotools 2.0.11 decode warns about numpy 2 copy semantics; harmless here
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 from kit import synth
 from kit.images import read_sample, to_float
 from kit.labels import NEGATIVE, parse_label
@@ -274,3 +277,7 @@ def test_cli(tmp_path, capsys):
     assert len(list((tmp_path / "d" / "train").glob("*.png"))) == 4
     assert main(["synth", "--out", str(tmp_path / "e"), "--train", "0", "--test", "0"]) == 2
     assert "at least one image" in capsys.readouterr().err
+    # rerunning into the same folder is fine; another dataset's files there are refused
+    assert main(["synth", "--out", str(tmp_path / "d"), "--train", "1", "--test", "1", "--size", "64"]) == 0
+    assert main(["synth", "--out", str(tmp_path / "d"), "--train", "1", "--test", "1", "--seed", "9"]) == 2
+    assert "another dataset" in capsys.readouterr().err

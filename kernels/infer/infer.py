@@ -123,8 +123,10 @@ def torch_stack_pins() -> list[str]:
 
 
 def pip(*args: str) -> None:
+    # --no-compile: byte-compiling every installed module costs more than half the install time;
+    # Python compiles lazily what is imported.
     cmd = [sys.executable, "-m", "pip", "install", "--no-index", "--disable-pip-version-check",
-           "--no-input", "--quiet", *args]
+           "--no-input", "--quiet", "--no-compile", *args]
     log("$ " + " ".join(cmd[2:]))
     subprocess.run(cmd, check=True)
 
@@ -141,7 +143,7 @@ def install(code: Path) -> dict:
     if not any(p.startswith("torch==") for p in pins):
         raise SystemExit("error: torch is not installed in this image; the kit uses the image's torch")
     log(f"image's torch stack kept as is: {', '.join(p for p in pins if p.split('==')[0] in TORCH_ROOTS)}")
-    constraints = working_dir() / ".kit-constraints.txt"
+    constraints = scratch_dir() / "constraints.txt"
     constraints.write_text("\n".join(pins) + "\n")
     pip("--find-links", str(wheels), "--no-deps", str(wheels / bundle["kit_wheel"]))
     pip("--find-links", str(wheels), "-r", str(code / "requirements.txt"), "-c", str(constraints))

@@ -27,7 +27,8 @@ A backend is a function ``fn(image, **options) -> (nuclei, cells)`` registered b
 Keyword-only parameters with defaults are the backend's options; their resolved values key the mask
 cache (`kit.segment.cache.MaskCache`). A backend may attach ``fn.batch(images, **options) -> list``
 to process several images per call (used by `segment_images`), and ``fn.cache_key(options) -> dict``
-to say which options change its output (e.g. to hash weight files by name and size, not by path).
+to say which options change its output (e.g. to hash weight files by name and size, not by path),
+and ``fn.check(options)`` to fail before a long run starts (missing package or weights).
 `segment_image` checks and repairs every backend's output (shape, dtype, id matching, contiguous
 ids), so a new backend only has to return plausible labels.
 """

@@ -13,7 +13,7 @@ Files are written atomically, so a file under its final name is complete; a reru
 
     python -m kit segment --images DIR --out CACHE [--backend classical|hpacellseg]
                           [--ids train.csv] [--workers N] [--shard I/N] [--option KEY=VALUE ...]
-                          [--tiles SIZE]
+                          [--plugin MODULE] [--tiles SIZE]
 
 `--shard I/N` (I counted from 0) takes every N-th image of the sorted ID list starting at I, so N
 array jobs with I = 0..N-1 cover every image exactly once and can share one cache folder.
@@ -21,6 +21,7 @@ array jobs with I = 0..N-1 cover every image exactly once and can share one cach
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import multiprocessing
 import re
@@ -66,9 +67,13 @@ class MaskCache:
     def __init__(self, root: str | Path, backend: str = "classical", params: dict | None = None):
         from kit.segment import backend_options
 
+        from kit.segment import get_backend
+
         self.root = Path(root)
         self.backend = backend
         self.params = backend_options(backend, params)
+        # Spawned workers import this module to find a backend registered outside kit.
+        self.backend_module = getattr(get_backend(backend), "__module__", None)
         self.dir = self.root / f"{backend}-{_hash_params(backend, self.params)}"
 
     def __repr__(self) -> str:
@@ -130,8 +135,10 @@ class MaskCache:
 
     def segment(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Run this cache's backend with its options on one image."""
-        from kit.segment import segment_image
+        from kit.segment import _REGISTRY, segment_image
 
+        if self.backend not in _REGISTRY and self.backend_module:
+            importlib.import_module(self.backend_module)
         return segment_image(image, self.backend, **self.params)
 
     def segment_and_save(self, image_id: str, image: np.ndarray) -> tuple[np.ndarray, np.ndarray, pd.DataFrame]:
@@ -245,7 +252,12 @@ def segment_folder(
     """
     from tqdm import tqdm
 
+    from kit.segment import get_backend
+
     ids = shard_ids(image_ids, shard)
+    check = getattr(get_backend(cache.backend), "check", None)
+    if check is not None and ids:
+        check(cache.params)  # fail before the first image (missing package, weights, ...)
     cache.dir.mkdir(parents=True, exist_ok=True)
     cache.write_params()
     cache.clean_temp()
@@ -302,12 +314,18 @@ def _read_ids(path: Path) -> list[str]:
 def _run_segment(args) -> int:
     from kit.segment import available_backends
 
+    for module in args.plugin:
+        try:
+            importlib.import_module(module)
+        except ImportError as exc:
+            raise ConfigError(f"--plugin {module}: cannot import it ({exc})") from exc
     if args.backend not in available_backends():
         raise ConfigError(f"unknown --backend {args.backend!r}; available: {', '.join(available_backends())}")
     options = dict(_parse_option(o) for o in args.option)
     ids = _read_ids(Path(args.ids)) if args.ids else list_image_ids(args.images)
     if not ids:
-        raise DataError(f"no images (<ID>_blue.png files) found in {args.images}")
+        raise DataError(f"no images (<ID>_blue.png files) found in {args.images} "
+                        "(for a dataset in the Kaggle layout use its train/ or test/ folder)")
     shard = parse_shard(args.shard)
     cache = MaskCache(args.out, args.backend, options)
     t0 = time.time()
@@ -336,6 +354,8 @@ def configure_segment(parser) -> None:
     parser.add_argument("--ids", default=None, help="CSV with an ID column (e.g. train.csv); default: every sample in --images")
     parser.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
     parser.add_argument("--shard", default=None, help="I/N: do only shard I of N (I from 0), for array jobs")
+    parser.add_argument("--plugin", action="append", default=[], metavar="MODULE",
+                        help="import MODULE first (it registers a backend with kit.segment.register_backend)")
     parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                         help="backend option, repeatable (e.g. scale=0.5, weights_dir=/path)")
     parser.add_argument("--tiles", type=int, default=0, metavar="SIZE", help="also build the tile cache with SIZE px tiles")

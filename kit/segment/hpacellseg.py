@@ -215,5 +215,12 @@ def _cache_key(options: dict) -> dict:
     return key
 
 
+def _check(options: dict) -> None:
+    """Fail early: the package imports and both weight files exist."""
+    _import_package()
+    _weight_paths(options.get("weights_dir"), options.get("nuclei_model"), options.get("cell_model"))
+
+
 segment_hpacellseg.batch = _batch
+segment_hpacellseg.check = _check
 segment_hpacellseg.cache_key = _cache_key

@@ -1,0 +1,177 @@
+"""kit.predict: fold/TTA averaging, a valid 19-triples-per-cell submission, resume after a kill."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from kit.combine import CombineSpec  # noqa: E402
+from kit.config import load_config, save_config, to_dict  # noqa: E402
+from kit.errors import KitError  # noqa: E402
+from kit.labels import NUM_CLASSES  # noqa: E402
+from kit.predict import (  # noqa: E402
+    FoldEnsemble,
+    MaskSource,
+    Predictor,
+    dihedral,
+    parse_combine_option,
+    predict,
+)
+from kit.submission import read_submission, validate_submission  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def make_run(root: Path, data_dir: Path, n_folds: int = 2) -> Path:
+    """A run folder with randomly initialised ResNet-18 checkpoints (no training needed)."""
+    from kit.models import build_from_config
+
+    run = root / "run"
+    cfg = load_config(None, [
+        "model.backbone=resnet18", "data.tile_size=32", "data.field_size=64", f"data.data_dir={data_dir}",
+        f"data.mask_cache={root / 'masks'}", "predict.batch_size=16", "train.device=cpu",
+    ])
+    cfg.run_dir = str(run)
+    save_config(cfg, run / "config.yaml")
+    torch.manual_seed(0)
+    for kind in ("cell", "image"):
+        for fold in range(n_folds):
+            model = build_from_config(cfg.model(kind), pretrained=False)
+            # random BN statistics: folds and images then give clearly different outputs
+            for m in model.modules():
+                if isinstance(m, torch.nn.BatchNorm2d):
+                    m.running_mean.uniform_(-0.5, 0.5)
+                    m.running_var.uniform_(0.5, 2.0)
+            path = run / kind / f"fold{fold}" / "best.pt"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.save({"model": model.state_dict(), "config": to_dict(cfg), "epoch": 1}, path)
+    return run
+
+
+@pytest.fixture(scope="module")
+def run_dir(tiny_dataset, tmp_path_factory) -> Path:
+    return make_run(tmp_path_factory.mktemp("predict_run"), tiny_dataset)
+
+
+def test_dihedral_gives_eight_distinct_transforms():
+    x = torch.arange(12.0).reshape(1, 1, 3, 4)[..., :3]  # 3 x 3, no symmetry
+    outs = [dihedral(x, k) for k in range(8)]
+    assert torch.equal(outs[0], x)
+    assert torch.equal(outs[1], x.flip(-1))
+    assert len({tuple(o.flatten().tolist()) for o in outs}) == 8
+
+
+def test_fold_ensemble_is_the_mean_over_folds_and_flips(run_dir):
+    from kit.models import load_fold_models, preprocess
+
+    rng = np.random.default_rng(0)
+    tiles = rng.integers(0, 255, size=(5, 4, 32, 32), dtype=np.uint8)
+    ens = FoldEnsemble(run_dir, "cell", "cpu", tta=2, batch_size=2)  # batches of 2: a ragged last batch
+    got = ens.predict(tiles)
+    models = load_fold_models(run_dir, "cell", "cpu")
+    assert len(models) == 2
+    x = preprocess(torch.from_numpy(tiles))
+    with torch.inference_mode():
+        expected = sum(torch.sigmoid(m(v)) for m in models for v in (x, x.flip(-1))) / 4
+    np.testing.assert_allclose(got, expected.numpy(), atol=2e-5)
+    assert got.shape == (5, NUM_CLASSES)
+    # the folds differ, so the mean is not just one model
+    with torch.inference_mode():
+        one = torch.sigmoid(models[0](x)).numpy()
+    assert np.abs(got - one).max() > 1e-4
+
+
+def test_predict_writes_a_valid_submission_with_every_class(run_dir, tiny_dataset, tmp_path):
+    out = tmp_path / "sub" / "submission.csv"
+    info = predict(run_dir, tiny_dataset / "test", out, ids_from=tiny_dataset / "sample_submission.csv",
+                   progress=False)
+    assert out.is_file()
+    assert validate_submission(out, sample=tiny_dataset / "sample_submission.csv", images=tiny_dataset / "test") == []
+    sub = read_submission(out)
+    sample_ids = [line.split(",")[0] for line in (tiny_dataset / "sample_submission.csv").read_text().splitlines()[1:]]
+    assert list(sub) == sample_ids
+    assert info["cells"] > 0
+    assert info["triples"] == NUM_CLASSES * info["cells"]
+    for pred in sub.values():
+        masks = {}
+        for cls, conf, mask in pred.triples:
+            masks.setdefault(mask, []).append(cls)
+            assert 0.0 <= conf <= 1.0
+        assert all(sorted(v) == list(range(NUM_CLASSES)) for v in masks.values())
+    # a tuned strategy from combine.yaml is used; an explicit spec overrides it
+    dropped = predict(run_dir, tiny_dataset / "test", tmp_path / "s2.csv", spec=CombineSpec("product"),
+                      min_confidence=0.3, progress=False)
+    assert dropped["triples"] < info["triples"]
+
+
+def test_predict_resumes_after_interruption_with_the_same_result(tiny_dataset, tmp_path):
+    run = make_run(tmp_path, tiny_dataset)
+    test_dir = tiny_dataset / "test"
+    sample = tiny_dataset / "sample_submission.csv"
+    predictor = Predictor(run)
+    masks = MaskSource(predictor.cfg, test_dir)
+    ids = [line.split(",")[0] for line in sample.read_text().splitlines()[1:]]
+    # "killed" after two images: their results are cached, the rest are not
+    partial = predictor.predict_folder(test_dir, ids, masks, progress=False, stop_after=2)
+    assert len(partial) == 2
+    cache = predictor.cache_dir(test_dir, masks)
+    done = sorted(cache.glob("*.npz"))
+    assert len(done) == 2
+    stamps = {p.name: p.stat().st_mtime_ns for p in done}
+    (cache / ".half-written.tmp.npz").write_bytes(b"junk")  # what a kill during a write leaves
+    resumed = tmp_path / "resumed.csv"
+    predict(run, test_dir, resumed, ids_from=sample, progress=False)
+    assert {p.name: p.stat().st_mtime_ns for p in done} == stamps  # reused, not recomputed
+    assert len(list(cache.glob("[!.]*.npz"))) == len(ids)
+    # uninterrupted run from scratch (prediction cache removed)
+    for p in cache.glob("*"):
+        p.unlink()
+    fresh = tmp_path / "fresh.csv"
+    predict(run, test_dir, fresh, ids_from=sample, progress=False)
+    assert resumed.read_bytes() == fresh.read_bytes()
+
+
+def test_prediction_cache_is_keyed_by_the_checkpoints(run_dir, tiny_dataset):
+    predictor = Predictor(run_dir)
+    masks = MaskSource(predictor.cfg, tiny_dataset / "test")
+    before = predictor.cache_dir(tiny_dataset / "test", masks)
+    ckpt = run_dir / "cell" / "fold0" / "best.pt"
+    st = ckpt.stat()
+    os.utime(ckpt, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # a retrained fold
+    try:
+        assert predictor.cache_dir(tiny_dataset / "test", masks) != before
+        assert Predictor(run_dir, tta=2).cache_dir(tiny_dataset / "test", masks) != \
+            predictor.cache_dir(tiny_dataset / "test", masks)
+    finally:
+        os.utime(ckpt, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def test_parse_combine_option():
+    assert parse_combine_option("geometric:0.3:max:0.5") == CombineSpec("geometric", 0.3, "max", 0.5)
+    assert parse_combine_option("image_only") == CombineSpec("image_only")
+    with pytest.raises(KitError):
+        parse_combine_option("geometric:x")
+
+
+def test_missing_run_folder_is_a_user_error(tmp_path, tiny_dataset):
+    with pytest.raises(KitError, match="config.yaml"):
+        predict(tmp_path / "nope", tiny_dataset / "test", tmp_path / "s.csv", progress=False)
+
+
+def test_predict_command_line(run_dir, tiny_dataset, tmp_path):
+    out = tmp_path / "cli.csv"
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    proc = subprocess.run(
+        [sys.executable, "-m", "kit", "predict", "--run", str(run_dir), "--images", str(tiny_dataset / "test"),
+         "--out", str(out), "--ids-from", str(tiny_dataset / "sample_submission.csv"), "--combine", "product"],
+        capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "validated" in proc.stdout
+    assert validate_submission(out, sample=tiny_dataset / "sample_submission.csv") == []
