@@ -6,7 +6,8 @@
 
 Speed: the classical segmenter at its default 1/4 working scale beside the same algorithm at full
 resolution (``scale=1``), both on the same images in this process, one thread (cv2 and BLAS pinned
-to one core); plus the cell table and 25-cell-ish tile extraction per image. Medians over repeats.
+to one core); plus the cell table and tile extraction per image. Process CPU time, medians over
+repeats (CPU time is what one core spends; wall time on a shared machine is inflated by others).
 Quality: instance F1 of predicted vs true cells (and nuclei) at IoU >= 0.6 on `kit.synth` fields
 (generated into a temporary folder unless --data gives one: a folder holding `<size>px-<bits>bit/`).
 """
@@ -52,20 +53,22 @@ def _truth(ds: Path, image_id: str, what: str = "cell") -> np.ndarray:
 
 
 def _timed(fn, repeats: int) -> tuple[float, object]:
+    """Median CPU time of this process (one thread, so ~ one core's wall time on an idle machine;
+    less inflated than wall time when other jobs share the cores) and the last result."""
     times, out = [], None
     for _ in range(repeats):
-        t = time.perf_counter()
+        t = time.process_time()
         out = fn()
-        times.append(time.perf_counter() - t)
+        times.append(time.process_time() - t)
     return statistics.median(times), out
 
 
 def speed(args, root: Path) -> None:
-    cv2.setNumThreads(1)
+    cv2.setNumThreads(0)
     ds = _dataset(root, args.speed_size, 8, args.n_speed, args.seed)
     ids = _ids(ds, args.n_speed)
-    print(f"speed: {len(ids)} synthetic {args.speed_size} px images, one thread, median of {args.repeats} "
-          f"repeats per image (machine shared with other jobs: compare ratios)")
+    print(f"speed: {len(ids)} synthetic {args.speed_size} px images, one thread, CPU time, median of "
+          f"{args.repeats} repeats per image (machine shared with other jobs: compare ratios)")
     rows = []
     warm = read_sample(ds / "train", ids[0])
     segment_image(warm, scale=args.scale)  # first call pays for lazy imports

@@ -411,7 +411,7 @@ def load_oof(run_dir: str | Path, cfg=None, progress: bool = True, truth: bool |
 
     from kit.config import load_config
     from kit.labels import read_labels_csv
-    from kit.segment.cache import MaskCache
+    from kit.predict import open_mask_cache
 
     run_dir = Path(run_dir)
     if cfg is None:
@@ -445,7 +445,7 @@ def load_oof(run_dir: str | Path, cfg=None, progress: bool = True, truth: bool |
                      "(macro AP of each image's largest cell score against its image labels); "
                      "cell-level mAP is unavailable")
 
-    cache = MaskCache(cfg.data.mask_cache, cfg.data.segment_backend)
+    cache = open_mask_cache(cfg)
     by_image = {k: g for k, g in cell_oof.groupby("ID", sort=False)}
     parts: dict[str, list] = {k: [] for k in ("ids", "cells", "folds", "cp", "vis", "truth", "verified")}
     image_n_pos = np.zeros((len(images), NUM_CLASSES), np.int64)

@@ -47,8 +47,11 @@ def worker_init_fn(worker_id: int) -> None:
 def augment(x: np.ndarray, rng: np.random.Generator, intensity: float = 0.2) -> np.ndarray:
     """Random dihedral transform (flips, 90-degree rotations) and per-channel brightness/contrast.
 
-    x: C x H x W uint8 (H == W for rotations). Contrast factor in [1 - intensity, 1 + intensity],
-    brightness shift in +-intensity/2 of full scale, drawn per channel. Returns uint8 C x H x W.
+    x: C x H x W uint8 (H == W for rotations). Per channel: brightness = a gain in
+    [1 - intensity, 1 + intensity]; contrast = a stretch about the channel's mean by a factor in
+    the same range. Both are multiplicative, so a faint protein channel (HPA green often averages a
+    few grey levels) is scaled, never drowned by an additive shift, and black background stays black
+    under the gain. Returns uint8 C x H x W.
     """
     k = int(rng.integers(4))
     if k:
@@ -57,9 +60,12 @@ def augment(x: np.ndarray, rng: np.random.Generator, intensity: float = 0.2) -> 
         x = x[:, :, ::-1]
     if intensity > 0:
         c = x.shape[0]
+        gain = rng.uniform(1 - intensity, 1 + intensity, size=(c, 1, 1)).astype(np.float32)
         contrast = rng.uniform(1 - intensity, 1 + intensity, size=(c, 1, 1)).astype(np.float32)
-        bright = rng.uniform(-intensity / 2, intensity / 2, size=(c, 1, 1)).astype(np.float32) * 255.0
-        x = np.clip(x.astype(np.float32) * contrast + bright, 0, 255).astype(np.uint8)
+        y = x.astype(np.float32)
+        mean = y.mean(axis=(1, 2), keepdims=True)
+        y = ((y - mean) * contrast + mean) * gain
+        x = np.clip(y + 0.5, 0, 255).astype(np.uint8)
     return np.ascontiguousarray(x)
 
 

@@ -249,25 +249,32 @@ def _title_from_slug(slug: str) -> str:
 # Per-image figures used by `estimate_runtime`, with their sources. "here" = this project's dev
 # machine (2 cores, AVX2, no GPU; docs: /work/shared/FACTS.md, medians on a shared machine).
 # CNN speed is modelled as (backbone GFLOPs at 224 px) x (side/224)^2 / effective GFLOP/s.
-BACKBONE_GFLOPS_224 = {  # torchvision model docs (GFLOPS at 224 x 224, 3 channels; the 4-channel stem adds <1%)
+BACKBONE_GFLOPS_224 = {  # torchvision model docs (GFLOPS at 224 x 224, 3 channels; the 4-channel stem adds 1-2%)
     "resnet18": 1.81, "resnet34": 3.66, "resnet50": 4.09, "resnet101": 7.80, "resnet152": 11.51,
     "efficientnet_b0": 0.39, "efficientnet_b3": 1.83, "densenet121": 2.83,
 }
+# CPU work per 2048 px field, one core (medians; the machine was shared, so these are upper-ish):
+#   PNG decode of 4 channels: 16-bit 0.236 s (FACTS.md); classical segmentation at 1/4 scale 0.262 s,
+#   cell table 0.174 s, tiles 0.127 s per 25 cells (benchmarks/bench_segment.py, run 2026-11-25 18:25 UTC,
+#   3 synthetic 2048 px fields) -> 0.8 s. It does not shrink on a GPU machine (decoding and the
+#   classical segmenter stay on the CPU).
+CPU_S_PER_FIELD = 0.8
 HARDWARE = {
-    # effective_gflops: CNN inference throughput. cpu_s_per_image: PNG decode + classical segmentation +
-    # tiles for one 2048 px field (decode 16-bit 0.236 s + segmentation 0.06-0.3 s + 25 tiles 0.025 s,
-    # FACTS.md, rounded up to 0.5 s); hpacellseg_s: the HPA Cell Segmentator per field.
-    "here-cpu": dict(effective_gflops=50.0, cpu_s_per_image=0.5, hpacellseg_s=30.0,
-                     source="measured here: ResNet-50@224 ~11 tiles/s (45 GFLOP/s), ResNet-18@128 ~95 tiles/s "
-                            "(56 GFLOP/s) (FACTS.md); hpacellseg on CPU: assumption"),
-    "kaggle-cpu": dict(effective_gflops=100.0, cpu_s_per_image=0.5, hpacellseg_s=30.0,
-                       source="assumption: Kaggle CPU session = 4 cores, twice the measured 2-core figure"),
-    "t4": dict(effective_gflops=2000.0, cpu_s_per_image=0.5, hpacellseg_s=1.5,
-               source="assumption, not measured: ~25% of the T4's 8.1 TFLOPS fp32 peak (NVIDIA T4 datasheet), "
-                      "i.e. ~490 ResNet-50 tiles/s at 224 px; hpacellseg ~1.5 s/field"),
-    "p100": dict(effective_gflops=2300.0, cpu_s_per_image=0.5, hpacellseg_s=1.5,
-                 source="assumption, not measured: ~25% of the P100's 9.3 TFLOPS fp32 peak (NVIDIA P100 datasheet); "
-                        "hpacellseg ~1.5 s/field"),
+    # effective_gflops: CNN inference throughput; hpacellseg_s: the HPA Cell Segmentator per field.
+    "here-cpu": dict(effective_gflops=50.0, cpu_s_per_image=CPU_S_PER_FIELD, hpacellseg_s=30.0,
+                     source="measured here, 2 cores: ResNet-50@224 ~11 tiles/s (45 GFLOP/s), ResNet-18@128 "
+                            "~95 tiles/s (56 GFLOP/s) (FACTS.md); CPU work per field bench_segment.py; "
+                            "hpacellseg on CPU: assumption"),
+    "kaggle-cpu": dict(effective_gflops=100.0, cpu_s_per_image=CPU_S_PER_FIELD, hpacellseg_s=30.0,
+                       source="assumption: a Kaggle CPU session has 4 cores, twice the CNN rate measured on 2 "
+                              "here (FACTS.md); CPU work per field measured here (bench_segment.py)"),
+    "t4": dict(effective_gflops=2000.0, cpu_s_per_image=CPU_S_PER_FIELD, hpacellseg_s=1.5,
+               source="CNN: assumption, not measured: ~25% of the T4's 8.1 TFLOPS fp32 peak (NVIDIA T4 "
+                      "datasheet), i.e. ~490 ResNet-50 tiles/s at 224 px; hpacellseg ~1.5 s/field (assumption); "
+                      "CPU work per field measured here (bench_segment.py)"),
+    "p100": dict(effective_gflops=2300.0, cpu_s_per_image=CPU_S_PER_FIELD, hpacellseg_s=1.5,
+                 source="CNN: assumption, not measured: ~25% of the P100's 9.3 TFLOPS fp32 peak (NVIDIA P100 "
+                        "datasheet); hpacellseg ~1.5 s/field (assumption); CPU work per field measured here"),
 }
 FIXED_OVERHEAD_S = 180.0  # pip install from the bundle + model loading (assumption; the kernel prints its own)
 
@@ -329,7 +336,11 @@ def estimate_runtime(n_images: int = DEFAULT_N_TEST, *, hardware: str = "t4", ce
     if seg:
         parts["hpacellseg"] = seg
     per_image = sum(parts.values())
-    return Estimate(n_images, hardware, n_images * per_image + FIXED_OVERHEAD_S, per_image, parts, hw["source"])
+    source = hw["source"]
+    unknown = sorted({b for b in (cell_backbone, image_backbone or cell_backbone) if b not in BACKBONE_GFLOPS_224})
+    if unknown:
+        source += f"; no GFLOPs figure for {', '.join(unknown)}: ResNet-50's used"
+    return Estimate(n_images, hardware, n_images * per_image + FIXED_OVERHEAD_S, per_image, parts, source)
 
 
 def _run_figures(run_config: dict) -> dict:
@@ -539,7 +550,7 @@ def gather_wheels(pins: dict[str, str], dest: Path, *, wheelhouses: list[Path] =
     missing = []
     for name, version in pins.items():
         if (name, version) in have:
-            sources[name] = "wheelhouse" if not index else "pip"
+            sources[name] = "pip download" + (f" from {', '.join(map(str, wheelhouses))}" if wheelhouses else "")
             continue
         if repack and python_version is None:
             repack_installed(name, dest)
@@ -815,6 +826,9 @@ def build(opts: BuildOptions, log=print) -> dict:
     # code dataset
     code = out / "code"
     wheels = code / "wheels"
+    target = opts.python_version or f"{sys.version_info.major}.{sys.version_info.minor}"
+    if (code / BUNDLE_MANIFEST).is_file() and json.loads((code / BUNDLE_MANIFEST).read_text()).get("python") != target:
+        shutil.rmtree(wheels, ignore_errors=True)  # wheels of an earlier build for another Python
     wheels.mkdir(parents=True, exist_ok=True)
     log(f"code dataset: building the kit wheel -> {wheels}")
     kit_wheel = build_kit_wheel(wheels)
@@ -855,7 +869,7 @@ def build(opts: BuildOptions, log=print) -> dict:
     bundle = {
         "kit_version": __version__,
         "created": _now(),
-        "python": opts.python_version or f"{sys.version_info.major}.{sys.version_info.minor}",
+        "python": target,
         "kit_wheel": kit_wheel.name,
         "requirements": [f"{n}=={v}" for n, v in pins.items()],
         "sources": sources,

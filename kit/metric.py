@@ -262,7 +262,7 @@ class InstanceSegmentationEvaluator:
         self,
         image_id: str,
         ground_truth: ImagePrediction,
-        detections: ImagePrediction | None,
+        detections: ImagePrediction | None = None,
     ) -> None:
         """Match one image's detections to its ground truth and keep the (score, TP) pairs.
 

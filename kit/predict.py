@@ -208,10 +208,26 @@ class MaskSource:
 
 
 def open_mask_cache(cfg):
-    """The run's `kit.segment.cache.MaskCache` (root, backend from the config)."""
+    """The run's `kit.segment.cache.MaskCache` (root and backend from the config).
+
+    When the run's tile cache records the mask folder its tiles were cut from (``params.json``),
+    that folder is used even if the backend's defaults changed since (a newer kit): the OOF cell
+    ids and the test masks must come from the segmentation the models were trained on.
+    """
     from kit.segment.cache import MaskCache
 
-    return MaskCache(cfg.data.mask_cache, cfg.data.segment_backend)
+    cache = MaskCache(cfg.data.mask_cache, cfg.data.segment_backend)
+    params = Path(cfg.data.tile_cache) / "params.json"
+    if params.is_file():
+        try:
+            info = json.loads(params.read_text())
+        except ValueError:
+            info = {}
+        pinned = Path(info.get("mask_cache", ""))
+        if info.get("mask_cache") and pinned != cache.dir and pinned.is_dir() and info.get("backend") == cache.backend:
+            cache.dir = pinned
+            cache.params = info.get("backend_params", cache.params)
+    return cache
 
 
 def segment_into_cache(cache, images_dir: Path, ids: Sequence[str], workers: int = 1, progress: bool = True) -> None:

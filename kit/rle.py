@@ -17,8 +17,9 @@ This module reproduces those bytes without pycocotools' full-frame copies:
 
 - `encode_binary_mask(mask) -> str`: one mask; byte-identical to `reference_encode_binary_mask`
   (the host's code, kept here for tests and benchmarks) except that it returns ``str``.
-- `encode_label_image(labels) -> {cell_id: str}`: every cell of a label image in one pass over the
-  image in column-major order (each string identical to ``encode_binary_mask(labels == id)``).
+- `encode_label_image(labels) -> {cell_id: str}`: every cell of a label image from one pass over
+  the image (run boundaries found on the C-ordered array, put in column-major order; no per-cell
+  full-frame mask), each string identical to ``encode_binary_mask(labels == id)``.
 - `decode_binary_mask(text, height, width) -> H x W bool`, `decode_to_crop(text, height, width)
   -> (y0, x0, crop)`: the full frame, or only the mask's bounding box (what the metric needs).
 - `mask_runs(text, height, width) -> MaskRuns(starts, ends, height, width)`: the foreground runs

@@ -71,7 +71,7 @@ import numpy as np
 
 from kit.atomic import atomic_open, atomic_path
 from kit.errors import ConfigError
-from kit.labels import CLASS_NAMES, NEGATIVE, NUM_CLASSES, format_label
+from kit.labels import NEGATIVE, format_label
 
 LABEL_TABLE = Path(__file__).resolve().parent / "data" / "label_sets.csv"
 SPLITS = {"train": 0, "test": 1}
@@ -617,7 +617,7 @@ def _render_patterns(rng, ctx: _Ctx, labels: list[int], er_local, mt_local, nucl
         elif l == 17:  # vesicles: many cytoplasmic dots
             k = int(np.clip((c.R / (3 * s)) ** 2 / 20, 40, 600))
             ys, xs = _sample_in(rng, ctx, ctx.cyto, k)
-            p = _splat(ctx.shape, ys, xs, rng.uniform(0.4, 1.3, k), sp(2.5)) + 0.05 * ctx.prof
+            p = _splat(ctx.shape, ys, xs, rng.uniform(0.4, 1.3, k), sp(2.5)) + 0.02 * ctx.prof
         else:
             continue
         g += amp * p.astype(np.float32)
@@ -650,7 +650,7 @@ def _finish(rng: np.random.Generator, size: int, channels, negative: bool = Fals
         # out-of-focus light: a wide halo around everything bright
         halo = cv2.resize(_blur(cv2.resize(x, small, interpolation=cv2.INTER_AREA), 2.5), (W, H),
                           interpolation=cv2.INTER_LINEAR)
-        x = _blur(x, focus) + float(rng.uniform(0.05, 0.2)) * halo
+        x = _blur(x, focus) + float(rng.uniform(0.03, 0.12)) * halo
         shot = float(rng.uniform(0.003, 0.015)) * z
         read = float(rng.uniform(0.002, 0.007)) * math.sqrt(z)
         offset = float(rng.uniform(-1.5, 0.3)) * read  # dark level subtracted: many exact zeros
@@ -705,7 +705,7 @@ def make_field(rng: np.random.Generator | int, size: int = 512, labels: list[int
     contact[:-1, :] |= dv
     edge_bg = cv2.distanceTransform((lp > 0).astype(np.uint8), cv2.DIST_L2, 3)[1:-1, 1:-1]
     edge_int = cv2.distanceTransform((~contact).astype(np.uint8), cv2.DIST_L2, 3)[1:-1, 1:-1]
-    valley = float(rng_img.uniform(0.1, 0.5))
+    valley = float(rng_img.uniform(0.0, 0.5))
     # cytoplasm thickness: a dome over the cell, thin lamella at free edges (fall-off within
     # ~25 px at 2048) and a slight valley where two cells touch
     le = max(25 * s, 1.0)
@@ -784,7 +784,7 @@ def make_field(rng: np.random.Generator | int, size: int = 512, labels: list[int
         er_l = er.astype(np.float32) * own
         yellow[ctx.sl] += er_l * level * float(rng.uniform(0.8, 1.2))
         gl = _render_patterns(rng_pat, ctx, c.labels, er_l, mt * own, nucleoli, nmap, centro, spindle, thick)
-        gl = gl * own * cell_level[c.id] + 0.04 * ctx.prof  # non-specific background of every cell
+        gl = gl * own * cell_level[c.id] + 0.025 * ctx.prof  # non-specific background of every cell
         green[ctx.sl] += gl
 
     # antibody staining is punctate: a log-normal grain at the scale of a few 2048-px pixels

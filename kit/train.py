@@ -15,7 +15,8 @@ Run folder (rank 0 writes, every file atomically)::
     <run_dir>/train_metrics.json           per kind and fold: best validation metrics
     <run_dir>/<kind>/fold<k>/last.pt       checkpoint after the latest epoch (resume from here)
                             best.pt        checkpoint of the best validation macro-AP
-                            epochs.csv     epoch,train_loss,valid_loss,accuracy_multi,precision,micro_ap,macro_ap,lr,time_s
+                            epochs.csv     epoch,train_loss,valid_loss,accuracy_multi,precision,micro_ap,macro_ap,lr,time_s[,image_macro_ap]
+                                           (image_macro_ap, cell model only: max over each image's cells vs its labels)
                             oof.csv        validation probabilities of best.pt: cell ID,cell_id,p0..p18; image ID,p0..p18
                             loss_curves.png, confusion_matrices.png (one 2x2 per label), pr_curves.png
 
@@ -472,6 +473,16 @@ def ensure_run_dir(cfg: Config) -> Config:
     return cfg
 
 
+def _per_image_max(img_idx: np.ndarray, probs: np.ndarray, targets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Cell rows -> one row per image: max probability over its cells, the image's target."""
+    uniq, inv = np.unique(img_idx, return_inverse=True)
+    out = np.zeros((len(uniq), probs.shape[1]), np.float32)
+    np.maximum.at(out, inv, probs)
+    tgt = np.zeros_like(out)
+    tgt[inv] = targets
+    return out, tgt
+
+
 def _write_oof(path: Path, ds, kind: str, probs: np.ndarray) -> None:
     import pandas as pd
 
@@ -489,6 +500,8 @@ def _write_epochs_csv(path: Path, history: list[dict]) -> None:
     import pandas as pd
 
     cols = ["epoch", *METRIC_COLUMNS, "lr", "time_s"]
+    if history and "image_macro_ap" in history[0]:
+        cols.append("image_macro_ap")
     with atomic_open(path, "w", newline="") as f:
         pd.DataFrame(history, columns=cols).to_csv(f, index=False, float_format="%.6g")
 
@@ -606,9 +619,12 @@ def train_fold(cfg: Config, kind: str, fold: int, resume: bool = False, stop_aft
         if is_main:
             ev = evaluate(unwrap(model), valid_loader, loss_fn, device, tcfg, progress, desc="valid")
             metrics = compute_metrics(ev["targets"], ev["probs"])
+            if kind == "cell" and len(valid_ds):  # image level: max over each image's cells
+                img_probs, img_targets = _per_image_max(valid_ds.img_idx, ev["probs"], ev["targets"])
+                metrics["image_macro_ap"] = compute_metrics(img_targets, img_probs)["macro_ap"]
             row = {"epoch": epoch, "train_loss": train_loss, "valid_loss": ev["valid_loss"], **metrics,
                    "lr": optimizer.param_groups[0]["lr"], "time_s": time.time() - t0}
-            history.append({k: row[k] for k in ("epoch", *METRIC_COLUMNS, "lr", "time_s")})
+            history.append({k: row[k] for k in ("epoch", *METRIC_COLUMNS, "lr", "time_s", "image_macro_ap") if k in row})
             say(format_row(row))
             score = metrics["macro_ap"] if math.isfinite(metrics["macro_ap"]) else -ev["valid_loss"]
             improved = score > best_score

@@ -448,3 +448,20 @@ def test_missing_wheel_for_another_python_is_an_error_naming_it(tmp_path):
     with pytest.raises(ConfigError, match="tqdm==") as err:
         kg.gather_wheels({"tqdm": "0.0.1"}, tmp_path / "w", wheelhouses=[tmp_path], python_version="3.10")
     assert "--wheelhouse" in str(err.value)
+
+
+def test_hpacellseg_wheel_and_weights_are_bundled(fake_run, tmp_path, no_credentials):
+    whl = tmp_path / "hpacellseg-0.1.8-py3-none-any.whl"
+    whl.write_bytes(b"PK\x05\x06" + b"\0" * 18)  # an empty zip: only copied here
+    weights = tmp_path / "hpa-weights"
+    weights.mkdir()
+    (weights / "nuclei-model.pth").write_bytes(b"n")
+    (weights / "cell-model.pth").write_bytes(b"c")
+    out = tmp_path / "out"
+    small_build(fake_run, out, hpacellseg_wheel=whl, hpacellseg_weights=weights)
+    bundle = json.loads((out / "code/kit-bundle.json").read_text())
+    assert bundle["hpacellseg_wheel"] == whl.name and (out / "code/wheels" / whl.name).is_file()
+    assert sorted(p.name for p in (out / "code" / bundle["hpacellseg_weights"]).iterdir()) == ["cell-model.pth",
+                                                                                             "nuclei-model.pth"]
+    with pytest.raises(ConfigError, match="not found"):
+        small_build(fake_run, out, hpacellseg_weights=tmp_path / "nowhere")

@@ -193,6 +193,11 @@ def test_kernel_used_the_bundle_and_kept_the_image_torch(kaggle_sim):
     after = sorted(str(p.relative_to(kaggle_sim["inp"])) for p in kaggle_sim["inp"].rglob("*"))
     assert after == kaggle_sim["before"]
     assert not any((kaggle_sim["out"]).rglob("kaggle.json"))
+    # the exposed image packages (symlinks into this project's .venv) are intact: pip never removes a
+    # distribution outside the environment it installs into, and the constraints kept it from trying
+    exposed = kaggle_sim["venv"].parent / "image-site-packages"
+    assert all(p.exists() for p in exposed.iterdir())
+    assert (Path(torch_file).parent / "__init__.py").is_file()
 
 
 def test_kernel_process_had_no_network(kaggle_sim):

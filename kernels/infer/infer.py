@@ -49,6 +49,19 @@ def log(msg: str) -> None:
     print(f"[{time.time() - T0:7.1f} s] {msg}", flush=True)
 
 
+def unpacked(parent: Path, name: str) -> Path:
+    """``parent/name``, or the scratch extraction of ``parent/name.zip`` when Kaggle kept the archive that
+    ``kaggle datasets create --dir-mode zip`` uploaded (it normally unpacks it)."""
+    if (parent / name).exists() or not (parent / f"{name}.zip").is_file():
+        return parent / name
+    import zipfile
+
+    dest = scratch_dir() / "unzipped" / parent.name
+    with zipfile.ZipFile(parent / f"{name}.zip") as zf:
+        zf.extractall(dest)
+    return dest / name if (dest / name).exists() else dest
+
+
 def input_root() -> Path:
     return Path(os.environ.get("KAGGLE_INPUT_ROOT", "/kaggle/input"))
 
@@ -133,8 +146,8 @@ def pip(*args: str) -> None:
 
 def install(code: Path) -> dict:
     bundle = json.loads((code / "kit-bundle.json").read_text())
-    wheels = code / "wheels"
-    if not wheels.is_dir():  # `--dir-mode zip` uploads folders as archives Kaggle unpacks; be tolerant
+    wheels = unpacked(code, "wheels")
+    if not (wheels / bundle["kit_wheel"]).is_file():
         hits = sorted(code.rglob(bundle["kit_wheel"]))
         if not hits:
             raise SystemExit(f"error: {bundle['kit_wheel']} not found under {code}")
@@ -202,7 +215,7 @@ def main() -> int:
     log(f"code dataset {code}; weights dataset {weights}; competition data {comp}")
     install(code)
     importlib.invalidate_caches()
-    run_dir = writable_run(weights / json.loads((weights / "kit-weights.json").read_text()).get("run_dir", "run"))
+    run_dir = writable_run(unpacked(weights, json.loads((weights / "kit-weights.json").read_text()).get("run_dir", "run")))
     out = working_dir() / "submission.csv"
     n_images = len({p.name.rsplit("_", 1)[0] for p in (comp / "test").glob("*_green.*")})
     extra = list(SETTINGS.get("predict_args", []))
