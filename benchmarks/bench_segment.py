@@ -69,6 +69,9 @@ def speed(args, root: Path) -> None:
     ids = _ids(ds, args.n_speed)
     print(f"speed: {len(ids)} synthetic {args.speed_size} px images, one thread, CPU time, median of "
           f"{args.repeats} repeats per image (machine shared with other jobs: compare ratios)")
+    from kit.segment.cache import MaskCache
+
+    cache = MaskCache(root / "bench-cache")
     rows = []
     warm = read_sample(ds / "train", ids[0])
     segment_image(warm, scale=args.scale)  # first call pays for lazy imports
@@ -78,18 +81,20 @@ def speed(args, root: Path) -> None:
         t_full, (nuc_f, cells_f) = _timed(lambda: segment_image(image, scale=1.0, min_work_side=0), 1)
         t_table, table = _timed(lambda: cell_table(nuc, cells, image), args.repeats)
         t_tiles, (tiles, _) = _timed(lambda: extract_tiles(image, cells, args.tile_size, table=table), args.repeats)
+        t_save, _ = _timed(lambda: cache.save(image_id, nuc, cells, table), 1)
         truth = _truth(ds, image_id)
         f_q = instance_f1(cells, truth)["f1"]
         f_f = instance_f1(cells_f, truth)["f1"]
-        rows.append((t_quarter, t_full, t_table, t_tiles, len(tiles), f_q, f_f))
+        rows.append((t_quarter, t_full, t_table, t_tiles, len(tiles), f_q, f_f, t_save))
         print(f"  {image_id[:8]}  scale {args.scale}: {t_quarter * 1000:6.0f} ms (F1 {f_q:.2f})   full res: "
               f"{t_full * 1000:6.0f} ms (F1 {f_f:.2f})   table {t_table * 1000:4.0f} ms   "
-              f"{len(tiles)} tiles {args.tile_size}px {t_tiles * 1000:4.0f} ms")
+              f"{len(tiles)} tiles {args.tile_size}px {t_tiles * 1000:4.0f} ms   cache write {t_save * 1000:4.0f} ms")
     med = [statistics.median(c) for c in zip(*rows)]
     print(f"median: segment at scale {args.scale} {med[0] * 1000:.0f} ms vs full resolution {med[1] * 1000:.0f} ms "
           f"-> {med[1] / med[0]:.1f}x faster (target <= 500 ms); cell table {med[2] * 1000:.0f} ms; "
           f"tiles {med[3] * 1000:.0f} ms for a median {med[4]:.0f} cells "
-          f"({med[3] / max(med[4], 1) * 25 * 1000:.0f} ms per 25 cells, target <= 100 ms)")
+          f"({med[3] / max(med[4], 1) * 25 * 1000:.0f} ms per 25 cells, target <= 100 ms); "
+          f"mask cache write {med[7] * 1000:.0f} ms")
 
 
 def quality(args, root: Path) -> None:

@@ -230,3 +230,80 @@ def test_candidate_specs_cover_the_sweep():
     # unweighted: 3 * 3 negatives * 2 powers; weighted: 3 * 2 weights * 3 * 2
     assert len(specs) == 3 * 3 * 2 + 3 * 2 * 3 * 2
     assert len(set(specs)) == len(specs)
+
+
+def _fake_run(root):
+    """A run folder with hand-made OOF predictions, its mask cache and per-cell truth.
+
+    Two images of four cells (quadrants); class 0 is in 3 cells of image A and 1 cell of image B.
+    The image model knows A has more class-0 cells (0.9 vs 0.3); the cell model ranks the cells
+    right within each image but is miscalibrated across images (B's cells all above A's). Only a
+    combination ranks every positive cell first.
+    """
+    from kit.cells import cell_table
+    from kit.config import load_config, save_config
+    from kit.rle import encode_label_image
+    from kit.segment.cache import MaskCache
+
+    data = root / "data"
+    data.mkdir()
+    cells = np.zeros((32, 32), np.int32)
+    cells[:16, :16], cells[:16, 16:], cells[16:, :16], cells[16:, 16:] = 1, 2, 3, 4
+    nuclei = np.zeros_like(cells)
+    for k, (y, x) in enumerate([(8, 8), (8, 24), (24, 8), (24, 24)], start=1):
+        nuclei[y - 3:y + 3, x - 3:x + 3] = k
+    rle = encode_label_image(cells)
+    positives = {"imgA": [1, 2, 3], "imgB": [4]}
+    image_prob = {"imgA": 0.9, "imgB": 0.3}
+    cell_prob = {"imgA": (0.3, 0.2), "imgB": (0.8, 0.7)}  # (positive cell, negative cell)
+    cfg = load_config(None, [f"data.data_dir={data}", f"data.mask_cache={root / 'masks'}",
+                             f"data.tile_cache={root / 'tiles'}"])
+    cache = MaskCache(cfg.data.mask_cache, cfg.data.segment_backend)
+    sol, train, cell_rows, image_rows = [], [], [], []
+    for fold, (image_id, pos) in enumerate(positives.items()):
+        cache.save(image_id, nuclei, cells, cell_table(nuclei, cells))
+        triples = " ".join(f"{0 if k in pos else 18} 1 {rle[k]}" for k in range(1, 5))
+        sol.append(f"{image_id},32,32,{triples}")
+        train.append(f"{image_id},0")
+        for k in range(1, 5):
+            p = np.full(NUM_CLASSES, 0.05)
+            p[0] = cell_prob[image_id][0 if k in pos else 1]
+            cell_rows.append((fold, f"{image_id},{k}," + ",".join(f"{v:g}" for v in p)))
+        p = np.full(NUM_CLASSES, 0.05)
+        p[0] = image_prob[image_id]
+        image_rows.append((fold, f"{image_id}," + ",".join(f"{v:g}" for v in p)))
+    (data / "train_solution.csv").write_text("ID,ImageWidth,ImageHeight,PredictionString\n" + "\n".join(sol) + "\n")
+    (data / "train.csv").write_text("ID,Label\n" + "\n".join(train) + "\n")
+    run = root / "run"
+    cols = ",".join(f"p{c}" for c in range(NUM_CLASSES))
+    for kind, rows, head in (("cell", cell_rows, "ID,cell_id," + cols), ("image", image_rows, "ID," + cols)):
+        for fold in (0, 1):
+            path = run / kind / f"fold{fold}" / "oof.csv"
+            path.parent.mkdir(parents=True)
+            path.write_text(head + "\n" + "\n".join(r for f, r in rows if f == fold) + "\n")
+    cfg.run_dir = str(run)
+    save_config(cfg, run / "config.yaml")
+    return run
+
+
+def test_tune_run_chooses_a_combination_that_beats_both_sources(tmp_path):
+    from kit.combine import read_combine_spec, tune_run
+    from kit.config import load_config
+
+    run = _fake_run(tmp_path)
+    specs = candidate_specs(strategies=["cell_only", "image_only", "product"], negatives=["model"],
+                            border_powers=[0.0])
+    result = tune_run(run, specs, progress=False)
+    assert result["score_kind"] == "cell_mAP"
+    # class 0 only (Negative 18 is scored too: 4 negative cells, probabilities 0.05 everywhere)
+    assert result["strategy"] == "product"
+    assert result["oof"]["per_class"][0] == pytest.approx(1.0)
+    assert result["score"] > result["baselines"]["cell_only"]
+    assert result["score"] > result["baselines"]["image_only"]
+    # cell-only ranks B's positive, then B's 3 negatives, then A's 3 positives: P = 1, 2/5, 3/6, 4/7
+    assert result["baselines"]["cell_only"] == pytest.approx((1 / 4 * 1 + 3 / 4 * 4 / 7 + 1.0 * 0) / 2 +
+                                                              0.5 * (result["baselines"]["cell_only"] * 2 -
+                                                                     (1 / 4 + 3 / 4 * 4 / 7)))
+    assert set(result["oof"]["per_fold"]) == {"0", "1"}
+    assert read_combine_spec(run) == CombineSpec("product")
+    assert load_config(run / "config.yaml").predict.combine == "product"
