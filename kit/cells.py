@@ -28,7 +28,9 @@ Tile cache (`build_tile_cache`): ``<out>/tiles-<size>-<hash>/<ID>.npy`` (N x 4 x
 ``np.load(path, mmap_mode="r")`` works) and ``<ID>.csv`` (the cell table rows in the same order),
 plus ``params.json``; the hash covers the tile size, `mask_others` and the mask cache's folder name
 (backend and its parameters). Files are written atomically, ``.npy`` before ``.csv``, so an image is
-done when its CSV exists, and a rerun skips finished images.
+done when its CSV exists, and a rerun skips finished images. `kit.segment.cache.segment_folder`
+(``python -m kit segment --tiles SIZE``) writes the tiles of the images it segments in the same pass
+(`write_tiles`), so each image is read once.
 """
 from __future__ import annotations
 
@@ -54,6 +56,8 @@ __all__ = [
     "extract_tiles",
     "build_tile_cache",
     "tile_cache_dir",
+    "write_tiles",
+    "tiles_done",
     "load_tiles",
 ]
 
@@ -299,8 +303,45 @@ def tile_cache_dir(out_dir: str | Path, size: int, mask_cache, mask_others: bool
     return Path(out_dir) / f"tiles-{int(size)}-{digest}"
 
 
+def prepare_tile_dir(out_dir: str | Path, size: int, mask_cache, mask_others: bool = True) -> Path:
+    """Create the tile cache folder with its ``params.json``; returns it."""
+    tile_dir = tile_cache_dir(out_dir, size, mask_cache, mask_others)
+    tile_dir.mkdir(parents=True, exist_ok=True)
+    params = tile_dir / "params.json"
+    if not params.exists():
+        with atomic_open(params, "w") as f:
+            json.dump({"size": int(size), "mask_others": bool(mask_others), "mask_cache": str(mask_cache.dir),
+                       "backend": mask_cache.backend, "backend_params": mask_cache.params,
+                       "version": TILE_CACHE_VERSION}, f, indent=2, default=str)
+    return tile_dir
+
+
 def _tile_paths(tile_dir: Path, image_id: str) -> tuple[Path, Path]:
     return tile_dir / f"{image_id}.npy", tile_dir / f"{image_id}.csv"
+
+
+def write_tiles(tile_dir: str | Path, image_id: str, image: np.ndarray, cells: np.ndarray,
+                table: pd.DataFrame, size: int, mask_others: bool = True) -> int:
+    """Write one image's ``<ID>.npy`` and ``<ID>.csv`` into a tile cache folder; returns the cell count.
+
+    An image whose masks do not match it (one that could not be read when segmented) gets no cells.
+    """
+    if cells.shape != image.shape[:2]:
+        table = table.iloc[:0]
+        cells = np.zeros(image.shape[:2], np.int32)
+    tiles, table = extract_tiles(image, cells, size, mask_others=mask_others, table=table)
+    npy, csv = _tile_paths(Path(tile_dir), image_id)
+    with atomic_path(npy) as tmp:
+        np.save(tmp, tiles)
+    with atomic_open(csv, "w", newline="") as f:  # written last: its presence marks the image done
+        table.to_csv(f, index=False)
+    return len(table)
+
+
+def tiles_done(tile_dir: str | Path, image_id: str) -> bool:
+    """True when the image's tiles are complete in `tile_dir`."""
+    npy, csv = _tile_paths(Path(tile_dir), image_id)
+    return csv.exists() and npy.exists()
 
 
 def _tile_one(job: tuple) -> tuple[str, int]:
@@ -308,20 +349,19 @@ def _tile_one(job: tuple) -> tuple[str, int]:
     from kit.images import read_sample
 
     images_dir, image_id, mask_cache, tile_dir, size, mask_others = job
-    image = read_sample(images_dir, image_id)
+    try:
+        image = read_sample(images_dir, image_id)
+    except DataError:
+        if mask_cache.has(image_id) and mask_cache.error(image_id):
+            # Unreadable when segmented (empty masks stored): no cells, not a crash.
+            empty = np.zeros((0, 0, 4), np.uint8)
+            table = mask_cache.load(image_id)[2]
+            return image_id, write_tiles(tile_dir, image_id, empty, np.zeros((0, 0), np.int32), table, size)
+        raise
     if not mask_cache.has(image_id):
         mask_cache.segment_and_save(image_id, image)
     nuclei, cells, table = mask_cache.load(image_id)
-    if cells.shape != image.shape[:2]:  # an image that could not be segmented (unreadable)
-        table = table.iloc[:0]
-        cells = np.zeros(image.shape[:2], np.int32)
-    tiles, table = extract_tiles(image, cells, size, mask_others=mask_others, table=table)
-    npy, csv = _tile_paths(tile_dir, image_id)
-    with atomic_path(npy) as tmp:
-        np.save(tmp, tiles)
-    with atomic_open(csv, "w", newline="") as f:
-        table.to_csv(f, index=False)
-    return image_id, len(table)
+    return image_id, write_tiles(tile_dir, image_id, image, cells, table, size, mask_others)
 
 
 def _init_worker() -> None:
@@ -348,16 +388,9 @@ def build_tile_cache(
     """
     from tqdm import tqdm
 
-    tile_dir = tile_cache_dir(out_dir, size, mask_cache, mask_others)
-    tile_dir.mkdir(parents=True, exist_ok=True)
-    params = tile_dir / "params.json"
-    if not params.exists():
-        with atomic_open(params, "w") as f:
-            json.dump({"size": int(size), "mask_others": bool(mask_others), "mask_cache": str(mask_cache.dir),
-                       "backend": mask_cache.backend, "backend_params": mask_cache.params,
-                       "version": TILE_CACHE_VERSION}, f, indent=2, default=str)
+    tile_dir = prepare_tile_dir(out_dir, size, mask_cache, mask_others)
     ids = list(dict.fromkeys(str(i) for i in image_ids))
-    todo = [i for i in ids if not _tile_paths(tile_dir, i)[1].exists()]
+    todo = [i for i in ids if not tiles_done(tile_dir, i)]
     jobs = [(str(images_dir), i, mask_cache, tile_dir, int(size), bool(mask_others)) for i in todo]
     bar = tqdm(total=len(jobs), desc=f"tiles {size}px", unit="img", disable=not progress or not jobs)
     try:

@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import argparse
 import base64
-import csv
 import datetime as _dt
 import hashlib
 import importlib.metadata as md
@@ -60,7 +59,6 @@ import shlex
 import shutil
 import subprocess
 import sys
-import sysconfig
 import tempfile
 import zipfile
 from dataclasses import dataclass, field
@@ -221,13 +219,13 @@ def dataset_metadata(user: str, slug: str, title: str, license_name: str = DEFAU
 
 
 def kernel_metadata(user: str, slug: str, title: str, code_file: str, *, dataset_sources: list[str],
-                    competition: str | None, gpu: bool, private: bool = True) -> dict:
+                    competition: str | None, gpu: bool, private: bool = True, kernel_type: str = "script") -> dict:
     return {
         "id": f"{user}/{slug}",
         "title": title,
         "code_file": code_file,
         "language": "python",
-        "kernel_type": "script",
+        "kernel_type": kernel_type,
         "is_private": private,
         "enable_gpu": gpu,
         "enable_internet": False,  # explicit: code competitions reject kernels with internet on
@@ -548,7 +546,9 @@ def gather_wheels(pins: dict[str, str], dest: Path, *, wheelhouses: list[Path] =
                               python_version=python_version, platforms=platforms)
     have = {_wheel_name_version(p): p for p in dest.glob("*.whl")}
     missing = []
-    for name, version in pins.items():
+    from tqdm import tqdm
+
+    for name, version in tqdm(pins.items(), desc="wheels", unit="wheel", disable=None, leave=False):
         if (name, version) in have:
             sources[name] = "pip download" + (f" from {', '.join(map(str, wheelhouses))}" if wheelhouses else "")
             continue
@@ -595,7 +595,7 @@ def build_kit_wheel(dest: Path, source: Path = REPO) -> Path:
         for old in dest.glob("hpa_kit-*.whl"):
             old.unlink()
         final = dest / wheels[0].name
-        shutil.copy2(wheels[0], final)
+        copy_atomic(wheels[0], final)
     return final
 
 
@@ -666,6 +666,13 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def copy_atomic(src: str | Path, dst: str | Path) -> Path:
+    """shutil.copy2 through kit.atomic: `dst` appears only once complete (a killed build leaves no half file)."""
+    with atomic_path(dst) as tmp:
+        shutil.copy2(src, tmp)
+    return Path(dst)
+
+
 def _write_json(path: Path, obj: Any) -> None:
     with atomic_open(path) as f:
         json.dump(obj, f, indent=2)
@@ -730,11 +737,25 @@ def copy_run(run_dir: Path, dest: Path, *, include_last: bool = False, full_chec
         if src.name == "best.pt" and not full_checkpoints:
             slim_checkpoint(src, out)
         else:
-            shutil.copy2(src, out)
+            copy_atomic(src, out)
         manifest["files"][f"run/{rel.as_posix()}"] = _sha256(out)
         if src.name == "best.pt":
             manifest["folds"].setdefault(rel.parts[0], []).append(int(rel.parts[1][len("fold"):]))
     return manifest
+
+
+def as_notebook(script: str) -> str:
+    """A one-cell Jupyter notebook (nbformat 4) running `script` (its ``sys.exit(main())`` becomes ``main()``,
+    which Jupyter does not report as an exit)."""
+    code = script.replace("if __name__ == \"__main__\":\n    sys.exit(main())", "if __name__ == \"__main__\":\n    main()")
+    nb = {
+        "cells": [{"cell_type": "code", "execution_count": None, "metadata": {}, "outputs": [],
+                   "source": code.splitlines(keepends=True)}],
+        "metadata": {"kernelspec": {"display_name": "Python 3", "language": "python", "name": "python3"},
+                     "language_info": {"name": "python"}},
+        "nbformat": 4, "nbformat_minor": 4,
+    }
+    return json.dumps(nb, indent=1) + "\n"
 
 
 def render_kernel(template: Path, settings: dict) -> str:
@@ -774,6 +795,7 @@ class BuildOptions:
     train_fold: int = 0
     n_splits: int = 5
     train_args: list[str] = field(default_factory=list)
+    kernel_type: str = "script"  # or "notebook" (a one-cell .ipynb of the same code)
     n_test: int = DEFAULT_N_TEST
     hardware: str | None = None  # None -> t4 with --gpu, kaggle-cpu without
     predict_args: list[str] = field(default_factory=list)
@@ -793,13 +815,16 @@ def build(opts: BuildOptions, log=print) -> dict:
         "weights": dataset_metadata(opts.user, slugs["weights"], f"{_title_from_slug(slugs['weights'])}",
                                     opts.license_name, "Fold checkpoints and resolved config of one kit run."),
     }
-    kernels = {"infer": kernel_metadata(opts.user, slugs["infer"], _title_from_slug(slugs["infer"]), "infer.py",
+    if opts.kernel_type not in VALID_KERNEL_TYPES:
+        raise ConfigError(f"--kernel-type {opts.kernel_type!r}: choose one of {list(VALID_KERNEL_TYPES)}")
+    ext = ".ipynb" if opts.kernel_type == "notebook" else ".py"
+    kernels = {"infer": kernel_metadata(opts.user, slugs["infer"], _title_from_slug(slugs["infer"]), "infer" + ext,
                                         dataset_sources=[ids["code"], ids["weights"]], competition=opts.competition,
-                                        gpu=opts.gpu, private=opts.private)}
+                                        gpu=opts.gpu, private=opts.private, kernel_type=opts.kernel_type)}
     if opts.train_kernel:
-        kernels["train"] = kernel_metadata(opts.user, slugs["train"], _title_from_slug(slugs["train"]), "train.py",
+        kernels["train"] = kernel_metadata(opts.user, slugs["train"], _title_from_slug(slugs["train"]), "train" + ext,
                                            dataset_sources=[ids["code"]], competition=opts.competition,
-                                           gpu=opts.gpu, private=opts.private)
+                                           gpu=opts.gpu, private=opts.private, kernel_type=opts.kernel_type)
     # Validate everything before any file is written.
     problems = []
     for name, meta in datasets.items():
@@ -843,7 +868,7 @@ def build(opts: BuildOptions, log=print) -> dict:
             keep.add(whl.name)
     hpacellseg = None
     if opts.hpacellseg_wheel is not None:
-        shutil.copy2(opts.hpacellseg_wheel, wheels / Path(opts.hpacellseg_wheel).name)
+        copy_atomic(opts.hpacellseg_wheel, wheels / Path(opts.hpacellseg_wheel).name)
         hpacellseg = Path(opts.hpacellseg_wheel).name
         keep.add(hpacellseg)
     for whl in wheels.glob("*.whl"):  # stale wheels of an earlier build would confuse the resolver
@@ -855,17 +880,15 @@ def build(opts: BuildOptions, log=print) -> dict:
         if (code / weights_dir).exists():
             shutil.rmtree(code / weights_dir)
         src = Path(opts.hpacellseg_weights)
-        if src.is_dir():
-            shutil.copytree(src, code / weights_dir)
-        else:
-            (code / weights_dir).mkdir()
-            shutil.copy2(src, code / weights_dir / src.name)
+        for f in sorted(src.rglob("*")) if src.is_dir() else [src]:
+            if f.is_file():
+                copy_atomic(f, code / weights_dir / (f.relative_to(src) if src.is_dir() else f.name))
     pretrained = _bundle_pretrained(run_config, code) if opts.train_kernel else {}
     with atomic_open(code / "requirements.txt") as f:
         f.write("# pinned extras of the kit for the Kaggle kernel (torch stack excluded; see kit-bundle.json)\n")
         f.writelines(f"{n}=={v}\n" for n, v in pins.items())
     (code / "configs").mkdir(exist_ok=True)
-    shutil.copy2(Path(opts.run_dir) / "config.yaml", code / "configs" / "train.yaml")
+    copy_atomic(Path(opts.run_dir) / "config.yaml", code / "configs" / "train.yaml")
     bundle = {
         "kit_version": __version__,
         "created": _now(),
@@ -891,8 +914,11 @@ def build(opts: BuildOptions, log=print) -> dict:
         if name == "train":
             s = {"competition": opts.competition, "code_dataset": slugs["code"], "fold": opts.train_fold,
                  "n_splits": opts.n_splits, "train_args": list(opts.train_args)}
+        for old in kdir.glob(f"{name}.*"):  # the other kernel type of an earlier build
+            old.unlink()
+        text = render_kernel(KERNEL_TEMPLATES[name], s)
         with atomic_open(kdir / meta["code_file"]) as f:
-            f.write(render_kernel(KERNEL_TEMPLATES[name], s))
+            f.write(as_notebook(text) if opts.kernel_type == "notebook" else text)
         _write_json(kdir / KERNEL_META, meta)
         _raise_problems(kernel_metadata_problems(meta, kdir, f"{kdir}/{KERNEL_META}", set(ids[k] for k in datasets)))
         warning = kernel_title_warning(meta)
@@ -929,7 +955,7 @@ def _bundle_pretrained(run_config: dict, code: Path) -> dict:
             dst = code / "pretrained" / Path(path).name
             dst.parent.mkdir(parents=True, exist_ok=True)
             if not dst.is_file() or dst.stat().st_size != Path(path).stat().st_size:
-                shutil.copy2(path, dst)
+                copy_atomic(path, dst)
             out[kind] = f"pretrained/{dst.name}"
     return out
 
@@ -1076,6 +1102,8 @@ def configure_kernel(parser: argparse.ArgumentParser) -> None:
     b.add_argument("--hpacellseg-weights", type=Path, default=None, help="folder with its nuclei/cell model weights")
     b.add_argument("--gpu", action=argparse.BooleanOptionalAction, default=True, help="kernel with a GPU (default)")
     b.add_argument("--public", action="store_true", help="make the kernel public (default private)")
+    b.add_argument("--kernel-type", choices=VALID_KERNEL_TYPES, default="script",
+                   help="script (default) or notebook (a one-cell .ipynb of the same code)")
     b.add_argument("--include-last", action="store_true", help="also bundle last.pt (with optimizer state)")
     b.add_argument("--full-checkpoints", action="store_true",
                    help="copy best.pt as is (default: only the weights and config inference reads, ~1/3 the size)")
@@ -1111,7 +1139,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
         license_name=args.license_name, wheelhouses=args.wheelhouse, index=args.index,
         python_version=args.python_version, extra_packages=args.extra_package, packages=args.packages,
         hpacellseg_wheel=args.hpacellseg_wheel, hpacellseg_weights=args.hpacellseg_weights, gpu=args.gpu,
-        private=not args.public, include_last=args.include_last, full_checkpoints=args.full_checkpoints, train_kernel=args.train_kernel,
+        private=not args.public, kernel_type=args.kernel_type, include_last=args.include_last, full_checkpoints=args.full_checkpoints, train_kernel=args.train_kernel,
         train_fold=args.train_fold, n_splits=args.n_splits, train_args=args.train_arg, n_test=args.n_test, hardware=args.hardware, predict_args=args.predict_arg,
     )
     if args.platform:

@@ -604,6 +604,7 @@ def train_fold(cfg: Config, kind: str, fold: int, resume: bool = False, stop_aft
         if start_epoch < tcfg.epochs:
             say(format_row(None))
     cfg_dict = to_dict(cfg)
+    best_changed = False
     for epoch in range(start_epoch, tcfg.epochs):
         if stop_after is not None and epoch >= stop_after:
             break
@@ -643,11 +644,20 @@ def train_fold(cfg: Config, kind: str, fold: int, resume: bool = False, stop_aft
                 shutil.copyfile(last_path, fold_dir / ".best.pt.tmp")
                 os.replace(fold_dir / ".best.pt.tmp", fold_dir / "best.pt")
                 _write_oof(fold_dir / "oof.csv", valid_ds, kind, ev["probs"])
-                plot_confusion_matrices(ev["targets"], ev["probs"], fold_dir / "confusion_matrices.png")
-                plot_pr_curves(ev["targets"], ev["probs"], fold_dir / "pr_curves.png")
+                best_changed = True
             _write_epochs_csv(fold_dir / "epochs.csv", history)
             plot_loss_curves(history, batch_losses, steps_per_epoch, fold_dir / "loss_curves.png")
         _barrier(world)
+    # Per-label plots of the best epoch, once per call (they take seconds; not every epoch).
+    plots = [fold_dir / "confusion_matrices.png", fold_dir / "pr_curves.png"]
+    if is_main and (fold_dir / "oof.csv").is_file() and (best_changed or not all(p.is_file() for p in plots)):
+        import pandas as pd
+
+        probs = pd.read_csv(fold_dir / "oof.csv")[[f"p{c}" for c in range(NUM_CLASSES)]].to_numpy(np.float32)
+        targets = valid_ds.sample_targets()
+        if len(probs) == len(targets):
+            plot_confusion_matrices(targets, probs, plots[0])
+            plot_pr_curves(targets, probs, plots[1])
     epochs_done = len(history) if is_main else None
     result = {
         "kind": kind, "fold": fold, "best_epoch": best_epoch, "epochs_done": epochs_done,

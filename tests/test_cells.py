@@ -141,9 +141,12 @@ def test_tile_cache_build_resume_and_load(tmp_path):
     for i, image_id in enumerate(ids):
         _write_sample(images, image_id, ellipse_field(size=128, grid=2, seed=i)[0])
     _write_sample(images, "blank", np.zeros((64, 64, 4), np.uint8))
+    _write_sample(images, "broken", np.zeros((64, 64, 4), np.uint8))
+    (images / "broken_red.png").write_bytes(b"not a png")
     cache = MaskCache(tmp_path / "masks")
-    segment_folder(images, ids[:2], cache, progress=False)  # t2 and blank are segmented on demand
-    out = build_tile_cache(images, ids + ["blank"], cache, tmp_path / "tiles", 48, progress=False)
+    with pytest.warns(UserWarning, match="could not be read"):
+        segment_folder(images, ids[:2] + ["broken"], cache, progress=False)  # t2, blank: on demand
+    out = build_tile_cache(images, ids + ["blank", "broken"], cache, tmp_path / "tiles", 48, progress=False)
     assert out == tile_cache_dir(tmp_path / "tiles", 48, cache) and out.name.startswith("tiles-48-")
     assert cache.has("t2")
     for image_id in ids:
@@ -157,8 +160,11 @@ def test_tile_cache_build_resume_and_load(tmp_path):
         assert image is not None
         expected, _ = extract_tiles(full, cache.load(image_id)[1], 48, table=cache.load(image_id)[2])
         assert (np.asarray(tiles) == expected).all()
-    blank_tiles, blank_table = load_tiles(out, "blank")
-    assert blank_tiles.shape == (0, 4, 48, 48) and len(blank_table) == 0
+    for empty_id in ("blank", "broken"):
+        empty_tiles, empty_table = load_tiles(out, empty_id)
+        assert empty_tiles.shape == (0, 4, 48, 48) and len(empty_table) == 0
+    with pytest.raises(DataError, match="missing channel file"):  # never segmented: a user error
+        build_tile_cache(images, ["absent"], cache, tmp_path / "tiles", 48, progress=False)
     mtimes = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
     assert build_tile_cache(images, ids, cache, tmp_path / "tiles", 48, progress=False) == out
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == mtimes  # nothing redone

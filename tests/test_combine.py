@@ -300,10 +300,13 @@ def test_tune_run_chooses_a_combination_that_beats_both_sources(tmp_path):
     assert result["oof"]["per_class"][0] == pytest.approx(1.0)
     assert result["score"] > result["baselines"]["cell_only"]
     assert result["score"] > result["baselines"]["image_only"]
-    # cell-only ranks B's positive, then B's 3 negatives, then A's 3 positives: P = 1, 2/5, 3/6, 4/7
-    assert result["baselines"]["cell_only"] == pytest.approx((1 / 4 * 1 + 3 / 4 * 4 / 7 + 1.0 * 0) / 2 +
-                                                              0.5 * (result["baselines"]["cell_only"] * 2 -
-                                                                     (1 / 4 + 3 / 4 * 4 / 7)))
+    from kit.combine import CELL_ONLY, IMAGE_ONLY, load_oof
+
+    oof = load_oof(run, progress=False)
+    # cell-only: B+ (TP), B- x3, A+ x3, A-: precision envelope 1 at recall 1/4, 4/7 up to recall 1
+    assert oof.per_class(CELL_ONLY)[0] == pytest.approx(0.25 + 0.75 * 4 / 7)
+    # image-only: A's cells tie (row order: +, +, +, -), then B's (-, -, -, +)
+    assert oof.per_class(IMAGE_ONLY)[0] == pytest.approx(0.75 + 0.25 * 4 / 8)
     assert set(result["oof"]["per_fold"]) == {"0", "1"}
     assert read_combine_spec(run) == CombineSpec("product")
     assert load_config(run / "config.yaml").predict.combine == "product"

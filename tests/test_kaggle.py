@@ -465,3 +465,26 @@ def test_hpacellseg_wheel_and_weights_are_bundled(fake_run, tmp_path, no_credent
                                                                                              "nuclei-model.pth"]
     with pytest.raises(ConfigError, match="not found"):
         small_build(fake_run, out, hpacellseg_weights=tmp_path / "nowhere")
+
+
+def test_notebook_kernels_hold_the_same_code_in_one_cell(fake_run, tmp_path, no_credentials):
+    out = tmp_path / "out"
+    small_build(fake_run, out, kernel_type="notebook")
+    meta = json.loads((out / "kernel/kernel-metadata.json").read_text())
+    assert meta["kernel_type"] == "notebook" and meta["code_file"] == "infer.ipynb"
+    nb = json.loads((out / "kernel/infer.ipynb").read_text())
+    assert nb["nbformat"] == 4 and len(nb["cells"]) == 1
+    code = "".join(nb["cells"][0]["source"])
+    compile(code, "infer.ipynb", "exec")
+    assert "'code_dataset': 'hpa-kit-code'" in code and "sys.exit(main())" not in code
+    assert not (out / "kernel/infer.py").exists()
+
+
+def test_wheels_for_another_python_come_from_the_wheelhouse(tmp_path):
+    import tqdm
+
+    house = tmp_path / "house"
+    kg.repack_installed("tqdm", house)  # a pure-Python wheel fits any CPython 3
+    sources = kg.gather_wheels({"tqdm": tqdm.__version__}, tmp_path / "w", wheelhouses=[house], python_version="3.10",
+                               log=lambda *_: None)
+    assert sources["tqdm"].startswith("pip download") and len(list((tmp_path / "w").glob("tqdm-*.whl"))) == 1

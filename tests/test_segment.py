@@ -351,9 +351,22 @@ def test_segment_command_shards_and_errors(tmp_path, capsys):
     assert "shard" in capsys.readouterr().err
     assert main(["segment", "--images", str(tmp_path / "nope"), "--out", str(out)]) == 2
     assert main(["segment", "--images", str(images), "--out", str(out), "--backend", "nope"]) == 2
+    # --tiles: images segmented now get their tiles in the same pass, cached ones afterwards.
+    assert main(["segment", "--images", str(images), "--out", str(out), "--option", "scale=0.5",
+                 "--shard", "0/2", "--quiet"]) == 0
     assert main(["segment", "--images", str(images), "--out", str(out), "--option", "scale=0.5",
                  "--tiles", "32", "--quiet"]) == 0
-    assert len(list(out.glob("tiles-32-*/*.npy"))) == 3
+    tile_dirs = list(out.glob("tiles-32-*"))
+    assert len(tile_dirs) == 1 and sorted(p.name for p in tile_dirs[0].glob("*.npy")) == ["c0.npy", "c1.npy", "c2.npy"]
+    from kit.cells import extract_tiles, load_tiles
+    from kit.images import read_sample
+
+    cache = MaskCache(out, "classical", {"scale": 0.5})
+    for image_id in ("c0", "c1"):  # c0 tiled from the cache, c1 in the segmenting pass: same result
+        tiles, table = load_tiles(tile_dirs[0], image_id)
+        nuclei, cells, cached_table = cache.load(image_id)
+        expected, _ = extract_tiles(read_sample(images, image_id), cells, 32, table=cached_table)
+        assert (np.asarray(tiles) == expected).all() and len(table) == len(cached_table)
 
 
 # ------------------------------------------------------------------------ hpacellseg adapter

@@ -15,6 +15,9 @@ Files are written atomically, so a file under its final name is complete; a reru
                           [--ids train.csv] [--workers N] [--shard I/N] [--option KEY=VALUE ...]
                           [--plugin MODULE] [--tiles SIZE]
 
+`--tiles SIZE` also fills the tile cache (`kit.cells`): images segmented in this run are tiled while
+in memory, images found in the cache afterwards. `--plugin MODULE` imports a module that registers
+a backend (`kit.segment.register_backend`), so a team's own segmenter runs with `--backend NAME`.
 `--shard I/N` (I counted from 0) takes every N-th image of the sorted ID list starting at I, so N
 array jobs with I = 0..N-1 cover every image exactly once and can share one cache folder.
 """
@@ -210,7 +213,7 @@ def _segment_one(job: tuple) -> tuple[str, str | None]:
     """Worker: read, segment, tabulate and save one image; returns (id, error or None)."""
     from kit.images import CHANNELS, ImageReadError, channel_path, read_sample
 
-    images_dir, image_id, cache = job
+    images_dir, image_id, cache, tiles = job
     try:
         for c in CHANNELS:
             channel_path(images_dir, image_id, c)
@@ -223,7 +226,12 @@ def _segment_one(job: tuple) -> tuple[str, str | None]:
         empty = np.zeros((0, 0), np.int32)
         cache.save(image_id, empty, empty, error=str(exc))
         return image_id, str(exc)
-    cache.segment_and_save(image_id, image)
+    nuclei, cells, table = cache.segment_and_save(image_id, image)
+    if tiles is not None:  # tiles now, while the image is in memory (saves a second read)
+        from kit.cells import write_tiles
+
+        tile_dir, size, mask_others = tiles
+        write_tiles(tile_dir, image_id, image, cells, table, size, mask_others)
     return image_id, None
 
 
@@ -243,8 +251,12 @@ def segment_folder(
     workers: int = 1,
     shard: str | tuple[int, int] | None = None,
     progress: bool = True,
+    tiles: tuple[str | Path, int, bool] | None = None,
 ) -> list[str]:
     """Segment the images of this shard into `cache`, skipping finished ones.
+
+    `tiles` = (tile cache root, tile size, mask_others) also writes the tiles of each image it
+    segments (`kit.cells` tile cache; images already in the cache are left to `build_tile_cache`).
 
     Returns the IDs of this shard that are finished in the cache after the call (skipped ones
     included), sorted. Images that could not be read are saved as empty results with their reason
@@ -262,7 +274,13 @@ def segment_folder(
     cache.write_params()
     cache.clean_temp()
     todo = [i for i in ids if not cache.has(i)]
-    jobs = [(str(images_dir), i, cache) for i in todo]
+    tile_job = None
+    if tiles is not None:
+        from kit.cells import prepare_tile_dir
+
+        root, size, mask_others = tiles
+        tile_job = (str(prepare_tile_dir(root, size, cache, mask_others)), int(size), bool(mask_others))
+    jobs = [(str(images_dir), i, cache, tile_job) for i in todo]
     errors: list[tuple[str, str]] = []
     label = f"segment {cache.backend}" + (f" shard {parse_shard(shard)[0]}/{parse_shard(shard)[1]}" if shard else "")
     bar = tqdm(total=len(ids), initial=len(ids) - len(todo), desc=label, unit="img",
@@ -331,7 +349,9 @@ def _run_segment(args) -> int:
     t0 = time.time()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        done = segment_folder(args.images, ids, cache, workers=args.workers, shard=shard, progress=not args.quiet)
+        tiles = (args.tile_out or args.out, args.tiles, not args.no_mask_others) if args.tiles else None
+        done = segment_folder(args.images, ids, cache, workers=args.workers, shard=shard, progress=not args.quiet,
+                              tiles=tiles)
     for w in caught:
         print(f"warning: {w.message}", file=sys.stderr)
     n_shard = len(shard_ids(ids, shard))
