@@ -3,12 +3,13 @@
 1. Cell-model inference on tiles: `kit.predict.FoldEnsemble` (torch.inference_mode, channels_last
    weights and inputs) vs the plain loop (torch.no_grad, contiguous NCHW), same models and tiles.
 2. Whole images: `Predictor.predict_folder` with the read-ahead thread (the next image is decoded,
-   tiled and its masks RLE-encoded while the CNN runs) vs without it.
+   tiled and its masks RLE-encoded while the CNN runs) vs without it (the CPU default; the thread
+   is the default on CUDA, where the CPU work then overlaps the GPU).
 3. Combination + submission triples for the predicted images (kit.combine + build_predictions).
 
 Randomly initialised ResNet checkpoints are used (speed does not depend on the weights).
 
-    .venv/bin/python benchmarks/bench_predict.py                       # small: ~1 minute
+    .venv/bin/python benchmarks/bench_predict.py                       # small: ~1-2 minutes
     .venv/bin/python benchmarks/bench_predict.py --size 2048 --images 4 --tile-size 128 --backbone resnet50
 
 Prints medians over --repeats and the ratio baseline / kit (>1: the kit is faster). On a machine
@@ -73,7 +74,7 @@ def timed(fn, repeats: int) -> tuple[float, object]:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--images", type=int, default=6, help="synthetic test images (default 6)")
+    ap.add_argument("--images", type=int, default=4, help="synthetic test images (default 4)")
     ap.add_argument("--size", type=int, default=512, help="image side in px (default 512)")
     ap.add_argument("--backbone", default="resnet18")
     ap.add_argument("--tile-size", type=int, default=64)

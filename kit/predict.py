@@ -3,8 +3,8 @@
 ``python -m kit predict --run RUN_DIR --images DIR [--out submission/submission.csv]
 [--ids-from sample_submission.csv]``
 
-For every image, one at a time (memory stays bounded for 3072 px fields: one image in the model
-and one being read ahead, tiles in batches):
+For every image, one at a time (memory stays bounded for 3072 px fields: one image in the model,
+on CUDA one more being read ahead by a thread, tiles in batches):
 
 1. cells from the mask cache (segmented first, in parallel, when missing);
 2. cell tiles (`kit.cells.extract_tiles`, the run's tile size) -> each fold's cell model ->
@@ -349,12 +349,16 @@ class Predictor:
 
     def predict_folder(self, images_dir: str | Path, ids: Sequence[str], masks: MaskSource | None = None,
                        progress: bool = True, stop_after: int | None = None,
-                       prefetch: bool = True) -> dict[str, ImageResult]:
+                       prefetch: bool | None = None) -> dict[str, ImageResult]:
         """Results of every image in `ids` (cached ones loaded, the rest predicted and cached).
 
         `stop_after` stops after that many newly predicted images (tests simulate a kill with it).
-        `prefetch` reads and tiles the next image in a thread while the models run.
+        `prefetch` reads and tiles the next image in a thread while the models run; default on
+        CUDA only (on a CPU the thread competes with torch's own threads for the same cores:
+        benchmarks/bench_predict.py measured it slower on 2 cores).
         """
+        if prefetch is None:
+            prefetch = self.device.type == "cuda"
         from tqdm import tqdm
 
         images_dir = Path(images_dir)
@@ -367,7 +371,7 @@ class Predictor:
             self._write_cache_info(cache, images_dir, masks)
             cell_ens, image_ens = self.ensemble("cell"), self.ensemble("image")
             bar = tqdm(total=len(todo), desc="predict", unit="img", disable=not progress, file=sys.stderr)
-            # read-ahead of one image in a thread: decoding and tiling overlap the CNN
+            # optional read-ahead of one image in a thread: decoding and tiling overlap the CNN
             with ThreadPoolExecutor(max_workers=1) as pool:
                 submit = pool.submit if prefetch else _run_now
                 pending = submit(self._prepare, images_dir, todo[0], masks)

@@ -300,6 +300,16 @@ class SynthField:
         return format_label(self.image_labels)
 
 
+def _rim_radius(na: float, nb: float, nang: float, harm, theta: float) -> float:
+    """Distance from a nucleus centre to its rim in image direction `theta` (exact for the
+    star-shaped ellipse that `Cell.nucleus_dist` draws)."""
+    c, s_ = math.cos(theta - nang), math.sin(theta - nang)
+    k = math.hypot(c / na, s_ / nb)  # rho per unit distance along the ray
+    psi = math.atan2(s_ / nb, c / na)
+    r = 1.0 + sum(a * math.cos(m * psi + ph) for m, a, ph in harm)
+    return r / k
+
+
 def _place_cells(rng: np.random.Generator, size: int, n_cells: int, n_mitotic: int) -> list[Cell]:
     s = size / REF_SIZE
     area = float(size * size)
@@ -310,6 +320,7 @@ def _place_cells(rng: np.random.Generator, size: int, n_cells: int, n_mitotic: i
     nrad = np.zeros(0)
     crad = np.zeros(0)
     mitotic_flags = [True] * n_mitotic + [False] * (n_cells - n_mitotic)
+    p_touch = float(rng.uniform(0.1, 0.35))  # share of cells placed against a neighbour
     for mit in mitotic_flags:
         R = r_mean * float(np.exp(rng.normal(0, 0.22)))
         R = max(R, 40 * s)
@@ -326,24 +337,48 @@ def _place_cells(rng: np.random.Generator, size: int, n_cells: int, n_mitotic: i
             e = rng.uniform(0.0, 0.25)
             na, nb = rn * (1 + e), rn * (1 - e)
         rn_max = max(na, nb) * 1.08
-        for _ in range(80):
-            p = rng.uniform(0, size, 2)
-            if len(centres):
-                d = np.hypot(*(centres - p).T)
-                # nuclei may touch (as in dense real fields), never overlap
-                if np.any(d < (nrad + rn_max) * 0.98 + 1) or np.any(d < 0.5 * (crad + R)):
-                    continue
-            break
-        else:
-            continue
+        nharm = _harmonics(rng, 4, 0.05 if not mit else 0.02)
         cang = float(rng.uniform(0, math.pi))
+        nang = cang + float(rng.normal(0, 0.25))
+        # a fraction of the cells grow right against a neighbour (daughter pairs, crowding): their
+        # nuclei touch or nearly touch, so a segmenter must split them
+        buddies = [c for c in cells if not c.mitotic]
+        buddy = None
+        if not mit and buddies and rng.random() < p_touch:
+            buddy = buddies[int(rng.integers(len(buddies)))]
+            th = float(rng.uniform(0, 2 * math.pi))
+            gap = float(rng.uniform(-0.5, 4.0)) * max(s, 0.25)  # px; < 0: pressed flat together
+            d0 = (_rim_radius(buddy.na, buddy.nb, buddy.nang, buddy.nharm, th)
+                  + _rim_radius(na, nb, nang, nharm, th + math.pi) + gap)
+            p = np.array([buddy.ny + d0 * math.sin(th), buddy.nx + d0 * math.cos(th)])
+            if not (0 <= p[0] < size and 0 <= p[1] < size):
+                buddy = None
+            elif len(centres) > 1:
+                others = np.arange(len(centres)) != buddy.id - 1
+                d = np.hypot(*(centres[others] - p).T)
+                if np.any(d < (nrad[others] + rn_max) * 0.98 + 1):
+                    buddy = None
+        if buddy is None:
+            for _ in range(80):
+                p = rng.uniform(0, size, 2)
+                if len(centres):
+                    d = np.hypot(*(centres - p).T)
+                    # nuclei may touch (as in dense real fields), never overlap
+                    if np.any(d < (nrad + rn_max) * 0.98 + 1) or np.any(d < 0.5 * (crad + R)):
+                        continue
+                break
+            else:
+                continue
         off = R * rng.uniform(0.0, 0.4) * (0.2 if mit else 1.0)  # nucleus often off-centre
-        sign = 1 if rng.random() < 0.5 else -1
-        cy = p[0] + sign * off * math.sin(cang)
-        cx = p[1] + sign * off * math.cos(cang)
+        if buddy is not None:  # the cell body lies away from its neighbour
+            cy, cx = p[0] + off * math.sin(th), p[1] + off * math.cos(th)
+        else:
+            sign = 1 if rng.random() < 0.5 else -1
+            cy = p[0] + sign * off * math.sin(cang)
+            cx = p[1] + sign * off * math.cos(cang)
         cells.append(Cell(
             id=len(cells) + 1, ny=float(p[0]), nx=float(p[1]), na=float(na), nb=float(nb),
-            nang=cang + float(rng.normal(0, 0.25)), nharm=_harmonics(rng, 4, 0.05 if not mit else 0.02),
+            nang=nang, nharm=nharm,
             cy=float(cy), cx=float(cx), R=float(R), elong=elong, cang=cang, charm=charm, mitotic=mit,
         ))
         centres = np.vstack([centres, p[None]])
@@ -628,6 +663,35 @@ def _render_patterns(rng, ctx: _Ctx, labels: list[int], er_local, mt_local, nucl
 _LEVELS = {"red": (0.25, 0.6), "green": (0.3, 0.8), "blue": (0.5, 0.9), "yellow": (0.2, 0.5)}
 
 
+def _puncta(rng: np.random.Generator, shape: tuple[int, int], s: float) -> np.ndarray:
+    """Multiplicative punctate texture of mean ~1: diffuse share + sparse Gaussian puncta.
+
+    Puncta have sigma 0.7-1.3 px and a density of 1 per 33-125 px^2 at 2048 px; at smaller sizes
+    a pixel gathers several puncta (Poisson counts), as a binned camera would.
+    """
+    diffuse = float(rng.uniform(0.05, 0.25))
+    lam = float(rng.uniform(0.008, 0.03)) / (s * s)  # puncta per output pixel
+    sig = float(rng.uniform(0.7, 1.3)) * s
+    if lam < 0.5:
+        u = rng.random(shape, dtype=np.float32)
+        # given u < lam, u / lam is uniform: -log of it gives exponential punctum brightness
+        spikes = np.where(u < lam, -np.log(np.maximum(u, 1e-12) / np.float32(lam)), 0).astype(np.float32)
+        mean = lam
+    else:
+        spikes = rng.poisson(lam, shape).astype(np.float32)
+        mean = lam
+    spikes = _blur(spikes, sig) if sig > 0.3 else spikes
+    return np.float32(diffuse) + spikes * np.float32((1 - diffuse) / mean)
+
+
+def _illumination(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray, float, float, float]:
+    """Smooth uneven illumination: radial vignetting about an off-centre point and a linear
+    gradient, returned as the pieces of ``1 - v * r^2 + g * t`` (column, row, v, g, angle)."""
+    yy = np.linspace(-1, 1, size, dtype=np.float32)[:, None]
+    xx = np.linspace(-1, 1, size, dtype=np.float32)[None, :]
+    return yy, xx, float(rng.uniform(0.0, 0.35)), float(rng.uniform(-0.2, 0.2)), float(rng.uniform(0, 2 * math.pi))
+
+
 def _finish(rng: np.random.Generator, size: int, channels, negative: bool = False) -> np.ndarray:
     """Gain, out-of-focus haze and blur, shot/read noise and offset -> H x W x 4 in [0, 1].
 
@@ -636,8 +700,12 @@ def _finish(rng: np.random.Generator, size: int, channels, negative: bool = Fals
     """
     H, W = channels[0].shape
     z = size / 512
-    # optical blur: sigma 1.2-2.5 px at 2048 px in focus, 3-7 px out of focus (15% of images)
-    focus = float(rng.uniform(1.2, 2.5) if rng.random() < 0.85 else rng.uniform(3.0, 7.0)) * size / REF_SIZE
+    # optical blur: sigma 0.7-1.3 px at 2048 px in focus, 3-7 px out of focus (10% of images)
+    focus = float(rng.uniform(0.7, 1.3) if rng.random() < 0.9 else rng.uniform(3.0, 7.0)) * size / REF_SIZE
+    yy, xx, vig, grad, gang = _illumination(rng, size)
+    cy, cx = (float(v) for v in rng.uniform(-0.4, 0.4, 2))
+    light = (1 - vig * 0.5 * ((yy - cy) ** 2 + (xx - cx) ** 2)) + grad * (math.sin(gang) * yy + math.cos(gang) * xx)
+    light = np.clip(light, 0.3, None).astype(np.float32)
     faint = rng.random() < 0.15 or negative  # no specific staining: the camera shows little
     small = (max(8, W // 8), max(8, H // 8))
     out = np.empty((H, W, 4), np.float32)
@@ -650,9 +718,10 @@ def _finish(rng: np.random.Generator, size: int, channels, negative: bool = Fals
         # out-of-focus light: a wide halo around everything bright
         halo = cv2.resize(_blur(cv2.resize(x, small, interpolation=cv2.INTER_AREA), 2.5), (W, H),
                           interpolation=cv2.INTER_LINEAR)
-        x = _blur(x, focus) + float(rng.uniform(0.03, 0.12)) * halo
-        shot = float(rng.uniform(0.003, 0.015)) * z
-        read = float(rng.uniform(0.002, 0.007)) * math.sqrt(z)
+        x = (_blur(x, focus) + float(rng.uniform(0.03, 0.12)) * halo) * light
+        # per-pixel noise: modest at every size (real 2048 px puncta stand well above it)
+        shot = float(rng.uniform(0.002, 0.008)) * math.sqrt(z)
+        read = float(rng.uniform(0.0015, 0.005)) * z ** 0.25
         offset = float(rng.uniform(-1.5, 0.3)) * read  # dark level subtracted: many exact zeros
         # shot (variance ~ signal) and read noise in one Gaussian draw
         x += np.sqrt(np.maximum(x, 0) * shot + read * read) * rng.standard_normal((H, W), dtype=np.float32)
@@ -727,9 +796,12 @@ def make_field(rng: np.random.Generator | int, size: int = 512, labels: list[int
     chroma = _noise(rng_img, (H, W), max(0.7, 5 * s))
 
     cell_level = np.exp(rng_img.normal(0, 0.35, len(cells) + 1)).astype(np.float32)
+    # the odd cell lies in another focal plane (rounded up, or on top of its neighbours)
+    defocus = rng_img.random(len(cells) + 1) < 0.06
     for c in cells:
         ctx = _Ctx(c, lab, nuc, dcell, edge, prof, s)
         own = ctx.own
+        b_local = np.zeros(ctx.shape, np.float32)
         nucleoli = _nucleoli(rng, c)
         nmap = _nucleoli_map(ctx, nucleoli)
         ang = rng.uniform(0, 2 * math.pi)
@@ -746,7 +818,7 @@ def make_field(rng: np.random.Generator | int, size: int = 512, labels: list[int
             nuc[ctx.sl][(chrom > 0) & own] = c.id
             ctx.nuc = nuc[ctx.sl] == c.id
             ctx.cyto = own & ~ctx.nuc
-            blue[ctx.sl] += chrom * (0.85 + 0.25 * np.clip(chroma[ctx.sl], -1, 1)) * 1.1
+            b_local += chrom * (0.85 + 0.25 * np.clip(chroma[ctx.sl], -1, 1)) * 1.1
             pole_d = 0.95 * c.rn
             poles = [(c.ny + pole_d * math.sin(pa), c.nx + pole_d * math.cos(pa)),
                      (c.ny - pole_d * math.sin(pa), c.nx - pole_d * math.cos(pa))]
@@ -771,29 +843,50 @@ def make_field(rng: np.random.Generator | int, size: int = 512, labels: list[int
             # DNA: clumpy chromatin, dark nucleoli, nuclei of quite different brightness
             tex = 0.75 + 0.25 * np.clip(chroma[ctx.sl], -2, 2) / 2
             b = ctx.nuc_fill * tex * (1 - 0.6 * nmap) * float(np.exp(rng.normal(-0.35, 0.3)))
-            blue[ctx.sl] += b * ctx.nuc
+            b_local += b * ctx.nuc
             mt = _microtubules(rng, ctx, centro, thick) * own * 0.8
             mt = _blur(mt, max(0.6, 2 * s)) * 1.6 * (ctx.prof + 0.2) * np.where(ctx.nuc, 0.3, 1.0)
             mt += 0.22 * ctx.prof
         level = float(np.exp(rng.normal(0, 0.3)))  # cells differ in tubulin/ER content
-        red[ctx.sl] += mt * level * float(rng.uniform(0.8, 1.2)) * own
+        r_local = mt * level * float(rng.uniform(0.8, 1.2)) * own
         # tubular network everywhere, sheets (diffuse) close to the nucleus
         er = (0.15 + 0.5 * ctx.pn + 0.7 * er_net[ctx.sl]) * (0.35 + 0.65 * ctx.pn) * ctx.prof
         er = np.where(ctx.nuc, 0.12 * ctx.prof, er)
         er += 0.5 * np.exp(-(((ctx.dn - 1.0) * c.rn) / max(0.7, 6 * s)) ** 2) * own * (not c.mitotic)
         er_l = er.astype(np.float32) * own
-        yellow[ctx.sl] += er_l * level * float(rng.uniform(0.8, 1.2))
+        y_local = er_l * level * float(rng.uniform(0.8, 1.2))
         gl = _render_patterns(rng_pat, ctx, c.labels, er_l, mt * own, nucleoli, nmap, centro, spindle, thick)
         gl = gl * own * cell_level[c.id] + 0.025 * ctx.prof  # non-specific background of every cell
-        green[ctx.sl] += gl
+        layers = [r_local, gl, b_local, y_local]
+        if defocus[c.id]:
+            sig = max(0.7, float(rng_img.uniform(4.0, 9.0)) * s)
+            layers = [_blur(np.ascontiguousarray(x, dtype=np.float32), sig) * 0.8 for x in layers]
+        for dst, x in zip((red, green, blue, yellow), layers):
+            dst[ctx.sl] += x
 
-    # antibody staining is punctate: a log-normal grain at the scale of a few 2048-px pixels
-    gsd = float(rng_img.uniform(0.5, 1.1))
-    green *= np.exp(gsd * _noise(rng_img, (H, W), max(0.5, 1.5 * s)) - gsd * gsd / 2)
-    # debris and antibody aggregates: a few bright specks anywhere, cells or background
-    k = int(rng_img.poisson(2.0))
-    green += _splat((H, W), rng_img.uniform(0, H, k), rng_img.uniform(0, W, k),
-                    rng_img.uniform(0.5, 2.0, k), max(0.7, 5 * s))
+    # antibody staining is punctate: bright puncta 2-4 px across (at 2048 px) over a faint
+    # diffuse part; the pattern sets where and how densely they lie
+    green *= _puncta(rng_img, (H, W), s)
+    # debris: dust and antibody aggregates anywhere, cells or background, brightest in green,
+    # some also fluorescent in the other channels; a few larger irregular clumps
+    k = int(rng_img.poisson(3.0))
+    if k:
+        ys, xs = rng_img.uniform(0, H, k), rng_img.uniform(0, W, k)
+        amp = rng_img.uniform(0.4, 2.0, k).astype(np.float32)
+        big = rng_img.random(k) < 0.3
+        for sel, sig in ((~big, max(0.6, 2.5 * s)), (big, max(0.8, 7 * s))):
+            if not sel.any():
+                continue
+            # a clump is a few spots together: irregular rather than a disc
+            m = 1 + 3 * int(sig > 1)
+            jy = np.repeat(ys[sel], m) + rng_img.normal(0, sig, m * int(sel.sum()))
+            jx = np.repeat(xs[sel], m) + rng_img.normal(0, sig, m * int(sel.sum()))
+            spots = _splat((H, W), jy, jx, np.repeat(amp[sel], m) / m ** 0.5, sig)
+            green += spots
+            others = rng_img.uniform(0, 0.5, 3).astype(np.float32) * (rng_img.random(3) < 0.5)
+            for ch, w in zip((red, blue, yellow), others):
+                if w > 0:
+                    ch += w * spots
     clean = np.stack([red, green, blue, yellow], axis=-1)
     image = _finish(rng_img, size, (red, green, blue, yellow), negative=not any(c.labels for c in cells))
     cell_labels = [list(c.labels) if c.labels else [NEGATIVE] for c in cells]

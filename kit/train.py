@@ -580,7 +580,7 @@ def train_fold(cfg: Config, kind: str, fold: int, resume: bool = False, stop_aft
     if resume and last_path.is_file():
         from kit.models import load_checkpoint
 
-        ckpt = load_checkpoint(last_path, map_location=device)
+        ckpt = load_checkpoint(last_path, map_location="cpu")  # RNG states must stay on the CPU
         unwrap(model).load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["lr_scheduler"])

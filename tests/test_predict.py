@@ -111,7 +111,7 @@ def test_predict_writes_a_valid_submission_with_every_class(run_dir, tiny_datase
 
 
 def test_predict_resumes_after_interruption_with_the_same_result(tiny_dataset, tmp_path):
-    run = make_run(tmp_path, tiny_dataset)
+    run = make_run(tmp_path, tiny_dataset, n_folds=1)
     test_dir = tiny_dataset / "test"
     sample = tiny_dataset / "sample_submission.csv"
     predictor = Predictor(run)
