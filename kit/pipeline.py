@@ -489,7 +489,7 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--work", type=Path, help="folder for cache/, folds/ and runs/ (default: the current folder)")
     parser.add_argument("--submission", type=Path, default=Path("submission/submission.csv"),
                         help="where to write the submission (default submission/submission.csv)")
-    parser.add_argument("--folds", type=int, help="number of folds")
+    parser.add_argument("--folds", type=int, help="number of folds (default: run 5, demo 3)")
     parser.add_argument("--workers", type=int, default=2, help="worker processes for segmentation, tiles, fields (default 2)")
     parser.add_argument("--leaderboard", type=Path, help="leaderboard database (default leaderboard.sqlite or $KIT_LEADERBOARD)")
     parser.add_argument("--no-ceilings", action="store_true", help="skip the segmentation/classification ceilings")
@@ -553,8 +553,12 @@ def demo(out: Path = Path("demo"), *, seed: int = DEMO_DEFAULTS["seed"], n_train
     timer = Timer()
     with timer.stage("synth"):
         data = synth_dataset(Path(out), seed, n_train, n_test, size, workers)
+    # The image model sees one field per image (64 fields vs ~1200 cells): at the cell model's
+    # batch and epochs it would get a handful of steps. Smaller batches and 4x the epochs still
+    # cost far less than the cell model.
     ov = [f"model.backbone={backbone}", f"train.epochs={epochs}", f"data.tile_size={tile_size}",
-          f"data.field_size={field_size}", *DEMO_OVERRIDES, *overrides]
+          f"data.field_size={field_size}", f"image_model.epochs={4 * epochs}", "image_model.batch_size=8",
+          *DEMO_OVERRIDES, *overrides]
     return run_pipeline(data, config=config, overrides=ov, work=out, submission=submission, n_splits=n_splits,
                         fold_seed=seed, workers=workers, ceilings=ceilings, leaderboard=leaderboard,
                         notes=notes or "demo", timer=timer)

@@ -10,7 +10,11 @@ downscaled 2048 px field. What is drawn, and why:
   and with the nucleus often off-centre; where two cells compete for a pixel the nearer in
   normalised distance wins, so contacts look like real cell-cell borders. One nucleus per cell
   (textured ellipse with some irregularity, dark nucleoli); about 3% of cells are mitotic (rounded,
-  chromatin condensed to a metaphase plate, which is then the nucleus, with a spindle).
+  chromatin condensed to a metaphase plate, which is then the nucleus, with a spindle). In each
+  field 10-35% of the cells are placed against a neighbour so that their nuclei touch, nearly
+  touch (gap up to 4 px at 2048) or press flat together (overlap up to 0.5 px, the earlier
+  nucleus keeps the shared pixels): a segmenter must split them. About 6% of cells lie in another
+  focal plane (all four channels of that cell blurred by 4-9 px at 2048).
 * red: microtubules radiating and curving from the centrosome by the nucleus; yellow: a
   reticular ER network, denser and with sheets near the nucleus, bright nuclear rim. Both follow a
   thickness profile that fades at free edges and dips in a slight valley where cells touch (as in
@@ -22,8 +26,14 @@ downscaled 2048 px field. What is drawn, and why:
   a spindle (mitotic cells only), one or two centrosome dots, plasma-membrane rim, short
   mitochondrial threads, one juxtanuclear aggresome, diffuse cytosol, vesicle dots; Negative
   cells show only the weak non-specific signal every cell has.
-* staining and camera: a log-normal punctate grain on green, a few debris specks, per-cell and
-  per-image intensity (15% of images faint), optical blur (15% out of focus), out-of-focus halo,
+* staining and camera: green is punctate (`_puncta`): Poisson puncta of sigma 0.9-1.6 px at
+  2048 px (1 per 20-65 px^2, exponential brightness) over a diffuse share of 10-50%, multiplied
+  into the pattern, so the pattern sets where and how densely puncta lie (at 2048 px the
+  neighbour-pixel correlation at 1 / 3 / 8 px is about 0.72 / 0.42 / 0.22, median of 6 fields;
+  a real HPA field gives 0.73 / 0.38 / 0.15); debris (dust, antibody clumps, some fluorescent in
+  other channels too); per-cell and per-image intensity (15% of images faint); optical blur
+  (PSF sigma 0.7-1.3 px at 2048 in focus, 10% of images 3-7 px out of focus), out-of-focus halo,
+  uneven illumination (off-centre vignetting up to 35% plus a linear gradient up to +-20%), modest
   shot + read noise and a subtracted dark level (so most background pixels are exactly 0). Gains
   put each channel's robust maximum at a random level; 16-bit files are the same image at 65535
   full scale (finer levels), so both depths agree after `kit.images.to_float`.
@@ -49,6 +59,18 @@ Files written by `generate_dataset(out, ...)` (Kaggle layout plus truth)::
     out/truth/<ID>_cell_mask.png    uint16, 0 = background, 1..N = cells
     out/truth/<ID>_nuclei_mask.png  uint16, nucleus k lies inside cell k, one nucleus per cell
     out/truth/cell_labels.csv  ID,cell_id,Label  (Label "18" for a Negative cell)
+    out/synth.json             the generation arguments (n_train, n_test, sizes, seed, bit_depth)
+    out/.synth/<split>/<ID>.json  resume record of one finished image (labels, solution masks)
+
+Resume: each image's PNGs are written atomically, then its record; the CSVs are written last.
+A rerun with the same arguments skips every image that has a record (an interrupted run
+resumes; a rerun of a complete one only rewrites the CSVs, byte-identical); other arguments into
+a folder with a synth.json are refused with an error naming the differences (`workers` is free).
+
+Sizes: ``sizes=[2048, 3072]`` (``--sizes 2048,3072``) draws each image's side from the real HPA
+mix (2048: 17,955, 3072: 3,842, 4096: 9 images of the 2021 train set; uniform for sizes outside
+it) from its own stream ``default_rng([seed, split, index, 7])``; the solution and submission
+CSVs carry each image's width and height. The default is one size (``--size``).
 
 Determinism: image i of split s is drawn from ``numpy.random.default_rng([seed, s, i])`` only
 (split into independent streams for geometry, labels, patterns and camera, so fixing the labels
@@ -666,12 +688,12 @@ _LEVELS = {"red": (0.25, 0.6), "green": (0.3, 0.8), "blue": (0.5, 0.9), "yellow"
 def _puncta(rng: np.random.Generator, shape: tuple[int, int], s: float) -> np.ndarray:
     """Multiplicative punctate texture of mean ~1: diffuse share + sparse Gaussian puncta.
 
-    Puncta have sigma 0.7-1.3 px and a density of 1 per 33-125 px^2 at 2048 px; at smaller sizes
+    Puncta have sigma 0.9-1.6 px and a density of 1 per 20-65 px^2 at 2048 px; at smaller sizes
     a pixel gathers several puncta (Poisson counts), as a binned camera would.
     """
-    diffuse = float(rng.uniform(0.05, 0.25))
-    lam = float(rng.uniform(0.008, 0.03)) / (s * s)  # puncta per output pixel
-    sig = float(rng.uniform(0.7, 1.3)) * s
+    diffuse = float(rng.uniform(0.1, 0.5))  # how punctate this antibody stains
+    lam = float(rng.uniform(0.015, 0.05)) / (s * s)  # puncta per output pixel
+    sig = float(rng.uniform(0.9, 1.6)) * s
     if lam < 0.5:
         u = rng.random(shape, dtype=np.float32)
         # given u < lam, u / lam is uniform: -log of it gives exponential punctum brightness
@@ -869,10 +891,10 @@ def make_field(rng: np.random.Generator | int, size: int = 512, labels: list[int
     green *= _puncta(rng_img, (H, W), s)
     # debris: dust and antibody aggregates anywhere, cells or background, brightest in green,
     # some also fluorescent in the other channels; a few larger irregular clumps
-    k = int(rng_img.poisson(3.0))
+    k = int(rng_img.poisson(2.5))
     if k:
         ys, xs = rng_img.uniform(0, H, k), rng_img.uniform(0, W, k)
-        amp = rng_img.uniform(0.4, 2.0, k).astype(np.float32)
+        amp = rng_img.uniform(0.2, 1.2, k).astype(np.float32)
         big = rng_img.random(k) < 0.3
         for sel, sig in ((~big, max(0.6, 2.5 * s)), (big, max(0.8, 7 * s))):
             if not sel.any():
@@ -934,12 +956,45 @@ def _write_png(path: Path, img: np.ndarray) -> None:
             raise OSError(f"cannot write {path}")
 
 
+# real image-size mix of the HPA 2021 train set (images per side length)
+REAL_SIZE_COUNTS = {2048: 17955, 3072: 3842, 4096: 9}
+
+
+def size_weights(sizes) -> np.ndarray:
+    """Probabilities for `sizes`: the real HPA mix where every size occurs there, else uniform."""
+    sizes = [int(x) for x in sizes]
+    if all(x in REAL_SIZE_COUNTS for x in sizes):
+        w = np.array([REAL_SIZE_COUNTS[x] for x in sizes], np.float64)
+    else:
+        w = np.ones(len(sizes))
+    return w / w.sum()
+
+
+def image_size(seed: int, split: str, index: int, sizes) -> int:
+    """Side length of image `index` (its own random stream: independent of order and workers)."""
+    sizes = [int(x) for x in sizes]
+    if len(sizes) == 1:
+        return sizes[0]
+    rng = np.random.default_rng([int(seed), SPLITS[split], int(index), 7])
+    return sizes[int(rng.choice(len(sizes), p=size_weights(sizes)))]
+
+
+def _record_path(out: Path, split: str, iid: str) -> Path:
+    return Path(out) / ".synth" / split / f"{iid}.json"
+
+
 def _generate_one(job: tuple) -> tuple:
+    import json
+
     out, split, index, size, seed, bit_depth = job
+    iid = image_id(seed, split, index)
+    rec = _record_path(Path(out), split, iid)
+    if rec.is_file():  # finished in an earlier run with the same arguments: skip
+        r = json.loads(rec.read_text())
+        return split, iid, r["label"], r["pred"], [tuple(x) for x in r["rows"]], r["size"]
     cv2.setNumThreads(0)
     rng = np.random.default_rng([int(seed), SPLITS[split], int(index)])
     f = make_field(rng, size)
-    iid = image_id(seed, split, index)
     q = quantise(f.image, bit_depth)
     folder = Path(out) / split
     for k, ch in enumerate(("red", "green", "blue", "yellow")):
@@ -950,21 +1005,47 @@ def _generate_one(job: tuple) -> tuple:
     masks = encode_masks(f.cells, ids)
     pred = " ".join(f"{l} 1 {m}" for m, ls in zip(masks, f.cell_labels) for l in ls)
     rows = [(iid, k, format_label(ls)) for k, ls in zip(ids, f.cell_labels)]
-    return split, iid, f.label_string(), pred, rows
+    # the record is written last: it marks the image's files complete
+    with atomic_open(rec, "w") as fh:
+        json.dump({"label": f.label_string(), "pred": pred, "rows": rows, "size": size}, fh)
+    return split, iid, f.label_string(), pred, rows, size
 
 
 def generate_dataset(out: str | Path, n_train: int, n_test: int, size: int = 512, seed: int = 0,
-                     bit_depth: int = 8, workers: int = 1) -> Path:
-    """Write a synthetic dataset in the Kaggle layout with truth (see module doc); returns `out`."""
+                     bit_depth: int = 8, workers: int = 1, sizes=None) -> Path:
+    """Write a synthetic dataset in the Kaggle layout with truth (see module doc); returns `out`.
+
+    `sizes` (e.g. ``[2048, 3072]``) mixes image sizes, drawn per image with the real HPA
+    weights (`size_weights`); default: every image is `size` px. The arguments are recorded in
+    ``out/synth.json``; a rerun with the same arguments skips the images already finished
+    (each marked by ``out/.synth/<split>/<ID>.json``, written after its PNGs) and rewrites the
+    CSVs, so an interrupted run resumes; other arguments into the same folder are refused.
+    """
+    import json
+
     from tqdm import tqdm
 
     if n_train < 0 or n_test < 0 or n_train + n_test == 0:
         raise ConfigError(f"need at least one image (--train {n_train}, --test {n_test})")
-    if size < 64:
-        raise ConfigError(f"--size must be at least 64 px, got {size}")
+    sizes = sorted({int(x) for x in sizes}) if sizes else [int(size)]
+    if min(sizes) < 64:
+        raise ConfigError(f"--size must be at least 64 px, got {min(sizes)}")
     if bit_depth not in (8, 16):
         raise ConfigError(f"--bit-depth must be 8 or 16, got {bit_depth}")
     out = Path(out)
+    params = {"generator": "kit.synth", "version": 2, "n_train": int(n_train), "n_test": int(n_test),
+              "sizes": sizes, "seed": int(seed), "bit_depth": int(bit_depth)}
+    meta = out / "synth.json"
+    if meta.is_file():
+        try:
+            old = json.loads(meta.read_text())
+        except ValueError:
+            old = None
+        if old != params:
+            diff = ", ".join(f"{k} {old.get(k)!r} -> {v!r}" for k, v in params.items()
+                             if not isinstance(old, dict) or old.get(k) != v) if isinstance(old, dict) else "unreadable"
+            raise ConfigError(f"{out} already holds another dataset made with other arguments ({meta}: {diff}); "
+                              "repeat the same arguments to resume, or choose an empty or new --out folder")
     # refuse to mix with another dataset: files of IDs we will not write would stay behind
     for split, n in (("train", n_train), ("test", n_test)):
         ours = {image_id(seed, split, i) for i in range(n)}
@@ -974,12 +1055,19 @@ def generate_dataset(out: str | Path, n_train: int, n_test: int, size: int = 512
         if stale:
             raise ConfigError(f"{folder} already holds {len(stale)} image file(s) of another dataset "
                               f"(e.g. {stale[0]}); choose an empty or new --out folder")
-    for sub in ("train", "test", "truth"):
+    if not meta.is_file():  # an earlier folder without synth.json: its records cannot be trusted
+        import shutil
+
+        shutil.rmtree(out / ".synth", ignore_errors=True)
+    for sub in ("train", "test", "truth", ".synth/train", ".synth/test"):
         (out / sub).mkdir(parents=True, exist_ok=True)
-    jobs = [(str(out), "train", i, size, seed, bit_depth) for i in range(n_train)]
-    jobs += [(str(out), "test", i, size, seed, bit_depth) for i in range(n_test)]
-    bar = dict(total=len(jobs), desc="synth", unit="img", disable=None)
-    if workers > 1 and len(jobs) > 1:
+    with atomic_open(meta, "w") as fh:
+        json.dump(params, fh, indent=1)
+    jobs = [(str(out), "train", i, image_size(seed, "train", i, sizes), seed, bit_depth) for i in range(n_train)]
+    jobs += [(str(out), "test", i, image_size(seed, "test", i, sizes), seed, bit_depth) for i in range(n_test)]
+    todo = sum(not _record_path(out, j[1], image_id(seed, j[1], j[2])).is_file() for j in jobs)
+    bar = dict(total=len(jobs), initial=0, desc="synth", unit="img", disable=None)
+    if workers > 1 and todo > 1:
         import multiprocessing as mp
 
         with mp.get_context("spawn").Pool(workers) as pool:
@@ -987,21 +1075,22 @@ def generate_dataset(out: str | Path, n_train: int, n_test: int, size: int = 512
     else:
         results = [_generate_one(j) for j in tqdm(jobs, **bar)]
 
+    # the CSVs last: they list only complete images
     train = [r for r in results if r[0] == "train"]
     test = [r for r in results if r[0] == "test"]
     with atomic_open(out / "train.csv", "w", newline="") as f:
         f.write("ID,Label\n")
-        for _, iid, label, _, _ in train:
-            f.write(f"{iid},{label}\n")
+        for r in train:
+            f.write(f"{r[1]},{r[2]}\n")
     with atomic_open(out / "sample_submission.csv", "w", newline="") as f:
         f.write("ID,ImageWidth,ImageHeight,PredictionString\n")
-        for _, iid, _, _, _ in test:
-            f.write(f"{iid},{size},{size},\n")
+        for r in test:
+            f.write(f"{r[1]},{r[5]},{r[5]},\n")
     for name, rs in (("train_solution.csv", train), ("test_solution.csv", test)):
         with atomic_open(out / name, "w", newline="") as f:
             f.write("ID,ImageWidth,ImageHeight,PredictionString\n")
-            for _, iid, _, pred, _ in rs:
-                f.write(f"{iid},{size},{size},{pred}\n")
+            for r in rs:
+                f.write(f"{r[1]},{r[5]},{r[5]},{r[3]}\n")
     with atomic_open(out / "truth" / "cell_labels.csv", "w", newline="") as f:
         f.write("ID,cell_id,Label\n")
         for r in results:
@@ -1015,6 +1104,9 @@ def configure_synth(parser) -> None:
     parser.add_argument("--train", type=int, default=64, help="number of train images (default 64)")
     parser.add_argument("--test", type=int, default=16, help="number of test images (default 16)")
     parser.add_argument("--size", type=int, default=512, help="image side in pixels (default 512)")
+    parser.add_argument("--sizes", default=None, metavar="PX,PX",
+                        help="mix of image sides, e.g. 2048,3072, drawn per image with the real HPA "
+                             "weights (2048: 17,955 images, 3072: 3,842); overrides --size")
     parser.add_argument("--seed", type=int, default=0, help="random seed (same seed, same bytes)")
     parser.add_argument("--bit-depth", type=int, default=8, choices=(8, 16), help="PNG bit depth")
     parser.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
@@ -1022,6 +1114,16 @@ def configure_synth(parser) -> None:
 
 
 def _run_synth(args) -> int:
-    out = generate_dataset(args.out, args.train, args.test, args.size, args.seed, args.bit_depth, args.workers)
-    print(f"wrote {args.train} train + {args.test} test images ({args.size} px, {args.bit_depth}-bit) to {out}")
+    sizes = None
+    if args.sizes:
+        try:
+            sizes = [int(t) for t in str(args.sizes).split(",") if t.strip()]
+        except ValueError:
+            raise ConfigError(f"--sizes must be comma-separated integers, got {args.sizes!r}") from None
+        if not sizes:
+            raise ConfigError(f"--sizes must name at least one size, got {args.sizes!r}")
+    out = generate_dataset(args.out, args.train, args.test, args.size, args.seed, args.bit_depth, args.workers,
+                           sizes=sizes)
+    what = ",".join(map(str, sorted(set(sizes)))) if sizes else str(args.size)
+    print(f"wrote {args.train} train + {args.test} test images ({what} px, {args.bit_depth}-bit) to {out}")
     return 0

@@ -73,7 +73,43 @@ def test_same_seed_same_bytes_and_worker_count_irrelevant(tmp_path):
     a = synth.generate_dataset(tmp_path / "a", n_train=2, n_test=1, size=128, seed=3, bit_depth=8)
     b = synth.generate_dataset(tmp_path / "b", n_train=2, n_test=1, size=128, seed=3, bit_depth=8, workers=2)
     ba, bb = all_bytes(a), all_bytes(b)
-    assert len(ba) == 3 * 6 + 1 + 4 and ba == bb  # 6 PNGs per image, cell_labels.csv, 4 CSVs
+    # 6 PNGs per image, cell_labels.csv, 4 CSVs, synth.json, one resume record per image
+    assert len(ba) == 3 * 6 + 1 + 4 + 1 + 3 and ba == bb
+
+
+def test_resume_skips_finished_images_and_refuses_other_arguments(tmp_path):
+    from kit.errors import ConfigError
+
+    kw = dict(n_train=3, n_test=1, size=96, seed=5)
+    ref = all_bytes(synth.generate_dataset(tmp_path / "ref", **kw))
+    d = synth.generate_dataset(tmp_path / "d", **kw)
+    iids = [l.split(",")[0] for l in (d / "train.csv").read_text().split()[1:]]
+    # an interrupted run: one image never finished, the CSVs not yet written
+    for p in list((d / "train").glob(f"{iids[1]}_*")) + list((d / ".synth").rglob(f"{iids[1]}.json")):
+        p.unlink()
+    (d / "train.csv").unlink()
+    done = d / "train" / f"{iids[0]}_green.png"
+    done.write_bytes(b"sentinel")  # a finished image must not be redrawn
+    synth.generate_dataset(d, **kw)
+    assert done.read_bytes() == b"sentinel"
+    done.write_bytes(ref[f"train/{iids[0]}_green.png"])
+    assert all_bytes(d) == ref
+    with pytest.raises(ConfigError, match="another dataset.*bit_depth"):
+        synth.generate_dataset(d, **kw, bit_depth=16)
+
+
+def test_size_mix(tmp_path):
+    w = synth.size_weights([2048, 3072])
+    assert abs(w[0] - 17955 / (17955 + 3842)) < 1e-9
+    draws = [synth.image_size(0, "train", i, [2048, 3072]) for i in range(400)]
+    assert set(draws) == {2048, 3072} and 0.7 < draws.count(2048) / 400 < 0.92
+    d = synth.generate_dataset(tmp_path / "m", n_train=6, n_test=2, seed=1, sizes=[64, 96])
+    sol = pd.read_csv(d / "train_solution.csv", dtype=str, keep_default_na=False)
+    for r in sol.itertuples():
+        img = read_sample(d / "train", r.ID)
+        assert img.shape[:2] == (int(r.ImageHeight), int(r.ImageWidth))
+        assert r.ImageWidth in ("64", "96")
+    assert sol["ImageWidth"].nunique() == 2
 
 
 def test_different_seed_different_data(tmp_path):
@@ -238,6 +274,23 @@ def test_scale_invariant_geometry(size):
         fracs.append(np.median(np.bincount(f.cells.ravel())[1:]) / size ** 2)
     assert all(4 <= n <= 45 for n in counts), counts
     assert 0.005 < np.median(fracs) < 0.08, fracs
+
+
+def test_some_nuclei_touch_and_truth_stays_exact():
+    """Crowded fields: some nuclei touch or nearly touch (within 2 px); still one piece each."""
+    near = total = 0
+    k = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (5, 5))
+    for seed in range(3):
+        f = synth.make_field(np.random.default_rng([seed, 42]), 512, n_cells=30)
+        n = int(f.nuclei.max())
+        total += n
+        for i in range(1, n + 1):
+            m = (f.nuclei == i).astype(np.uint8)
+            assert cv2.connectedComponents(m)[0] == 2
+            assert np.all(f.cells[m > 0] == i)
+            ring = cv2.dilate(m, k) > 0
+            near += bool(np.any((f.nuclei[ring] > 0) & (f.nuclei[ring] != i)))
+    assert 0.05 * total < near < 0.7 * total, (near, total)
 
 
 def test_large_field():
