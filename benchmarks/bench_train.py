@@ -150,13 +150,14 @@ def learn(args) -> None:
         f"data.tile_cache={root}/cache/tiles", f"data.field_cache={root}/cache/fields", f"data.tile_size={args.size}",
         f"model.backbone={args.models.split(',')[0]}", "model.dropout=0.1", f"train.epochs={args.epochs}",
         f"train.batch_size={args.batch}", f"train.lr={args.lr}", f"train.workers={args.workers}",
-        f"run_dir={root}/run", f"train.device={args.device}",
+        f"run_dir={root}/run", f"train.device={args.device}", f"train.max_cells_per_image={args.max_cells}",
     ])
     t = time.perf_counter()
     res = train_fold(cfg, "cell", 0)
     print(f"\ncell model, fold 0, {res['n_train']} train / {res['n_valid']} valid cells, {args.epochs} epochs in "
           f"{time.perf_counter() - t:.0f} s: best validation macro-AP {res['macro_ap']:.4f} (epoch {res['best_epoch']}), "
-          f"class-prior macro-AP {res['prior_ap']:.4f}, micro-AP {res['micro_ap']:.4f}")
+          f"class-prior macro-AP {res['prior_ap']:.4f}, micro-AP {res['micro_ap']:.4f}, image-level macro-AP "
+          f"(max over cells) {res.get('image_macro_ap', float('nan')):.4f}")
 
 
 def main() -> None:
@@ -176,6 +177,7 @@ def main() -> None:
     p.add_argument("--field", type=int, default=512, help="--learn: synthetic field size in px")
     p.add_argument("--epochs", type=int, default=6, help="--learn: epochs")
     p.add_argument("--lr", type=float, default=2e-3, help="--learn: peak learning rate")
+    p.add_argument("--max-cells", type=int, default=0, help="--learn: training cells kept per image (0 = all)")
     args = p.parse_args()
     learn(args) if args.learn else throughput(args)
 

@@ -11,7 +11,7 @@ downscaled 2048 px field. What is drawn, and why:
   normalised distance wins, so contacts look like real cell-cell borders. One nucleus per cell
   (textured ellipse with some irregularity, dark nucleoli); about 3% of cells are mitotic (rounded,
   chromatin condensed to a metaphase plate, which is then the nucleus, with a spindle). In each
-  field 10-35% of the cells are placed against a neighbour so that their nuclei touch, nearly
+  field 15-45% of the cells are placed against a neighbour so that their nuclei touch, nearly
   touch (gap up to 4 px at 2048) or press flat together (overlap up to 0.5 px, the earlier
   nucleus keeps the shared pixels): a segmenter must split them. About 6% of cells lie in another
   focal plane (all four channels of that cell blurred by 4-9 px at 2048).
@@ -29,7 +29,7 @@ downscaled 2048 px field. What is drawn, and why:
 * staining and camera: green is punctate (`_puncta`): Poisson puncta of sigma 0.9-1.6 px at
   2048 px (1 per 20-65 px^2, exponential brightness) over a diffuse share of 10-50%, multiplied
   into the pattern, so the pattern sets where and how densely puncta lie (at 2048 px the
-  neighbour-pixel correlation at 1 / 3 / 8 px is about 0.72 / 0.42 / 0.22, median of 6 fields;
+  neighbour-pixel correlation at 1 / 3 / 8 px is about 0.70 / 0.46 / 0.27, median of 6 fields;
   a real HPA field gives 0.73 / 0.38 / 0.15); debris (dust, antibody clumps, some fluorescent in
   other channels too); per-cell and per-image intensity (15% of images faint); optical blur
   (PSF sigma 0.7-1.3 px at 2048 in focus, 10% of images 3-7 px out of focus), out-of-focus halo,
@@ -342,7 +342,7 @@ def _place_cells(rng: np.random.Generator, size: int, n_cells: int, n_mitotic: i
     nrad = np.zeros(0)
     crad = np.zeros(0)
     mitotic_flags = [True] * n_mitotic + [False] * (n_cells - n_mitotic)
-    p_touch = float(rng.uniform(0.1, 0.35))  # share of cells placed against a neighbour
+    p_touch = float(rng.uniform(0.15, 0.45))  # share of cells placed against a neighbour
     for mit in mitotic_flags:
         R = r_mean * float(np.exp(rng.normal(0, 0.22)))
         R = max(R, 40 * s)

@@ -667,6 +667,18 @@ def train_fold(cfg: Config, kind: str, fold: int, resume: bool = False, stop_aft
     return result
 
 
+def _training_signature(cfg: Config) -> dict:
+    """The settings a resumed run must share with the original, flattened to dotted keys (paths,
+    workers, device, folds and the predict section may change)."""
+    d = to_dict(cfg)
+    out = {f"data.{k}": d["data"][k] for k in ("tile_size", "field_size", "single_label_only", "segment_backend")}
+    for section in ("cell_model", "image_model", "train"):
+        for k, v in d[section].items():
+            if k not in ("workers", "device", "folds", "pretrained"):
+                out[f"{section}.{k}"] = v
+    return out
+
+
 def _fold_list(cfg: Config, folds) -> list[int]:
     if folds is None:
         folds = cfg.train.folds
@@ -690,10 +702,11 @@ def train_all(cfg: Config, kinds: Sequence[str] = KINDS, folds=None, resume: boo
     cfg_path = run_dir / "config.yaml"
     if rank == 0:
         if resume and cfg_path.is_file():
-            old = load_config(cfg_path)
-            if config_hash(old) != config_hash(cfg):
-                raise ConfigError(f"--resume: the config differs from {cfg_path} (hash {config_hash(old)} vs "
-                                  f"{config_hash(cfg)}); resume with --config {cfg_path}")
+            old_sig, new_sig = _training_signature(load_config(cfg_path)), _training_signature(cfg)
+            changed = sorted(k for k in set(old_sig) | set(new_sig) if old_sig.get(k) != new_sig.get(k))
+            if changed:
+                raise ConfigError(f"--resume: {', '.join(changed)} differ from {cfg_path}; a resumed run must "
+                                  f"train the same way (resume with --config {cfg_path}, or use a new --run-dir)")
         save_config(cfg, cfg_path)
     fold_ids = _fold_list(cfg, folds)
     results: dict = {}

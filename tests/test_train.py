@@ -216,3 +216,12 @@ def test_train_and_lr_find_commands(tmp_path, capsys):
     assert (np.diff(sweep["lr"]) > 0).all()
     # a user mistake is a one-line error, exit 2
     assert main(["train", "--config", str(tmp_path / "c.yaml"), "train.epochs=zero"]) == 2
+
+
+def test_resume_refuses_a_changed_training_config(tmp_path):
+    from kit.train import train_all
+
+    _write_dataset(tmp_path, tiles=False)
+    save_config(_cfg(tmp_path, "train.epochs=2"), tmp_path / "run" / "config.yaml")
+    with pytest.raises(ConfigError, match="train.epochs"):
+        train_all(_cfg(tmp_path, "train.epochs=3"), kinds=("cell",), resume=True, progress=False)
