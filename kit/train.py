@@ -397,7 +397,7 @@ def plot_pr_curves(targets: np.ndarray, probs: np.ndarray, path: Path) -> None:
 
     plt = _plt()
     t = np.asarray(targets) > 0.5
-    fig, ax = plt.subplots(figsize=(9, 7))
+    fig, ax = plt.subplots(figsize=(12, 7))
     cmap = plt.get_cmap("tab20")
     for c in range(NUM_CLASSES):
         if not t[:, c].any():
@@ -410,7 +410,7 @@ def plot_pr_curves(targets: np.ndarray, probs: np.ndarray, path: Path) -> None:
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1.02)
     ax.set_title("Per-class precision-recall on validation")
-    ax.legend(fontsize=7, loc="lower left", ncol=2)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     with atomic_path(path) as tmp:
