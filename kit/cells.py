@@ -36,8 +36,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import multiprocessing
-import sys
 from pathlib import Path
 from typing import Iterable
 
@@ -48,6 +46,7 @@ from scipy import ndimage as ndi
 
 from kit.atomic import atomic_open, atomic_path
 from kit.errors import ConfigError, DataError
+from kit.workers import pool_map
 
 __all__ = [
     "TABLE_COLUMNS",
@@ -364,13 +363,6 @@ def _tile_one(job: tuple) -> tuple[str, int]:
     return image_id, write_tiles(tile_dir, image_id, image, cells, table, size, mask_others)
 
 
-def _init_worker() -> None:
-    """One thread per worker process (see docs/ARCHITECTURE.md)."""
-    cv2.setNumThreads(0)
-    if "torch" in sys.modules:
-        sys.modules["torch"].set_num_threads(1)
-
-
 def build_tile_cache(
     images_dir: str | Path,
     image_ids: Iterable[str],
@@ -394,15 +386,8 @@ def build_tile_cache(
     jobs = [(str(images_dir), i, mask_cache, tile_dir, int(size), bool(mask_others)) for i in todo]
     bar = tqdm(total=len(jobs), desc=f"tiles {size}px", unit="img", disable=not progress or not jobs)
     try:
-        if workers > 1 and len(jobs) > 1:
-            ctx = multiprocessing.get_context("spawn")
-            with ctx.Pool(min(workers, len(jobs)), initializer=_init_worker) as pool:
-                for _ in pool.imap_unordered(_tile_one, jobs):
-                    bar.update(1)
-        else:
-            for job in jobs:
-                _tile_one(job)
-                bar.update(1)
+        for _ in pool_map(_tile_one, jobs, workers, ordered=False):
+            bar.update(1)
     finally:
         bar.close()
     return tile_dir

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import csv
 import json
-import multiprocessing
 import os
 import struct
 import sys
@@ -38,6 +37,7 @@ import numpy as np
 from kit.errors import ConfigError, DataError
 from kit.images import CHANNELS, EXTENSIONS, ImageReadError, read_channel, read_sample
 from kit.labels import LabelError, parse_label, read_labels_csv
+from kit.workers import pool_map
 
 SPLITS: tuple[str, ...] = ("train", "test")
 
@@ -472,29 +472,14 @@ def _check_sample(job: tuple[str, str, str, dict[str, list[str]], bool]) -> tupl
     return problems, (first[0], first[1], max(depths))
 
 
-def _worker_init() -> None:
-    import cv2
-
-    cv2.setNumThreads(0)  # one thread per worker: the pool is the parallelism
-    if "torch" in sys.modules:
-        sys.modules["torch"].set_num_threads(1)
-
-
 def _run_sample_checks(jobs: list, decode: bool, workers: int, progress: bool):
     from tqdm import tqdm
 
     desc = "decoding images" if decode else "checking image headers"
     bar = dict(total=len(jobs), desc=desc, unit="sample", disable=not progress, file=sys.stderr)
-    main_file = getattr(sys.modules.get("__main__"), "__file__", None)
-    if main_file is not None and not os.path.exists(main_file):
-        workers = 1  # `python - < script`: spawn cannot re-import <stdin>, and its pool would respawn forever
-    if decode and workers > 1 and len(jobs) > 1:
-        ctx = multiprocessing.get_context("spawn")
-        with ctx.Pool(workers, initializer=_worker_init) as pool:
-            chunk = max(1, min(16, len(jobs) // (workers * 8)))
-            yield from tqdm(pool.imap(_check_sample, jobs, chunksize=chunk), **bar)
-    else:
-        yield from tqdm(map(_check_sample, jobs), **bar)
+    workers = workers if decode else 1  # header checks are cheaper than starting processes
+    chunk = max(1, min(16, len(jobs) // (max(workers, 1) * 8)))
+    yield from tqdm(pool_map(_check_sample, jobs, workers, chunksize=chunk), **bar)
 
 
 def check_data(

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
 from collections import OrderedDict
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -32,6 +31,7 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from kit.errors import DataError
+from kit.workers import pool_map
 
 
 def worker_init_fn(worker_id: int) -> None:
@@ -321,10 +321,6 @@ def _field_job(args) -> str:
     return image_id
 
 
-def _pool_init() -> None:
-    worker_init_fn(0)
-
-
 def build_field_cache(data_cfg, ids: Sequence[str], workers: int = 1, progress: bool = True) -> Path:
     """Write the missing downscaled fields of `ids`; returns the cache folder. Resumable."""
     from tqdm import tqdm
@@ -336,16 +332,8 @@ def build_field_cache(data_cfg, ids: Sequence[str], workers: int = 1, progress: 
         return out_dir
     jobs = [(str(data_cfg.images_dir), i, data_cfg.field_size, str(out_dir / f"{i}.npy")) for i in todo]
     bar = tqdm(total=len(jobs), desc=f"fields {data_cfg.field_size}px", disable=not progress, unit="img")
-    if workers <= 1:
-        for job in jobs:
-            _field_job(job)
-            bar.update()
-    else:
-        import multiprocessing as mp
-
-        with mp.get_context("spawn").Pool(workers, initializer=_pool_init) as pool:
-            for _ in pool.imap_unordered(_field_job, jobs, chunksize=4):
-                bar.update()
+    for _ in pool_map(_field_job, jobs, workers, ordered=False, chunksize=4):
+        bar.update()
     bar.close()
     return out_dir
 

@@ -94,6 +94,7 @@ import numpy as np
 from kit.atomic import atomic_open, atomic_path
 from kit.errors import ConfigError
 from kit.labels import NEGATIVE, format_label
+from kit.workers import pool_map
 
 LABEL_TABLE = Path(__file__).resolve().parent / "data" / "label_sets.csv"
 SPLITS = {"train": 0, "test": 1}
@@ -1067,13 +1068,7 @@ def generate_dataset(out: str | Path, n_train: int, n_test: int, size: int = 512
     jobs += [(str(out), "test", i, image_size(seed, "test", i, sizes), seed, bit_depth) for i in range(n_test)]
     todo = sum(not _record_path(out, j[1], image_id(seed, j[1], j[2])).is_file() for j in jobs)
     bar = dict(total=len(jobs), initial=0, desc="synth", unit="img", disable=None)
-    if workers > 1 and todo > 1:
-        import multiprocessing as mp
-
-        with mp.get_context("spawn").Pool(workers) as pool:
-            results = list(tqdm(pool.imap(_generate_one, jobs, chunksize=1), **bar))
-    else:
-        results = [_generate_one(j) for j in tqdm(jobs, **bar)]
+    results = list(tqdm(pool_map(_generate_one, jobs, workers if todo > 1 else 1), **bar))
 
     # the CSVs last: they list only complete images
     train = [r for r in results if r[0] == "train"]

@@ -26,7 +26,6 @@ from __future__ import annotations
 import hashlib
 import importlib
 import json
-import multiprocessing
 import re
 import sys
 import time
@@ -39,6 +38,7 @@ import pandas as pd
 
 from kit.atomic import atomic_open, atomic_path
 from kit.errors import ConfigError, DataError
+from kit.workers import pool_map
 
 __all__ = ["MaskCache", "segment_folder", "parse_shard", "shard_ids", "list_image_ids", "configure_segment"]
 
@@ -235,15 +235,6 @@ def _segment_one(job: tuple) -> tuple[str, str | None]:
     return image_id, None
 
 
-def _init_worker() -> None:
-    """One thread per worker process (see docs/ARCHITECTURE.md)."""
-    import cv2
-
-    cv2.setNumThreads(0)
-    if "torch" in sys.modules:
-        sys.modules["torch"].set_num_threads(1)
-
-
 def segment_folder(
     images_dir: str | Path,
     image_ids: Iterable[str],
@@ -286,19 +277,10 @@ def segment_folder(
     bar = tqdm(total=len(ids), initial=len(ids) - len(todo), desc=label, unit="img",
                disable=not progress, file=sys.stderr)
     try:
-        if workers > 1 and len(jobs) > 1:
-            ctx = multiprocessing.get_context("spawn")
-            with ctx.Pool(min(workers, len(jobs)), initializer=_init_worker) as pool:
-                for image_id, err in pool.imap_unordered(_segment_one, jobs):
-                    if err:
-                        errors.append((image_id, err))
-                    bar.update(1)
-        else:
-            for job in jobs:
-                image_id, err = _segment_one(job)
-                if err:
-                    errors.append((image_id, err))
-                bar.update(1)
+        for image_id, err in pool_map(_segment_one, jobs, workers, ordered=False):
+            if err:
+                errors.append((image_id, err))
+            bar.update(1)
     finally:
         bar.close()
     if errors:
