@@ -59,7 +59,7 @@ TABLE_ROWS = (
 
 # The demo's defaults: sized so synth + the whole pipeline end within ~10 minutes on 2 CPU cores.
 DEMO_DEFAULTS = dict(seed=0, train=64, test=24, size=256, folds=3, epochs=4, backbone="resnet18",
-                     tile_size=48, field_size=128)
+                     tile_size=48, field_size=256)
 DEMO_OVERRIDES = [
     "train.batch_size=32",
     "train.lr=0.002",
