@@ -121,13 +121,11 @@ def load_fold_table(cfg: Config):
 
 def fold_split(table, fold: int, single_label_only: bool = False):
     """(train rows, validation rows) of `table` for `fold`; single_label_only filters training only."""
-    folds = table["fold"].to_numpy()
-    if not (folds == fold).any():
-        raise ConfigError(f"fold {fold} has no images (folds present: {sorted(set(folds.tolist()))})")
-    train = folds != fold
-    if single_label_only:
-        train &= table["labels"].map(len).to_numpy() == 1
-    return table[train].reset_index(drop=True), table[folds == fold].reset_index(drop=True)
+    from kit import folds as kfolds
+
+    train_mask = kfolds.single_label_mask(table) if single_label_only else None
+    train, valid = kfolds.split_indices(table["fold"].to_numpy(), fold, train_mask)
+    return table.iloc[train].reset_index(drop=True), table.iloc[valid].reset_index(drop=True)
 
 
 def _targets(table) -> np.ndarray:
