@@ -29,7 +29,7 @@ import numpy as np
 
 from kit.atomic import atomic_open, atomic_path
 from kit.errors import ConfigError, DataError
-from kit.images import CHANNELS, read_sample, to_float
+from kit.images import CHANNELS, full_scale, read_sample, to_float
 from kit.labels import CLASS_NAMES, NUM_CLASSES, read_labels_csv
 
 CHANNEL_ROLES = {"red": "microtubules", "green": "protein of interest", "blue": "nucleus", "yellow": "ER"}
@@ -224,7 +224,7 @@ def plot_channels(image: np.ndarray, image_id: str, path: Path, label: str | Non
     scale = min(1.0, MAX_DISPLAY_PX / max(h, w))
     if scale < 1.0:
         raw = cv2.resize(raw, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
-    full = 255 if image.dtype == np.uint8 else 65535
+    full = full_scale(image)
     fig = _figure(22, 5.2)
     axes = fig.subplots(1, 5)
     display = np.empty_like(raw)

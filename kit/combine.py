@@ -411,7 +411,6 @@ def load_oof(run_dir: str | Path, cfg=None, progress: bool = True, truth: bool |
     annotations in the submission format); without it (or with ``truth=False``) the set scores
     with the image-level proxy. The predicted cells are those of the run's mask cache.
     """
-    import pandas as pd
     from tqdm import tqdm
 
     from kit.config import load_config

@@ -194,22 +194,6 @@ def ensure_tiles(data_cfg, ids: Sequence[str], workers: int = 1, progress: bool 
     return tile_dir
 
 
-def _tile_count(path: Path) -> int:
-    arr = np.load(path, mmap_mode="r")
-    if arr.ndim != 4 or arr.shape[1] != 4 or arr.dtype != np.uint8:
-        raise DataError(f"{path}: expected N x 4 x S x S uint8 tiles, got {arr.shape} {arr.dtype}")
-    return int(arr.shape[0])
-
-
-def _cell_ids(path: Path, n: int) -> np.ndarray:
-    import pandas as pd
-
-    table = pd.read_csv(path, usecols=["cell_id"])
-    if len(table) != n:
-        raise DataError(f"{path}: {len(table)} rows but the tiles file holds {n} tiles")
-    return table["cell_id"].to_numpy(np.int64)
-
-
 class CellTileDataset(Dataset):
     """Every cell of the given images; target = the image's multi-hot labels.
 
@@ -236,13 +220,18 @@ class CellTileDataset(Dataset):
         self.missing: list[str] = []
         img_idx, rows, cell_ids = [], [], []
         rng = np.random.default_rng(seed)
+        from kit.cells import load_tiles, tiles_done
+
         for i, image_id in enumerate(self.ids):
-            path = self.tile_dir / f"{image_id}.npy"
-            if not path.is_file() or not (self.tile_dir / f"{image_id}.csv").is_file():
+            if not tiles_done(self.tile_dir, image_id):
                 self.missing.append(image_id)
                 continue
-            n = _tile_count(path)
-            ids_here = _cell_ids(self.tile_dir / f"{image_id}.csv", n)
+            tiles, table = load_tiles(self.tile_dir, image_id)
+            if tiles.ndim != 4 or tiles.shape[1] != 4 or tiles.dtype != np.uint8:
+                raise DataError(f"{self.tile_dir / f'{image_id}.npy'}: expected N x 4 x S x S uint8 tiles, "
+                                f"got {tiles.shape} {tiles.dtype}")
+            n = int(tiles.shape[0])
+            ids_here = table["cell_id"].to_numpy(np.int64)
             keep = np.arange(n)
             if max_cells_per_image and n > max_cells_per_image:
                 keep = np.sort(rng.choice(n, size=max_cells_per_image, replace=False))

@@ -26,7 +26,7 @@ class BCELoss(nn.Module):
 
     def __init__(self, pos_weight: torch.Tensor | None = None):
         super().__init__()
-        self.register_buffer("pos_weight", pos_weight if pos_weight is not None else None)
+        self.register_buffer("pos_weight", pos_weight)
 
     def forward(self, logits, targets, embedding=None):
         return F.binary_cross_entropy_with_logits(logits.float(), targets.float(), pos_weight=self.pos_weight)
@@ -43,7 +43,7 @@ class FocalLoss(nn.Module):
     def __init__(self, gamma: float = 2.0, pos_weight: torch.Tensor | None = None):
         super().__init__()
         self.gamma = gamma
-        self.register_buffer("pos_weight", pos_weight if pos_weight is not None else None)
+        self.register_buffer("pos_weight", pos_weight)
 
     def forward(self, logits, targets, embedding=None):
         logits, targets = logits.float(), targets.float()

@@ -67,7 +67,7 @@ import numpy as np
 from kit.errors import ConfigError, DataError
 from kit.labels import CLASS_NAMES, NUM_CLASSES
 from kit.rle import RLEError, mask_bbox, mask_runs, runs_to_crop
-from kit.submission import ImagePrediction, read_submission
+from kit.submission import SCORE_FLOOR, ImagePrediction, read_submission
 
 __all__ = [
     "InstanceSegmentationEvaluator",
@@ -81,8 +81,7 @@ __all__ = [
 ]
 
 IOU_TYPES = ("mask", "box")
-# np_box_mask_list_ops.non_max_suppression keeps only scores > -10 (filter_scores_greater_than)
-SCORE_FLOOR = -10.0
+# SCORE_FLOOR (kit.submission): np_box_mask_list_ops.non_max_suppression keeps only scores > -10
 
 
 # ----------------------------------------------------------------------------------------------

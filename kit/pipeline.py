@@ -307,7 +307,7 @@ def run_pipeline(data_dir: str | Path, *, config: str | Path | None = None, over
                  n_splits: int = 5, fold_seed: int = 42, workers: int = 2, ceilings: bool = True,
                  leaderboard: str | Path | None = None, notes: str = "", timer: Timer | None = None) -> dict:
     """Every stage on one dataset (see the module doc); returns the summary dict."""
-    from kit.combine import read_combine_spec, tune_run
+    from kit.combine import format_tune_result, read_combine_spec, tune_run
     from kit.config import config_hash
     from kit.dataset import DatasetIndex
     from kit.predict import MaskSource, Predictor, build_predictions, write_and_validate
@@ -324,12 +324,7 @@ def run_pipeline(data_dir: str | Path, *, config: str | Path | None = None, over
     run_dir = Path(cfg.run_dir)
     train_ids = list(index.train_ids)
     sample = data_dir / "sample_submission.csv"
-    if sample.is_file():
-        test_ids, sizes = _ids_from_sample(sample)
-    else:
-        from kit.predict import list_image_ids
-
-        test_ids, sizes = list_image_ids(data_dir / "test"), None
+    test_ids, sizes = _test_ids(data_dir)
     _log(f"run folder: {run_dir}  ({len(train_ids)} train, {len(test_ids)} test images)")
 
     with timer.stage("folds"):
@@ -350,7 +345,7 @@ def run_pipeline(data_dir: str | Path, *, config: str | Path | None = None, over
     with timer.stage("tune"):
         tuned = tune_run(run_dir)
         spec = read_combine_spec(run_dir)
-        _log(_indent(__import__("kit.combine", fromlist=["x"]).format_tune_result(tuned)))
+        _log(_indent(format_tune_result(tuned)))
     with timer.stage("predict"):
         from kit.config import load_config
 
@@ -411,10 +406,14 @@ def _indent(text: str) -> str:
     return "\n".join("  " + line for line in text.splitlines())
 
 
-def _ids_from_sample(sample: Path):
-    from kit.predict import read_ids_sizes
+def _test_ids(data_dir: Path) -> tuple[list[str], dict | None]:
+    """Test IDs and sizes from sample_submission.csv, else the IDs in test/ (sizes None)."""
+    from kit.predict import list_image_ids, read_ids_sizes
 
-    return read_ids_sizes(sample)
+    sample = data_dir / "sample_submission.csv"
+    if sample.is_file():
+        return read_ids_sizes(sample)
+    return list_image_ids(data_dir / "test"), None
 
 
 def _record(path, run_dir: Path, cfg, spec, tuned: dict, test_scores: dict, timer: Timer, notes: str,
@@ -590,14 +589,8 @@ def ceiling(run_dir: str | Path, data_dir: str | Path | None = None, workers: in
     if not (data_dir / "test_solution.csv").is_file():
         raise DataError(f"{data_dir / 'test_solution.csv'} not found: the ceilings need per-cell truth "
                         "(synthetic data, or your own annotated cells in the submission format)")
-    sample = data_dir / "sample_submission.csv"
     test_dir = data_dir / "test"
-    if sample.is_file():
-        test_ids, _ = _ids_from_sample(sample)
-    else:
-        from kit.predict import list_image_ids
-
-        test_ids = list_image_ids(test_dir)
+    test_ids, _ = _test_ids(data_dir)
     spec = read_combine_spec(run_dir, cfg)
     predictor = Predictor(run_dir, cfg)
     timer = Timer()

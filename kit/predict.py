@@ -44,7 +44,7 @@ from typing import Sequence
 
 import numpy as np
 
-from kit.atomic import atomic_path
+from kit.atomic import atomic_open, atomic_path
 from kit.combine import CombineSpec, combine, read_combine_spec, visible_fraction
 from kit.errors import ConfigError, DataError, KitError
 from kit.labels import NUM_CLASSES
@@ -167,11 +167,6 @@ def checkpoint_fingerprint(run_dir: Path, which: str) -> list:
     return items
 
 
-def activation_for(cfg) -> str:
-    """Probabilities as training reports them in oof.csv (kit.train.evaluate: sigmoid for every loss)."""
-    return "sigmoid"
-
-
 # --------------------------------------------------------------------------------------------
 # masks
 
@@ -201,7 +196,7 @@ class MaskSource:
     def load(self, image_id: str, image: np.ndarray):
         """(nuclei, cells, table) of one image."""
         if self.truth_dir is not None:
-            return load_truth_masks(self.truth_dir, image_id, image)
+            return load_truth_masks(self.truth_dir, image_id)
         if not self.cache.has(image_id):
             self.cache.segment_and_save(image_id, image)
         return self.cache.load(image_id)
@@ -238,7 +233,7 @@ def segment_into_cache(cache, images_dir: Path, ids: Sequence[str], workers: int
         segment_folder(images_dir, todo, cache, workers=workers, progress=progress)
 
 
-def load_truth_masks(truth_dir: Path, image_id: str, image: np.ndarray | None = None):
+def load_truth_masks(truth_dir: Path, image_id: str):
     """(nuclei, cells, cell table) from a synthetic dataset's truth folder."""
     import cv2
 
@@ -310,8 +305,8 @@ class Predictor:
 
     def ensemble(self, kind: str) -> FoldEnsemble:
         if kind not in self._ens:
-            self._ens[kind] = FoldEnsemble(self.run_dir, kind, self.device, self.which, self.tta,
-                                           self.batch_size, activation_for(self.cfg))
+            # sigmoid (the default) for every loss: the probabilities training reports in oof.csv
+            self._ens[kind] = FoldEnsemble(self.run_dir, kind, self.device, self.which, self.tta, self.batch_size)
         return self._ens[kind]
 
     def cache_dir(self, images_dir: Path, masks: MaskSource) -> Path:
@@ -392,8 +387,6 @@ class Predictor:
     def _write_cache_info(self, cache: Path, images_dir: Path, masks: MaskSource) -> None:
         info = cache / "params.json"
         if not info.exists():
-            from kit.atomic import atomic_open
-
             with atomic_open(info, "w") as f:
                 json.dump({"images": str(images_dir.resolve()), "masks": masks.key, "tta": self.tta,
                            "which": self.which, "tile_size": self.cfg.data.tile_size,
@@ -446,13 +439,14 @@ def build_predictions(results: dict[str, ImageResult], spec: CombineSpec, min_co
     scores = scores if scores is not None else combined_scores(results, spec)
     preds = {}
     for image_id, r in results.items():
-        s = scores[image_id]
+        # as the float32 the CSV stores: in-memory scoring = file scoring
+        s = np.asarray(scores[image_id], dtype=np.float32).astype(np.float64).tolist()
         triples = []
-        for row, mask in enumerate(r.masks):
-            for c in range(NUM_CLASSES):
-                conf = float(np.float32(s[row, c]))  # what the CSV stores: in-memory scoring = file scoring
+        for row, mask in zip(s, r.masks):
+            mask = str(mask)
+            for c, conf in enumerate(row):
                 if conf >= min_confidence:
-                    triples.append((c, conf, str(mask)))
+                    triples.append((c, conf, mask))
         preds[image_id] = ImagePrediction(r.width, r.height, triples)
     return preds
 

@@ -699,12 +699,10 @@ def _puncta(rng: np.random.Generator, shape: tuple[int, int], s: float) -> np.nd
         u = rng.random(shape, dtype=np.float32)
         # given u < lam, u / lam is uniform: -log of it gives exponential punctum brightness
         spikes = np.where(u < lam, -np.log(np.maximum(u, 1e-12) / np.float32(lam)), 0).astype(np.float32)
-        mean = lam
     else:
         spikes = rng.poisson(lam, shape).astype(np.float32)
-        mean = lam
     spikes = _blur(spikes, sig) if sig > 0.3 else spikes
-    return np.float32(diffuse) + spikes * np.float32((1 - diffuse) / mean)
+    return np.float32(diffuse) + spikes * np.float32((1 - diffuse) / lam)  # both kinds have mean lam
 
 
 def _illumination(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray, float, float, float]:

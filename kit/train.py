@@ -289,7 +289,9 @@ def evaluate(model, loader, loss_fn, device, tcfg, progress: bool = True, desc: 
 def compute_metrics(targets: np.ndarray, probs: np.ndarray, threshold: float = 0.5) -> dict:
     """accuracy_multi (element-wise at threshold), precision (macro over labels present), micro-AP,
     macro-AP (mean over classes with a positive) and prior_ap (macro-AP of a constant predictor)."""
-    from sklearn.metrics import average_precision_score, precision_score
+    from sklearn.metrics import precision_score
+
+    from kit.metric import classification_ap
 
     t = np.asarray(targets) > 0.5
     p = np.asarray(probs, dtype=np.float64)
@@ -298,8 +300,8 @@ def compute_metrics(targets: np.ndarray, probs: np.ndarray, threshold: float = 0
     if len(t) == 0 or len(present) == 0:
         return {**out, "precision": float("nan"), "micro_ap": float("nan"), "macro_ap": float("nan"), "prior_ap": float("nan")}
     out["precision"] = float(precision_score(t, p >= threshold, average="macro", zero_division=0))
-    out["micro_ap"] = float(average_precision_score(t.ravel(), p.ravel()))
-    out["macro_ap"] = float(np.mean([average_precision_score(t[:, c], p[:, c]) for c in present]))
+    ap = classification_ap(t, p)
+    out["micro_ap"], out["macro_ap"] = ap["micro"], ap["macro"]
     out["prior_ap"] = float(t[:, present].mean(0).mean())
     return out
 

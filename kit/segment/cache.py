@@ -68,9 +68,7 @@ class MaskCache:
     """Segmentation results of one backend and one set of options, one file per image."""
 
     def __init__(self, root: str | Path, backend: str = "classical", params: dict | None = None):
-        from kit.segment import backend_options
-
-        from kit.segment import get_backend
+        from kit.segment import backend_options, get_backend
 
         self.root = Path(root)
         self.backend = backend

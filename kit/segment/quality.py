@@ -29,7 +29,11 @@ def _iou_matrix(pred: np.ndarray, true: np.ndarray) -> tuple[np.ndarray, np.ndar
 
 def match_instances(pred: np.ndarray, true: np.ndarray, iou: float = 0.6) -> list[tuple[int, int, float]]:
     """(pred_id, true_id, IoU) for every pair whose IoU is at least `iou`, best first (greedy)."""
-    m, p_ids, t_ids = _iou_matrix(pred, true)
+    return _greedy_pairs(*_iou_matrix(pred, true), iou)
+
+
+def _greedy_pairs(m: np.ndarray, p_ids: np.ndarray, t_ids: np.ndarray, iou: float) -> list[tuple[int, int, float]]:
+    """Greedy best-first matching on an IoU matrix (see `match_instances`)."""
     pairs = []
     used_p, used_t = set(), set()
     for i, j in zip(*np.unravel_index(np.argsort(-m, axis=None), m.shape)):
@@ -48,9 +52,9 @@ def instance_f1(pred_labels: np.ndarray, true_labels: np.ndarray, iou: float = 0
 
     Two empty label images score 1.0 (nothing to find, nothing found).
     """
-    pairs = match_instances(pred_labels, true_labels, iou)
-    n_pred = int(len(np.unique(pred_labels)) - (0 in pred_labels))
-    n_true = int(len(np.unique(true_labels)) - (0 in true_labels))
+    m, p_ids, t_ids = _iou_matrix(pred_labels, true_labels)
+    pairs = _greedy_pairs(m, p_ids, t_ids, iou)
+    n_pred, n_true = len(p_ids), len(t_ids)  # the non-zero ids present
     tp = len(pairs)
     precision = tp / n_pred if n_pred else float(n_true == 0)
     recall = tp / n_true if n_true else float(n_pred == 0)
