@@ -25,7 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "folds": ("kit.folds", "Multi-label stratified (optionally grouped) folds over image labels."),
     "segment": ("kit.segment.cache", "Segment nuclei and cells into a resumable mask cache."),
     "train": ("kit.train", "Train per-fold cell and image classifiers from a YAML config."),
-    "lr-find": ("kit.train", "Learning-rate range test: plots loss vs learning rate, suggests a rate."),
+    "lr-find": ("kit.lr_find", "Learning-rate range test: plots loss vs learning rate, suggests a rate."),
     "predict": ("kit.predict", "Predict a folder of images with a run's fold models into submission.csv."),
     "tune-combine": ("kit.combine", "Choose the cell/image score combination on out-of-fold predictions."),
     "ceiling": ("kit.pipeline", "Segmentation and classification ceilings of a run (needs true masks)."),

@@ -227,11 +227,11 @@ def test_truth_from_solution_builds_label_image():
 def test_candidate_specs_cover_the_sweep():
     specs = candidate_specs(weights=[0.2, 0.8], border_powers=[0.0, 1.0])
     names = {s.strategy for s in specs}
-    assert names == {"cell_only", "image_only", "product", "geometric", "mean"}  # rank only on request
-    # unweighted: 3 * 3 negatives * 2 powers; weighted: 2 * 2 weights * 3 * 2
-    assert len(specs) == 3 * 3 * 2 + 2 * 2 * 3 * 2
+    assert names == {"cell_only", "image_only", "product", "geometric", "mean", "field"}  # rank only on request
+    # unweighted: 3 * 5 negatives * 2 powers; weighted: 3 * 2 weights * 5 * 2
+    assert len(specs) == 3 * 5 * 2 + 3 * 2 * 5 * 2
     with_rank = candidate_specs(strategies=STRATEGIES, weights=[0.2, 0.8], border_powers=[0.0, 1.0])
-    assert len(with_rank) == len(specs) + 2 * 3 * 2
+    assert len(with_rank) == len(specs) + 2 * 5 * 2
     assert len(set(specs)) == len(specs)
 
 

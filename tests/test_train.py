@@ -9,7 +9,8 @@ import torch
 from kit.config import ConfigError, config_hash, load_config, save_config
 from kit.datasets import EpochSampler, augment, write_random_tiles
 from kit.labels import format_label, to_multihot
-from kit.train import compute_metrics, fold_split, suggest_lr, train_fold
+from kit.lr_find import suggest_lr
+from kit.train import compute_metrics, fold_split, train_fold
 
 
 def _write_dataset(root, n=12, folds=3, seed=0, tiles=True):
