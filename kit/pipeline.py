@@ -247,10 +247,12 @@ def evaluate_test(predictor, cfg, spec, results: dict, data_dir: Path, test_ids:
 
     solution = read_submission(data_dir / "test_solution.csv")
     ids = [i for i in test_ids if i in solution]
+    src = cfg.predict.image_source
     scores: dict[str, float | None] = {}
     with timer.stage("evaluate"):
         for key, s in (("image_only", IMAGE_ONLY), ("cell_only", CELL_ONLY), ("combined", spec)):
-            scores[key] = evaluate_predictions(solution, build_predictions(results, s), image_ids=ids)["mAP"]
+            scores[key] = evaluate_predictions(solution, build_predictions(results, s, image_source=src),
+                                               image_ids=ids)["mAP"]
     if not ceilings:
         return scores
     with timer.stage("ceilings"):
@@ -259,7 +261,7 @@ def evaluate_test(predictor, cfg, spec, results: dict, data_dir: Path, test_ids:
         test_dir = data_dir / "test"
         truth_masks = _truth_mask_source(cfg, test_dir, data_dir, solution)
         true_results = predictor.predict_folder(test_dir, ids, truth_masks)
-        scores["cls_ceiling"] = evaluate_predictions(solution, build_predictions(true_results, spec),
+        scores["cls_ceiling"] = evaluate_predictions(solution, build_predictions(true_results, spec, image_source=src),
                                                      image_ids=ids)["mAP"]
     return scores
 
@@ -272,8 +274,24 @@ def _fmt(x: float | None) -> str:
     return "   n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.4f}"
 
 
-def comparison_table(test: dict, oof: dict | None, combine_name: str) -> str:
-    """Markdown table of the comparison rows (test mAP, and the OOF score where it exists)."""
+def pseudo_round_scores(run_dir: Path, cfg, spec) -> list[tuple[int, float | None]]:
+    """(round, OOF score of `spec` with that round's cell model) for a run with pseudo-label rounds."""
+    from kit.combine import load_oof
+    from kit.pseudo import cell_dir_name
+
+    out = []
+    for r in range(cfg.train.pseudo_rounds + 1):
+        try:
+            out.append((r, load_oof(run_dir, cfg, progress=False, cell_dir=cell_dir_name(r)).score(spec)))
+        except KitError:
+            out.append((r, None))
+    return out if cfg.train.pseudo_rounds > 0 else []
+
+
+def comparison_table(test: dict, oof: dict | None, combine_name: str,
+                     rounds: Sequence[tuple[int, float | None]] = ()) -> str:
+    """Markdown table of the comparison rows (test mAP, and the OOF score where it exists);
+    `rounds`: the OOF score of each pseudo-label round's cell model (kit.pseudo)."""
     if not oof:
         lines = ["| row | test mAP |", "|---|---:|"]
     else:
@@ -287,6 +305,9 @@ def comparison_table(test: dict, oof: dict | None, combine_name: str) -> str:
         if oof:
             row += f" {_fmt(oof.get(oof_rows[key])) if key in oof_rows else ''} |"
         lines.append(row)
+    for r, score in rounds:
+        label = f"{combine_name} with the cell model of pseudo-label round {r}"
+        lines.append(f"| {label} | | {_fmt(score)} |" if oof else f"| {label} | |")
     return "\n".join(lines)
 
 
@@ -356,7 +377,7 @@ def run_pipeline(data_dir: str | Path, *, config: str | Path | None = None, over
         lost = [i for i in test_ids if i not in results]
         if lost:
             raise DataError(f"no prediction for {len(lost)} test image(s), e.g. {lost[0]}")
-        preds = build_predictions(results, spec)
+        preds = build_predictions(results, spec, image_source=cfg.predict.image_source)
         sub_path = write_and_validate(submission, preds, test_ids, sizes,
                                       sample=sample if sample.is_file() else None, images=test_dir)
     test_scores: dict = {key: None for key, _ in TABLE_ROWS}
@@ -366,7 +387,8 @@ def run_pipeline(data_dir: str | Path, *, config: str | Path | None = None, over
     oof = dict(tuned["oof"])
     oof["image_only"] = tuned["baselines"]["image_only"]
     oof["cell_only"] = tuned["baselines"]["cell_only"]
-    table = comparison_table(test_scores, oof, spec.name)
+    rounds = pseudo_round_scores(run_dir, cfg, spec)
+    table = comparison_table(test_scores, oof, spec.name, rounds)
     from kit.atomic import atomic_open
 
     with timer.stage("record"):

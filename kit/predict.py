@@ -7,18 +7,23 @@ For every image, one at a time (memory stays bounded for 3072 px fields: one ima
 on CUDA one more being read ahead by a thread, tiles in batches):
 
 1. cells from the mask cache (segmented first, in parallel, when missing);
-2. cell tiles (`kit.cells.extract_tiles`, the run's tile size) -> each fold's cell model ->
-   probabilities averaged over folds and the optional flip TTA;
+2. the cell policy (``cells:`` of the run, kit.cell_policy) drops cells and gives each kept one
+   its confidence factor; cell tiles (`kit.cells.extract_tiles`, the run's tile size) -> each
+   fold's cell model (the last pseudo-label round, kit.pseudo) -> probabilities averaged over
+   folds and the optional flip TTA; a MIL cell model (kit.mil) also gives the bag head's image
+   score over all of the field's cells;
 3. the downscaled field (`kit.datasets.make_field`, the run's field size) -> each fold's image
-   model -> image probabilities, averaged the same way;
+   model -> image probabilities, averaged the same way (skipped when the run has no image model);
 4. every cell mask RLE-encoded in one pass (`kit.rle.encode_label_image`).
 
 Per-image results are cached as ``RUN_DIR/predict/<key>/<ID>.npz`` (written atomically)::
 
     cell_ids     int64   (N,)       ids in the label image
     cell_probs   float32 (N, 19)    fold/TTA-averaged cell probabilities
-    image_probs  float32 (19,)      fold/TTA-averaged image probabilities
+    image_probs  float32 (19,)      fold/TTA-averaged image probabilities of the image model (NaN: none)
+    bag_probs    float32 (19,)      the MIL cell model's bag head over all the field's cells (NaN: none)
     visible      float32 (N,)       visible fraction (kit.combine.visible_fraction)
+    scale        float32 (N,)       the cell policy's confidence factor (kit.cell_policy)
     masks        str     (N,)       the competition mask strings
     size         int64   (2,)       width, height
 
@@ -33,6 +38,7 @@ submission written atomically and validated. One triple per (cell, class) for al
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import sys
@@ -49,7 +55,7 @@ from kit.combine import CombineSpec, combine, read_combine_spec, visible_fractio
 from kit.errors import ConfigError, DataError, KitError
 from kit.labels import NUM_CLASSES
 
-PREDICT_CACHE_VERSION = 1
+PREDICT_CACHE_VERSION = 2
 
 
 @dataclass
@@ -64,6 +70,16 @@ class ImageResult:
     masks: np.ndarray
     width: int
     height: int
+    bag_probs: np.ndarray | None = None
+    scale: np.ndarray | None = None
+
+    def image_score(self, source: str) -> np.ndarray:
+        """The image-level probabilities of `source`: field | bag | mean (kit.combine.resolve_image_source)."""
+        if source == "field":
+            return self.image_probs
+        if source == "bag":
+            return self.bag_probs
+        return 0.5 * (self.image_probs + self.bag_probs)
 
     def save(self, path: Path) -> None:
         with atomic_path(path) as tmp:
@@ -73,6 +89,8 @@ class ImageResult:
                 cell_probs=self.cell_probs.astype(np.float32),
                 image_probs=self.image_probs.astype(np.float32),
                 visible=self.visible.astype(np.float32),
+                bag_probs=(self.bag_probs if self.bag_probs is not None else np.full(NUM_CLASSES, np.nan)).astype(np.float32),
+                scale=(self.scale if self.scale is not None else np.ones(len(self.cell_ids))).astype(np.float32),
                 masks=np.asarray(self.masks, dtype=np.str_),
                 size=np.array([self.width, self.height], np.int64),
             )
@@ -83,7 +101,7 @@ class ImageResult:
             w, h = (int(v) for v in z["size"])
             masks = z["masks"]
             return cls(image_id, z["cell_ids"], z["cell_probs"], z["image_probs"], z["visible"],
-                       masks.astype(str) if len(masks) else np.zeros(0, dtype=str), w, h)
+                       masks.astype(str) if len(masks) else np.zeros(0, dtype=str), w, h, z["bag_probs"], z["scale"])
 
 
 # --------------------------------------------------------------------------------------------
@@ -116,15 +134,17 @@ class FoldEnsemble:
     """The fold models of one kind of a run; `predict` averages probabilities over folds and TTA."""
 
     def __init__(self, run_dir: str | Path, kind: str, device="cpu", which: str = "best", tta: int = 1,
-                 batch_size: int = 64, activation: str = "sigmoid"):
+                 batch_size: int = 64, activation: str = "sigmoid", subdir: str | None = None):
         import torch
 
+        from kit.mil import is_mil
         from kit.models import load_fold_models
 
         if tta not in (1, 2, 4, 8):
             raise ConfigError(f"tta must be 1, 2, 4 or 8, got {tta}")
         self.device = torch.device(device) if not isinstance(device, torch.device) else device
-        self.models = load_fold_models(run_dir, kind, self.device, which)
+        self.models = load_fold_models(run_dir, kind, self.device, which, subdir=subdir)
+        self.has_bag = all(is_mil(m) for m in self.models)
         # channels_last: ~1.6x faster convolutions on this CPU (FACTS.md), no harm on CUDA
         self.models = [m.to(memory_format=torch.channels_last) for m in self.models]
         self.tta = tta
@@ -133,15 +153,24 @@ class FoldEnsemble:
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
         """uint8 N x 4 x S x S -> float32 N x 19 mean probabilities."""
+        return self.predict_with_bag(batch, bag=False)[0]
+
+    def predict_with_bag(self, batch: np.ndarray, bag: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+        """(N x 19 cell probabilities, 19 bag-head probabilities over all N cells or None).
+
+        The bag score needs MIL models (kit.mil); it pools each model's embeddings of every cell
+        of the field (per TTA transform) and averages the probabilities like the cell scores."""
         import torch
 
         from kit.models import preprocess
 
         n = len(batch)
         out = np.zeros((n, NUM_CLASSES), np.float32)
+        bag = bag and self.has_bag
         if n == 0:
-            return out
+            return out, None
         use_amp = self.device.type == "cuda"
+        embs: dict = {}
         with torch.inference_mode():
             for start in range(0, n, self.batch_size):
                 chunk = torch.from_numpy(np.ascontiguousarray(batch[start:start + self.batch_size]))
@@ -150,17 +179,31 @@ class FoldEnsemble:
                 for k in range(self.tta):
                     xk = dihedral(x, k).contiguous(memory_format=torch.channels_last)
                     with torch.autocast(self.device.type, enabled=use_amp):
-                        for model in self.models:
-                            logits = model(xk).float()
+                        for m, model in enumerate(self.models):
+                            if bag:
+                                logits, emb = model(xk, return_embedding=True)
+                                embs.setdefault((m, k), []).append(emb.float())
+                            else:
+                                logits = model(xk)
+                            logits = logits.float()
                             acc += torch.softmax(logits, 1) if self.activation == "softmax" else torch.sigmoid(logits)
                 out[start:start + len(chunk)] = (acc / (self.tta * len(self.models))).cpu().numpy()
-        return out
+            if not bag:
+                return out, None
+            bag_acc = torch.zeros(NUM_CLASSES, dtype=torch.float32, device=self.device)
+            for (m, _), parts in embs.items():
+                e = torch.cat(parts).unsqueeze(0)
+                mask = torch.ones(e.shape[:2], dtype=torch.bool, device=self.device)
+                bag_acc += torch.sigmoid(self.models[m].bag_logits(e, mask).float())[0]
+        return out, (bag_acc / len(embs)).cpu().numpy()
 
 
 def checkpoint_fingerprint(run_dir: Path, which: str) -> list:
     """(relative path, size, mtime) of every checkpoint used: changes when a fold is retrained."""
     items = []
-    for kind in ("cell", "image"):
+    kinds = sorted(p.name for p in run_dir.iterdir() if p.is_dir() and p.name.startswith(("cell", "image"))) \
+        if run_dir.is_dir() else []
+    for kind in kinds:
         for p in sorted((run_dir / kind).glob(f"fold*/{which}.pt")):
             st = p.stat()
             items.append([str(p.relative_to(run_dir)), st.st_size, st.st_mtime_ns])
@@ -305,9 +348,17 @@ class Predictor:
 
     def ensemble(self, kind: str) -> FoldEnsemble:
         if kind not in self._ens:
+            from kit.pseudo import cell_dir_name
+
             # sigmoid (the default) for every loss: the probabilities training reports in oof.csv
-            self._ens[kind] = FoldEnsemble(self.run_dir, kind, self.device, self.which, self.tta, self.batch_size)
+            subdir = cell_dir_name(self.cfg.train.pseudo_rounds) if kind == "cell" else None
+            self._ens[kind] = FoldEnsemble(self.run_dir, kind, self.device, self.which, self.tta, self.batch_size,
+                                           subdir=subdir)
         return self._ens[kind]
+
+    @property
+    def has_image_model(self) -> bool:
+        return any((self.run_dir / "image").glob(f"fold*/{self.which}.pt"))
 
     def cache_dir(self, images_dir: Path, masks: MaskSource) -> Path:
         key = {
@@ -318,13 +369,16 @@ class Predictor:
             "tile_size": self.cfg.data.tile_size,
             "field_size": self.cfg.data.field_size,
             "masks": masks.key,
+            "cells": dataclasses.asdict(self.cfg.cells),
+            "pseudo_rounds": self.cfg.train.pseudo_rounds,
         }
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
         return self.run_dir / "predict" / digest
 
     def _prepare(self, images_dir: Path, image_id: str, masks: MaskSource):
         """Read one image and cut its inputs (runs in the read-ahead thread)."""
-        from kit.cells import extract_tiles
+        from kit.cell_policy import confidence_scale, keep_mask
+        from kit.cells import INTENSITY_COLUMNS, cell_table, extract_tiles
         from kit.datasets import make_field
         from kit.images import read_sample
         from kit.rle import encode_label_image
@@ -334,13 +388,17 @@ class Predictor:
         if cells.shape != image.shape[:2]:  # an image the segmenter could not read: no cells
             cells = np.zeros(image.shape[:2], np.int32)
             table = table.iloc[:0]
+        elif self.cfg.cells.min_signal_fraction > 0 and not set(INTENSITY_COLUMNS) <= set(table.columns):
+            table = cell_table(nuclei, cells, image)  # e.g. true masks: the signal rule needs intensities
+        table = table[keep_mask(table, self.cfg.cells)].reset_index(drop=True)
         tiles, table = extract_tiles(image, cells, self.cfg.data.tile_size, table=table)
-        field = make_field(image, self.cfg.data.field_size)
+        field = make_field(image, self.cfg.data.field_size) if self.has_image_model else None
         rle = encode_label_image(cells)
         ids = table["cell_id"].to_numpy(np.int64)
         masks_text = np.asarray([rle[int(k)] for k in ids], dtype=np.str_) if len(ids) else np.zeros(0, np.str_)
         h, w = image.shape[:2]
-        return ids, tiles, field, visible_fraction(table), masks_text, w, h
+        scale = confidence_scale(table, self.cfg.cells, float(cells.size))
+        return ids, tiles, field, visible_fraction(table), masks_text, w, h, scale
 
     def predict_folder(self, images_dir: str | Path, ids: Sequence[str], masks: MaskSource | None = None,
                        progress: bool = True, stop_after: int | None = None,
@@ -364,20 +422,21 @@ class Predictor:
             masks.prepare(todo, progress)
             cache.mkdir(parents=True, exist_ok=True)
             self._write_cache_info(cache, images_dir, masks)
-            cell_ens, image_ens = self.ensemble("cell"), self.ensemble("image")
+            cell_ens = self.ensemble("cell")
+            image_ens = self.ensemble("image") if self.has_image_model else None
             bar = tqdm(total=len(todo), desc="predict", unit="img", disable=not progress, file=sys.stderr)
             # optional read-ahead of one image in a thread: decoding and tiling overlap the CNN
             with ThreadPoolExecutor(max_workers=1) as pool:
                 submit = pool.submit if prefetch else _run_now
                 pending = submit(self._prepare, images_dir, todo[0], masks)
                 for n, image_id in enumerate(todo):
-                    ids_, tiles, field, visible, masks_text, w, h = pending.result()
+                    ids_, tiles, field, visible, masks_text, w, h, scale = pending.result()
                     if n + 1 < len(todo) and (stop_after is None or n + 1 < stop_after):
                         pending = submit(self._prepare, images_dir, todo[n + 1], masks)
-                    cell_probs = cell_ens.predict(tiles)
-                    image_probs = image_ens.predict(field[None])[0]
-                    ImageResult(image_id, ids_, cell_probs, image_probs, visible, masks_text, w, h).save(
-                        cache / f"{image_id}.npz")
+                    cell_probs, bag_probs = cell_ens.predict_with_bag(tiles)
+                    image_probs = image_ens.predict(field[None])[0] if image_ens else np.full(NUM_CLASSES, np.nan)
+                    ImageResult(image_id, ids_, cell_probs, image_probs, visible, masks_text, w, h,
+                                bag_probs, scale).save(cache / f"{image_id}.npz")
                     bar.update(1)
                     if stop_after is not None and n + 1 >= stop_after:
                         break
@@ -411,15 +470,35 @@ def _run_now(fn, *args):
 # combination and submission
 
 
-def combined_scores(results: dict[str, ImageResult], spec: CombineSpec) -> dict[str, np.ndarray]:
-    """{ID: N x 19 combined confidences}, combined over all images at once (rank needs it)."""
+def available_image_sources(results: dict[str, ImageResult]) -> list[str]:
+    """``field`` / ``bag`` when every result has that image score."""
+    rs = [r for r in results.values() if len(r.cell_ids)]
+    out = []
+    if rs and all(np.isfinite(r.image_probs).all() for r in rs):
+        out.append("field")
+    if rs and all(r.bag_probs is not None and np.isfinite(r.bag_probs).all() for r in rs):
+        out.append("bag")
+    return out
+
+
+def combined_scores(results: dict[str, ImageResult], spec: CombineSpec, image_source: str = "auto") -> dict[str, np.ndarray]:
+    """{ID: N x 19 combined confidences}, combined over all images at once (rank needs it).
+
+    image_source: field | bag | mean | auto (kit.combine.resolve_image_source)."""
+    from kit.combine import resolve_image_source
+
     order = [i for i, r in results.items() if len(r.cell_ids)]
     if not order:
         return {i: np.zeros((0, NUM_CLASSES)) for i in results}
+    source = resolve_image_source(image_source, available_image_sources(results))
     cell = np.concatenate([results[i].cell_probs for i in order]).astype(np.float64)
-    image = np.concatenate([np.repeat(results[i].image_probs[None], len(results[i].cell_ids), 0) for i in order])
+    image = np.concatenate([np.repeat(results[i].image_score(source)[None], len(results[i].cell_ids), 0)
+                            for i in order])
     visible = np.concatenate([results[i].visible for i in order]).astype(np.float64)
-    scores = combine(cell, image, spec, visible)
+    groups = np.concatenate([np.full(len(results[i].cell_ids), i, dtype=object) for i in order])
+    scale = np.concatenate([results[i].scale if results[i].scale is not None else np.ones(len(results[i].cell_ids))
+                            for i in order]).astype(np.float64)
+    scores = combine(cell, image, spec, visible, groups=groups, scale=scale)
     out, start = {}, 0
     for i in results:
         n = len(results[i].cell_ids)
@@ -432,11 +511,11 @@ def combined_scores(results: dict[str, ImageResult], spec: CombineSpec) -> dict[
 
 
 def build_predictions(results: dict[str, ImageResult], spec: CombineSpec, min_confidence: float = 0.0,
-                      scores: dict[str, np.ndarray] | None = None) -> dict:
+                      scores: dict[str, np.ndarray] | None = None, image_source: str = "auto") -> dict:
     """{ID: kit.submission.ImagePrediction} with one triple per (cell, class) at or above `min_confidence`."""
     from kit.submission import ImagePrediction
 
-    scores = scores if scores is not None else combined_scores(results, spec)
+    scores = scores if scores is not None else combined_scores(results, spec, image_source)
     preds = {}
     for image_id, r in results.items():
         # as the float32 the CSV stores: in-memory scoring = file scoring
@@ -486,7 +565,7 @@ def predict(run_dir: str | Path, images_dir: str | Path, out: str | Path = "subm
     missing = [i for i in ids if i not in results]
     if missing:  # e.g. listed in the sample submission but no image file
         raise DataError(f"no prediction for {len(missing)} image(s), e.g. {missing[0]}: are they in {images_dir}?")
-    preds = build_predictions(results, spec, min_confidence)
+    preds = build_predictions(results, spec, min_confidence, image_source=predictor.cfg.predict.image_source)
     path = write_and_validate(out, preds, ids, sizes, sample=ids_from, images=images_dir)
     return {
         "submission": str(path),
