@@ -341,7 +341,14 @@ def main(argv=None) -> int:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--threads", type=int, default=2, help="torch threads (fixed: the table is then reproducible)")
     p.add_argument("--quick", action="store_true", help="1 seed, 24/8 fields of 256 px, 2 folds, 2 epochs, 3 variants")
+    p.add_argument("--table-only", action="store_true",
+                   help="no training: the table of every result-*.json already under --out (runs made in parts)")
     args = p.parse_args(argv)
+    if args.table_only:
+        results = [json.loads(f.read_text()) for f in sorted(args.out.glob("result-*.json"))]
+        table, _ = summarise(results)
+        print(table)
+        return 0
     if args.quick:
         args.seeds, args.train, args.test, args.size, args.folds, args.epochs, args.rounds = "1001", 24, 8, 256, 2, 2, 1
         if args.variants == ",".join(VARIANTS):
