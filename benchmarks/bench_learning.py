@@ -224,10 +224,11 @@ def score_run(cfg, data: Path, test_ids: list[str], solution: dict, rounds: list
             from kit.config import load_config
             from kit.predict import open_mask_cache
 
-            policy = load_config(None, POLICY).cells
-            filtered = with_policy(results, open_mask_cache(rcfg), policy)
-            rows["policy at prediction only: cell-only"] = true_map(solution, build_predictions(filtered, CELL_ONLY), test_ids)
-            rows["policy at prediction only: product"] = true_map(solution, build_predictions(filtered, DEFAULT_SPEC), test_ids)
+            cache = open_mask_cache(rcfg)
+            for label, rules in [("all rules", POLICY)] + [(rule.split("=")[0][6:], [rule]) for rule in POLICY]:
+                filtered = with_policy(results, cache, load_config(None, rules).cells)
+                rows[f"policy at prediction only ({label}): product"] = true_map(
+                    solution, build_predictions(filtered, DEFAULT_SPEC), test_ids)
             from kit.pipeline import _truth_mask_source, seg_ceiling_predictions
 
             rows["ceiling: segmentation (true labels, predicted masks)"] = true_map(
