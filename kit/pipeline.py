@@ -59,7 +59,7 @@ TABLE_ROWS = (
 
 # The demo's defaults: sized so synth + the whole pipeline end within ~10 minutes on 2 CPU cores.
 DEMO_DEFAULTS = dict(seed=0, train=64, test=24, size=256, folds=3, epochs=4, backbone="resnet18",
-                     tile_size=48, field_size=256)
+                     tile_size=48, field_size=256, threads=2)
 DEMO_OVERRIDES = [
     "train.batch_size=32",
     "train.lr=0.002",
@@ -546,6 +546,7 @@ def configure_demo(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backbone", default=d["backbone"], help=f"backbone of both models (default {d['backbone']}; resnet50 works)")
     parser.add_argument("--tile-size", type=int, default=d["tile_size"], help=f"cell tile side in px (default {d['tile_size']})")
     parser.add_argument("--field-size", type=int, default=d["field_size"], help=f"image-model field side in px (default {d['field_size']})")
+    parser.add_argument("--threads", type=int, default=d["threads"], help=f"torch threads, fixed for a reproducible table (default {d['threads']})")
     _add_common(parser)
     parser.add_argument("overrides", nargs="*", help="more config overrides KEY=VALUE")
     parser.set_defaults(func=_run_demo)
@@ -569,8 +570,14 @@ def demo(out: Path = Path("demo"), *, seed: int = DEMO_DEFAULTS["seed"], n_train
          tile_size: int = DEMO_DEFAULTS["tile_size"], field_size: int = DEMO_DEFAULTS["field_size"],
          workers: int = 2, overrides: Sequence[str] = (), config: Path | None = None,
          submission: Path = Path("submission/submission.csv"), ceilings: bool = True,
-         leaderboard: Path | None = None, notes: str = "") -> dict:
-    """synth + run_pipeline with the demo's defaults; returns the summary."""
+         leaderboard: Path | None = None, notes: str = "", threads: int = DEMO_DEFAULTS["threads"]) -> dict:
+    """synth + run_pipeline with the demo's defaults; returns the summary.
+
+    `threads`: torch's intra-op threads, fixed so that the table is the same on a rerun and on
+    any core count (the float reductions of a convolution depend on how many threads split it)."""
+    import torch
+
+    torch.set_num_threads(max(1, int(threads)))
     timer = Timer()
     with timer.stage("synth"):
         data = synth_dataset(Path(out), seed, n_train, n_test, size, workers)
@@ -589,7 +596,7 @@ def _run_demo(args) -> int:
         n_splits=args.folds or DEMO_DEFAULTS["folds"], epochs=args.epochs, backbone=args.backbone,
         tile_size=args.tile_size, field_size=args.field_size, workers=args.workers, overrides=args.overrides,
         config=args.config, submission=args.submission, ceilings=not args.no_ceilings,
-        leaderboard=args.leaderboard, notes=args.notes,
+        leaderboard=args.leaderboard, notes=args.notes, threads=args.threads,
     )
     if args.work:
         _log("note: demo keeps caches and runs under --out; --work is ignored")

@@ -88,6 +88,21 @@ def test_mil_fold_writes_cell_and_bag_oof_and_predicts_both(tmp_path):
     np.testing.assert_allclose(probs, ens.predict(tiles), rtol=1e-5)
 
 
+def test_mil_resume_is_exact_and_lr_find_runs(tmp_path):
+    from kit.lr_find import lr_find
+    from kit.train import train_fold
+
+    _write_dataset(tmp_path)
+    extra = ("train.cell_mode=mil", "train.bag_size=2")
+    full = train_fold(_cfg(tmp_path, f"run_dir={tmp_path}/full", *extra), "cell", 0, progress=False)
+    part = _cfg(tmp_path, f"run_dir={tmp_path}/part", *extra)
+    train_fold(part, "cell", 0, stop_after=1, progress=False)
+    resumed = train_fold(part, "cell", 0, resume=True, progress=False)
+    assert full["weights_sha256"] == resumed["weights_sha256"]
+    res = lr_find(part, "cell", num_iter=10, progress=False)
+    assert len(res["lrs"]) >= 3 and res["suggestion"] > 0
+
+
 # --------------------------------------------------------------------------------------------- pseudo-labels
 
 
