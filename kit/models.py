@@ -111,18 +111,9 @@ def _efficientnet_lite(name: str) -> Callable[[int], tuple[nn.Module, int]]:
             net._conv_stem = conv(in_chans, old.out_channels, kernel_size=old.kernel_size, stride=old.stride, bias=False)
         num_features = int(net._fc.in_features)
         net._fc = nn.Identity()
-        return _EffNetFeatures(net), num_features
+        return _TimmFeatures(net, "extract_features"), num_features
 
     return build
-
-
-class _EffNetFeatures(nn.Module):
-    def __init__(self, net: nn.Module):
-        super().__init__()
-        self.net = net
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net.extract_features(x)
 
 
 EFFICIENTNET_LITE = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
@@ -159,12 +150,15 @@ def register_backbone(name: str):
 
 
 class _TimmFeatures(nn.Module):
-    def __init__(self, net: nn.Module):
+    """A whole network under ``net.`` whose feature map is its `method` (timm: forward_features)."""
+
+    def __init__(self, net: nn.Module, method: str = "forward_features"):
         super().__init__()
         self.net = net
+        self.method = method
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net.forward_features(x)
+        return getattr(self.net, self.method)(x)
 
 
 def _build_backbone(name: str, in_chans: int) -> tuple[nn.Module, int, str]:
