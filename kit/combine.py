@@ -43,8 +43,8 @@ the border power; cells the policy drops get no triples at all.
 `tune` sweeps every strategy, weight, Negative mode and border power on out-of-fold predictions
 and returns them ranked; ``python -m kit tune-combine --run RUN_DIR`` does it for a run and
 writes the choice into ``RUN_DIR/combine.yaml`` (which `kit.predict` reads). The choice must not
-be noise: the simple default (`DEFAULT_SPEC`, product, the winners' choice, which the learning
-benchmark confirmed) is kept unless the best candidate beats it on the concatenated OOF set by
+be noise: the simple default (`DEFAULT_SPEC`: product, the winners' choice, with the
+``complement`` Negative) is kept unless the best candidate beats it on the concatenated OOF set by
 more than the fold-to-fold spread (standard deviation of the default's per-fold scores);
 ``reason`` in combine.yaml says which happened:
 
@@ -663,7 +663,10 @@ def tune(oof: OOFSet, specs: Sequence[CombineSpec] | None = None, progress: bool
     return [scored[i] for i in order]
 
 
-DEFAULT_SPEC = CombineSpec("product")
+# The simple default: the winners' product, with Negative derived per cell (1 - the largest combined
+# location score): an image model cannot say which cells of a positive field are Negative. On the
+# learning benchmark and the demo seeds it beat product with the model's Negative (see README).
+DEFAULT_SPEC = CombineSpec("product", negative="complement")
 
 
 def fold_spread(oof: OOFSet, spec: CombineSpec) -> float:
@@ -673,13 +676,16 @@ def fold_spread(oof: OOFSet, spec: CombineSpec) -> float:
     return float(np.std(scores, ddof=1)) if len(scores) > 1 else 0.0
 
 
+MIN_MARGIN = 0.001  # below a tenth of a mAP point no candidate replaces the default, whatever the spread
+
+
 def choose(oof: OOFSet, ranking: Sequence[tuple[CombineSpec, float]],
            default: CombineSpec = DEFAULT_SPEC) -> tuple[CombineSpec, float, str]:
     """(spec, score, reason): the best of `ranking` only when it beats `default` on the OOF set by
-    more than the default's fold-to-fold spread; otherwise `default`. Deterministic."""
+    more than the default's fold-to-fold spread (and `MIN_MARGIN`); otherwise `default`. Deterministic."""
     best, best_score = ranking[0]
     base = oof.score(default)
-    spread = fold_spread(oof, default)
+    spread = max(fold_spread(oof, default), MIN_MARGIN)
     if not np.isfinite(base):
         return best, best_score, f"the default {default.name} cannot be scored here; best candidate taken"
     margin = best_score - base

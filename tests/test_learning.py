@@ -265,13 +265,13 @@ def test_new_negative_modes_and_field_blend_exact():
 def test_choice_keeps_the_default_unless_beaten_by_more_than_the_fold_spread(tmp_path):
     from test_combine import _fake_run
 
-    from kit.combine import CombineSpec, candidate_specs, choose, load_oof, tune, tune_run
+    from kit.combine import DEFAULT_SPEC, CombineSpec, candidate_specs, choose, load_oof, tune, tune_run
 
     run = _fake_run(tmp_path)
     oof = load_oof(run, progress=False)
-    ranking = [(CombineSpec("mean", 0.5), oof.score(CombineSpec("product")) + 1e-9), (CombineSpec("product"), 0.0)]
+    ranking = [(CombineSpec("mean", 0.5), oof.score(DEFAULT_SPEC) + 1e-9), (DEFAULT_SPEC, 0.0)]
     spec, _, reason = choose(oof, ranking)
-    assert spec == CombineSpec("product") and "kept the default" in reason
+    assert spec == DEFAULT_SPEC and "kept the default" in reason
     # a candidate far ahead of the default is taken, and the reason says by how much
     low = CombineSpec("cell_only")
     spec, _, reason = choose(oof, [(low, 10.0)], default=CombineSpec("image_only"))
