@@ -330,11 +330,10 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", default="1001,1002,1003")
     p.add_argument("--styles", default="default")
     p.add_argument("--variants", default=",".join(VARIANTS))
-    p.add_argument("--train", type=int, default=150)
-    p.add_argument("--test", type=int, default=50)
-    p.add_argument("--size", type=int, default=512)
-    p.add_argument("--folds", type=int, default=3)
-    p.add_argument("--epochs", type=int, default=4)
+    for name, default, what in (("--train", 150, "train fields per dataset"), ("--test", 50, "test fields per dataset"),
+                                ("--size", 512, "field side in px"), ("--folds", 3, "folds (OOF for the choice)"),
+                                ("--epochs", 4, "epochs of ResNet-18 (the others: equal CPU time)")):
+        p.add_argument(name, type=int, default=default, help=f"{what} (default {default})")
     p.add_argument("--rounds", type=int, default=2, help="pseudo-label rounds of the broadcast variant")
     p.add_argument("--backbone", default="resnet18")
     p.add_argument("--tile-size", type=int, default=48)
