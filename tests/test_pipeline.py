@@ -107,7 +107,7 @@ def test_print_summary_json_last_line(demo_result, capsys):
 
 
 def test_ceiling_command_on_the_run(demo_result):
-    from kit.pipeline import ceiling
+    from kit.ceilings import ceiling
 
     _, _, summary = demo_result
     scores = ceiling(summary["run"])

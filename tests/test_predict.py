@@ -17,7 +17,6 @@ from kit.errors import KitError  # noqa: E402
 from kit.labels import NUM_CLASSES  # noqa: E402
 from kit.predict import (  # noqa: E402
     FoldEnsemble,
-    MaskSource,
     Predictor,
     dihedral,
     parse_combine_option,
@@ -115,7 +114,7 @@ def test_predict_resumes_after_interruption_with_the_same_result(tiny_dataset, t
     test_dir = tiny_dataset / "test"
     sample = tiny_dataset / "sample_submission.csv"
     predictor = Predictor(run)
-    masks = MaskSource(predictor.cfg, test_dir)
+    masks = predictor.run_masks(test_dir)
     ids = [line.split(",")[0] for line in sample.read_text().splitlines()[1:]]
     # "killed" after two images: their results are cached, the rest are not
     partial = predictor.predict_folder(test_dir, ids, masks, progress=False, stop_after=2)
@@ -139,7 +138,7 @@ def test_predict_resumes_after_interruption_with_the_same_result(tiny_dataset, t
 
 def test_prediction_cache_is_keyed_by_the_checkpoints(run_dir, tiny_dataset):
     predictor = Predictor(run_dir)
-    masks = MaskSource(predictor.cfg, tiny_dataset / "test")
+    masks = predictor.run_masks(tiny_dataset / "test")
     before = predictor.cache_dir(tiny_dataset / "test", masks)
     ckpt = run_dir / "cell" / "fold0" / "best.pt"
     st = ckpt.stat()

@@ -7,9 +7,10 @@ import pytest
 import torch
 
 from kit.config import ConfigError, config_hash, load_config, save_config
-from kit.datasets import EpochSampler, augment, write_random_tiles
+from kit.torchdata import EpochSampler, augment
 from kit.labels import format_label, to_multihot
 from kit.train import compute_metrics, fold_split, suggest_lr, train_fold
+from helpers import write_random_tiles
 
 
 def _write_dataset(root, n=12, folds=3, seed=0, tiles=True):
