@@ -91,3 +91,46 @@ def test_dataset_index_open_errors(tmp_path):
         DatasetIndex.open(tmp_path / "absent")
     with pytest.raises(DataError, match="Kaggle layout"):
         DatasetIndex.open(tmp_path)
+
+
+# ---------------------------------------------------------------------------------- ID lists
+def test_list_image_ids_and_id_list_formats(tmp_path):
+    from kit.layout import list_image_ids, read_id_list
+
+    write_sample(tmp_path / "imgs", "b")
+    write_sample(tmp_path / "imgs", "a", channels=("red",))  # listed: its missing channels fail by name later
+    assert list_image_ids(tmp_path / "imgs") == ["a", "b"]
+    with pytest.raises(DataError, match="not found"):
+        list_image_ids(tmp_path / "absent")
+    lines = tmp_path / "ids.txt"
+    lines.write_text("# chosen\nID\nx1\n\nx2\n")
+    assert read_id_list(lines) == ["x1", "x2"]
+    folds = tmp_path / "folds.csv"
+    folds.write_text("ID,fold\nx1,0\nx2,1\nx3,0\n")
+    assert read_id_list(folds) == ["x1", "x2", "x3"] and read_id_list(folds, fold=0) == ["x1", "x3"]
+    for text, words in (("", "no IDs"), ("Name,Label\nx,1\n", "ID column")):
+        (tmp_path / "bad.csv").write_text(text)
+        with pytest.raises(DataError, match=words):
+            read_id_list(tmp_path / "bad.csv")
+    with pytest.raises(DataError, match="--fold needs a CSV"):
+        read_id_list(lines, fold=0)
+
+
+def test_read_sample_submission_names_the_file_and_line(tmp_path):
+    from kit.layout import read_sample_submission
+
+    path = tmp_path / "sample.csv"
+    path.write_text("ID,ImageWidth,ImageHeight,PredictionString\na,64,32,\nb,128,128,\n")
+    assert read_sample_submission(path) == (["a", "b"], {"a": (64, 32), "b": (128, 128)})
+    for body, words in (("a,64,32,\na,64,32,\n", "line 3: ID a already on line 2"),
+                        ("a,64,x,\n", "line 2, ID a: ImageWidth/ImageHeight"),
+                        (",64,64,\n", "line 2: empty ID")):
+        path.write_text("ID,ImageWidth,ImageHeight,PredictionString\n" + body)
+        with pytest.raises(DataError, match=words):
+            read_sample_submission(path)
+    path.write_text("")
+    with pytest.raises(DataError, match="empty file"):
+        read_sample_submission(path)
+    path.write_text("ID,Label\na,1\n")
+    with pytest.raises(DataError, match="missing column ImageWidth"):
+        read_sample_submission(path)
