@@ -138,12 +138,9 @@ def main() -> int:
             print(f"{label} stage timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in r["timings"].items()))
     finally:
         subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(before_tree)], capture_output=True)
-        if args.keep:
-            print(f"kept {root}")
-        else:
-            shutil.rmtree(root, ignore_errors=True)
+        print(f"kept {root}") if args.keep else shutil.rmtree(root, ignore_errors=True)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import time
 from pathlib import Path
 from typing import Sequence
 
@@ -28,7 +30,39 @@ import numpy as np
 from kit.errors import DataError, KitError
 from kit.labels import NUM_CLASSES
 
-__all__ = ["seg_ceiling_predictions", "score_rows", "ceiling", "configure_ceiling"]
+__all__ = ["TABLE_ROWS", "comparison_table", "fmt_score", "seg_ceiling_predictions", "score_rows",
+           "ceiling", "configure_ceiling"]
+
+TABLE_ROWS = (
+    ("image_only", "image-only broadcast"),
+    ("cell_only", "cell-only"),
+    ("combined", "tuned combination"),
+    ("seg_ceiling", "segmentation ceiling (true labels, predicted masks)"),
+    ("cls_ceiling", "classification ceiling (predicted labels, true masks)"),
+)
+
+
+def fmt_score(x: float | None) -> str:
+    """A score for the tables: 4 decimals, `n/a` for none."""
+    return "   n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.4f}"
+
+
+def comparison_table(test: dict, oof: dict | None, combine_name: str) -> str:
+    """Markdown table of the comparison rows (test mAP, and the OOF score where it exists)."""
+    if not oof:
+        lines = ["| row | test mAP |", "|---|---:|"]
+    else:
+        kind = "OOF cell mAP" if oof.get("score_kind") == "cell_mAP" else "OOF image proxy"
+        lines = [f"| row | test mAP | {kind} |", "|---|---:|---:|"]
+    oof_rows = {"image_only": "image_only", "cell_only": "cell_only", "combined": "overall"}
+    for key, label in TABLE_ROWS:
+        if key == "combined":
+            label = f"{label}: {combine_name}"
+        row = f"| {label} | {fmt_score(test.get(key))} |"
+        if oof:
+            row += f" {fmt_score(oof.get(oof_rows[key])) if key in oof_rows else ''} |"
+        lines.append(row)
+    return "\n".join(lines)
 
 
 def seg_ceiling_predictions(results: dict, solution: dict) -> dict:
@@ -62,7 +96,8 @@ def score_rows(solution: dict, results: dict, spec, ids: Sequence[str], truth_re
                timer=None) -> dict:
     """Test mAP of every row; the ceilings only when `truth_results` (predictions on true masks) is given.
 
-    `timer` (`kit.pipeline.Timer`) times the ``evaluate`` and ``ceilings`` stages.
+    `timer` (anything with a ``stage(name)`` context manager, e.g. `kit.pipeline.Timer`) times the
+    ``evaluate`` and ``ceilings`` stages.
     """
     from contextlib import nullcontext
 
@@ -92,7 +127,6 @@ def ceiling(run_dir: str | Path, data_dir: str | Path | None = None, workers: in
     from kit.layout import list_image_ids, read_sample_submission
     from kit.manifest import read_manifest
     from kit.masks import truth_masks
-    from kit.pipeline import Timer
     from kit.predict import Predictor
     from kit.submission import read_submission
 
@@ -109,12 +143,12 @@ def ceiling(run_dir: str | Path, data_dir: str | Path | None = None, workers: in
     test_ids = read_sample_submission(sample)[0] if sample.is_file() else list_image_ids(test_dir)
     predictor = Predictor(run_dir)
     spec = read_combine_spec(run_dir, predictor.cfg)
-    timer = Timer()
-    with timer.stage("predict"):
-        results, truth_results = predictor.predict_sources(
-            test_dir, test_ids, [predictor.run_masks(test_dir), truth_masks(data_dir)], workers=workers)
-    scores = score_rows(read_submission(solution_path), results, spec, test_ids, truth_results, timer)
-    scores["timings"] = timer.seconds
+    t0 = time.perf_counter()
+    results, truth_results = predictor.predict_sources(
+        test_dir, test_ids, [predictor.run_masks(test_dir), truth_masks(data_dir)], workers=workers)
+    t1 = time.perf_counter()
+    scores = score_rows(read_submission(solution_path), results, spec, test_ids, truth_results)
+    scores["timings"] = {"predict": round(t1 - t0, 2), "score": round(time.perf_counter() - t1, 2)}
     scores["combine"] = spec.name
     from kit.atomic import atomic_open
 
@@ -132,8 +166,6 @@ def configure_ceiling(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_ceiling(args) -> int:
-    from kit.pipeline import comparison_table
-
     scores = ceiling(args.run, args.data, args.workers)
     if args.json:
         print(json.dumps(scores))

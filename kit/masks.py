@@ -73,18 +73,26 @@ class CachedMasks:
         return self.cache.segment_and_save(image_id, image, source)
 
 
-class TruthMasks:
-    """True cells from ``<truth_dir>/<ID>_cell_mask.png`` (and ``_nuclei_mask.png`` when present)."""
+class _FileMasks:
+    """A source read from one file or folder: its key is the kind and the absolute path."""
 
-    def __init__(self, truth_dir: str | Path):
-        self.truth_dir = Path(truth_dir)
+    kind = ""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
 
     @property
     def key(self) -> str:
-        return "truth:" + str(self.truth_dir.resolve())
+        return f"{self.kind}:{self.path.resolve()}"
+
+
+class TruthMasks(_FileMasks):
+    """True cells from ``<truth_dir>/<ID>_cell_mask.png`` (and ``_nuclei_mask.png`` when present)."""
+
+    kind = "truth"
 
     def _path(self, image_id: str, name: str) -> Path:
-        return self.truth_dir / f"{image_id}_{name}_mask.png"
+        return self.path / f"{image_id}_{name}_mask.png"
 
     def prepare(self, ids: Sequence[str], progress: bool = True) -> None:
         missing = [i for i in ids if not self._path(i, "cell").is_file()]
@@ -115,15 +123,10 @@ def _read_solution(path: str, mtime_ns: int) -> dict:
     return read_submission(path)
 
 
-class SolutionMasks:
+class SolutionMasks(_FileMasks):
     """True cells decoded from a solution file in the submission format (one row per image)."""
 
-    def __init__(self, solution: str | Path):
-        self.path = Path(solution)
-
-    @property
-    def key(self) -> str:
-        return "solution:" + str(self.path.resolve())
+    kind = "solution"
 
     def _rows(self) -> dict:
         if not self.path.is_file():

@@ -49,7 +49,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import math
 import sys
 import time
 import traceback
@@ -57,18 +56,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Sequence
 
-import numpy as np
-
+from kit.ceilings import TABLE_ROWS, comparison_table, fmt_score
 from kit.errors import ConfigError, DataError, KitError
-from kit.labels import NUM_CLASSES
-
-TABLE_ROWS = (
-    ("image_only", "image-only broadcast"),
-    ("cell_only", "cell-only"),
-    ("combined", "tuned combination"),
-    ("seg_ceiling", "segmentation ceiling (true labels, predicted masks)"),
-    ("cls_ceiling", "classification ceiling (predicted labels, true masks)"),
-)
 
 # The demo's defaults: sized so synth + the whole pipeline end within ~10 minutes on 2 CPU cores.
 DEMO_DEFAULTS = dict(seed=0, train=64, test=24, size=256, folds=3, epochs=4, backbone="resnet18",
@@ -202,28 +191,6 @@ def stage_folds(cfg, n_splits: int, seed: int) -> Path:
 # report
 
 
-def _fmt(x: float | None) -> str:
-    return "   n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.4f}"
-
-
-def comparison_table(test: dict, oof: dict | None, combine_name: str) -> str:
-    """Markdown table of the comparison rows (test mAP, and the OOF score where it exists)."""
-    if not oof:
-        lines = ["| row | test mAP |", "|---|---:|"]
-    else:
-        kind = "OOF cell mAP" if oof.get("score_kind") == "cell_mAP" else "OOF image proxy"
-        lines = [f"| row | test mAP | {kind} |", "|---|---:|---:|"]
-    oof_rows = {"image_only": "image_only", "cell_only": "cell_only", "combined": "overall"}
-    for key, label in TABLE_ROWS:
-        if key == "combined":
-            label = f"{label}: {combine_name}"
-        row = f"| {label} | {_fmt(test.get(key))} |"
-        if oof:
-            row += f" {_fmt(oof.get(oof_rows[key])) if key in oof_rows else ''} |"
-        lines.append(row)
-    return "\n".join(lines)
-
-
 def _margin_note(test: dict) -> str | None:
     c, i, e = test.get("combined"), test.get("image_only"), test.get("cell_only")
     if None in (c, i, e):
@@ -282,7 +249,7 @@ def run_pipeline(data_dir: str | Path, *, config: str | Path | None = None, over
     with timer.stage("train"):
         from kit.train import train_all
 
-        train_metrics = train_all(cfg, kinds=("cell", "image"), resume=True)
+        train_metrics = train_all(cfg, kinds=("cell", "image"), resume=True, prepare=False)
     with timer.stage("tune"):
         tuned = tune_run(run_dir)
         spec = read_combine_spec(run_dir)
@@ -422,10 +389,10 @@ def print_summary(summary: dict, as_json: bool) -> None:
     print("stage timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in t.items()))
     oof = summary["oof"]
     if oof["score_kind"] == "cell_mAP":
-        folds = ", ".join(f"fold {k} {_fmt(v)}" for k, v in (oof.get("per_fold") or {}).items())
-        print(f"OOF cell mAP (concatenated OOF): {_fmt(oof['overall'])}  ({folds})")
+        folds = ", ".join(f"fold {k} {fmt_score(v)}" for k, v in (oof.get("per_fold") or {}).items())
+        print(f"OOF cell mAP (concatenated OOF): {fmt_score(oof['overall'])}  ({folds})")
     else:
-        print(f"OOF image-level macro AP (proxy): {_fmt(oof['overall'])}; cell-level mAP is unavailable "
+        print(f"OOF image-level macro AP (proxy): {fmt_score(oof['overall'])}; cell-level mAP is unavailable "
               "(no per-cell truth for this data)")
     print()
     print(summary["table"])

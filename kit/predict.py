@@ -318,19 +318,19 @@ class Predictor:
         if prefetch is None:
             prefetch = self.device.type == "cuda"
         caches = [self.cache_dir(images_dir, s) for s in sources]
-        wanted = [[i for i in ids if not (c / f"{i}.npz").is_file()] for c in caches]
-        todo = [i for i in dict.fromkeys(i for w in wanted for i in w)]
+        wanted = [{i for i in ids if not (c / f"{i}.npz").is_file()} for c in caches]
+        todo = [i for i in dict.fromkeys(ids) if any(i in w for w in wanted)]
         if stop_after is not None:
             todo = todo[:stop_after]
         if todo:
-            by_key = {s.key: (s, c) for s, c in zip(sources, caches)}
+            out_dir = {s.key: c for s, c in zip(sources, caches)}
             for s, c, w in zip(sources, caches, wanted):
-                if w:
-                    s.prepare([i for i in w if i in set(todo)], progress)
+                mine = [i for i in todo if i in w]
+                if mine:
+                    s.prepare(mine, progress)
                     c.mkdir(parents=True, exist_ok=True)
                     self._write_cache_info(c, images_dir, s)
-            missing = [set(w) for w in wanted]
-            jobs = [(str(images_dir), i, [s for s, m in zip(sources, missing) if i in m], self.tile_size,
+            jobs = [(str(images_dir), i, [s for s, w in zip(sources, wanted) if i in w], self.tile_size,
                      self.field_size) for i in todo]
             cell_ens, image_ens = self.ensemble("cell"), self.ensemble("image")
             if workers > 1:
@@ -344,7 +344,7 @@ class Predictor:
                 image_probs = image_ens.predict(item["field"][None])[0]
                 for key, (cell_ids, tiles, visible, masks_text) in item["cells"].items():
                     ImageResult(item["id"], cell_ids, cell_ens.predict(tiles), image_probs, visible, masks_text,
-                                item["width"], item["height"]).save(by_key[key][1] / f"{item['id']}.npz")
+                                item["width"], item["height"]).save(out_dir[key] / f"{item['id']}.npz")
                 bar.update(1)
             bar.close()
         return [{i: ImageResult.load(c / f"{i}.npz", i) for i in ids if (c / f"{i}.npz").is_file()} for c in caches]

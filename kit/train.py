@@ -48,9 +48,9 @@ import torch.nn as nn
 
 from kit.atomic import atomic_open, atomic_path
 from kit.config import Config, config_hash, load_config, save_config, to_dict
+from kit.device import resolve_device
 from kit.errors import ConfigError, DataError, KitError
 from kit.labels import NUM_CLASSES
-from kit.device import resolve_device
 from kit.models import build_from_config, preprocess, unwrap
 
 KINDS = ("cell", "image")
@@ -507,11 +507,12 @@ def _write_epochs_csv(path: Path, history: list[dict]) -> None:
 
 
 def train_fold(cfg: Config, kind: str, fold: int, resume: bool = False, stop_after: int | None = None,
-               progress: bool = True) -> dict:
+               progress: bool = True, build: bool = True) -> dict:
     """Train the `kind` ("cell"/"image") model on all folds but `fold`, validate on `fold`.
 
     resume: continue from ``last.pt`` when it exists (exactly: same batches, augmentations, RNG).
     stop_after: stop once this many epochs are completed (a time-limited session; resume later).
+    build: make missing tiles/fields of the fold's images first (`train_all` made them already).
     Returns the best epoch's validation metrics plus ``fold, kind, best_epoch, epochs_done,
     n_train, n_valid, fold_dir, weights_sha256``. Under torchrun every rank trains; rank 0 writes.
     """
@@ -536,8 +537,8 @@ def train_fold(cfg: Config, kind: str, fold: int, resume: bool = False, stop_aft
         raise ConfigError(f"fold {fold}: no training images left (data.single_label_only={cfg.data.single_label_only})")
     # Rank 0 builds caches (field cache) first; the others then find them complete.
     if is_main:
-        train_ds = make_dataset(cfg, kind, train_df, train=True, progress=progress)
-        valid_ds = make_dataset(cfg, kind, valid_df, train=False, progress=progress)
+        train_ds = make_dataset(cfg, kind, train_df, train=True, progress=progress, build=build)
+        valid_ds = make_dataset(cfg, kind, valid_df, train=False, progress=progress, build=build)
         _barrier(world)
     else:
         _barrier(world)
@@ -547,8 +548,8 @@ def train_fold(cfg: Config, kind: str, fold: int, resume: bool = False, stop_aft
     if missing:
         say(f"note: {missing} image(s) have no cell tiles and are skipped")
 
-    from kit.torchdata import EpochSampler, balancing_weights
     from kit.losses import build_loss, pos_weight_from_targets
+    from kit.torchdata import EpochSampler, balancing_weights
 
     _seed_everything(tcfg.seed)
     model = build_from_config(mcfg).to(device)
@@ -703,9 +704,10 @@ def write_run_config(cfg: Config, resume: bool = False) -> Path:
 
 
 def train_all(cfg: Config, kinds: Sequence[str] = KINDS, folds=None, resume: bool = False,
-              progress: bool = True) -> dict:
+              progress: bool = True, prepare: bool = True) -> dict:
     """Train every requested kind and fold; writes config.yaml and manifest.json once, and
-    train_metrics.json (rank 0). The inputs of every fold are made first, in one `kit.prepare` pass.
+    train_metrics.json (rank 0). The inputs of every fold are made first, in one `kit.prepare` pass
+    (`prepare=False`: the caller just made them).
 
     folds: None -> cfg.train.folds; "all", an int or a list. Returns ``{kind: {fold: metrics}}``.
     """
@@ -724,10 +726,11 @@ def train_all(cfg: Config, kinds: Sequence[str] = KINDS, folds=None, resume: boo
     if rank == 0:
         write_run_config(cfg, resume)
         write_manifest(run_dir, inputs)
-        from kit.prepare import prepare_run
+        if prepare:
+            from kit.prepare import prepare_run
 
-        prepare_run(inputs, load_fold_table(cfg)["ID"].tolist(), kinds, workers=max(1, cfg.train.workers),
-                    progress=progress)
+            prepare_run(inputs, load_fold_table(cfg)["ID"].tolist(), kinds, workers=max(1, cfg.train.workers),
+                        progress=progress)
     results: dict = {}
     metrics_path = run_dir / "train_metrics.json"
     if rank == 0 and metrics_path.is_file():
@@ -738,7 +741,7 @@ def train_all(cfg: Config, kinds: Sequence[str] = KINDS, folds=None, resume: boo
     for kind in kinds:
         results.setdefault(kind, {})
         for fold in fold_ids:
-            r = train_fold(cfg, kind, fold, resume=resume, progress=progress)
+            r = train_fold(cfg, kind, fold, resume=resume, progress=progress, build=False)  # prepared above
             results[kind][str(fold)] = {k: v for k, v in r.items() if k not in ("rank",)}
             if rank == 0:
                 with atomic_open(metrics_path, "w") as f:
@@ -775,8 +778,8 @@ def lr_find(cfg: Config, kind: str = "cell", fold: int | None = None, start_lr: 
     Returns ``{"lrs", "losses" (smoothed), "raw_losses", "suggestion"}``."""
     from tqdm import tqdm
 
-    from kit.torchdata import EpochSampler
     from kit.losses import build_loss
+    from kit.torchdata import EpochSampler
 
     tcfg = cfg.train_for(kind)
     device = resolve_device(tcfg.device)

@@ -244,3 +244,11 @@ def test_read_image_info_non_image(tmp_path):
         read_image_info(path)
     with pytest.raises(ImageReadError, match="missing"):
         read_image_info(tmp_path / "absent.png")
+
+
+def test_image_size_reads_the_first_channel_header(tmp_path):
+    write_sample(tmp_path, "s", shape=(20, 36), ext=".tif")
+    assert image_size(tmp_path, "s") == (36, 20)
+    with pytest.raises(ImageReadError, match="missing channel file"):
+        image_size(tmp_path, "absent")
+
