@@ -93,11 +93,13 @@ def seg_ceiling_predictions(results: dict, solution: dict) -> dict:
 
 
 def score_rows(solution: dict, results: dict, spec, ids: Sequence[str], truth_results: dict | None = None,
-               timer=None) -> dict:
-    """Test mAP of every row; the ceilings only when `truth_results` (predictions on true masks) is given.
+               timer=None, ceilings: bool = True, out: dict | None = None) -> dict:
+    """Test mAP of every row: the three prediction rows, the segmentation ceiling (with `ceilings`)
+    and the classification ceiling (when `truth_results`, predictions on true masks, are given).
 
     `timer` (anything with a ``stage(name)`` context manager, e.g. `kit.pipeline.Timer`) times the
-    ``evaluate`` and ``ceilings`` stages.
+    ``evaluate`` and ``ceilings`` stages. Rows go into `out` as they are scored, so a caller keeps
+    those measured before a failure.
     """
     from contextlib import nullcontext
 
@@ -107,17 +109,18 @@ def score_rows(solution: dict, results: dict, spec, ids: Sequence[str], truth_re
 
     stage = timer.stage if timer is not None else (lambda name: nullcontext())
     ids = [i for i in ids if i in solution]
-    scores: dict[str, float | None] = {}
+    scores: dict[str, float | None] = {} if out is None else out
     with stage("evaluate"):
         for key, s in (("image_only", IMAGE_ONLY), ("cell_only", CELL_ONLY), ("combined", spec)):
             scores[key] = evaluate_predictions(solution, build_predictions(results, s), image_ids=ids)["mAP"]
-    if truth_results is None:
+    if not ceilings:
         return scores
     with stage("ceilings"):
         scores["seg_ceiling"] = evaluate_predictions(solution, seg_ceiling_predictions(results, solution),
                                                      image_ids=ids)["mAP"]
-        scores["cls_ceiling"] = evaluate_predictions(solution, build_predictions(truth_results, spec),
-                                                     image_ids=ids)["mAP"]
+        if truth_results is not None:
+            scores["cls_ceiling"] = evaluate_predictions(solution, build_predictions(truth_results, spec),
+                                                         image_ids=ids)["mAP"]
     return scores
 
 

@@ -254,10 +254,12 @@ def run_pipeline(data_dir: str | Path, *, config: str | Path | None = None, over
         tuned = tune_run(run_dir)
         spec = read_combine_spec(run_dir)
         _log(_indent(format_tune_result(tuned)))
+    truth_failures: dict = {}  # the ceilings' true cells are optional: their failures are reported
     with timer.stage("predict"):
         predictor = Predictor(run_dir)
         sources = [predictor.run_masks(test_dir)] + ([truth] if truth is not None else [])
-        results, *truth_results = predictor.predict_sources(test_dir, test_ids, sources, workers=workers)
+        results, *truth_results = predictor.predict_sources(test_dir, test_ids, sources, workers=workers,
+                                                            failures=truth_failures)
         lost = [i for i in test_ids if i not in results]
         if lost:
             raise DataError(f"no prediction for {len(lost)} test image(s), e.g. {lost[0]}")
@@ -270,13 +272,18 @@ def run_pipeline(data_dir: str | Path, *, config: str | Path | None = None, over
     test_scores: dict = {key: None for key, _ in TABLE_ROWS}
     has_truth = solution_path.is_file()
     notes_out = list(tuned.get("notes", [])) + ([] if has_truth else [f"{solution_path} absent: no test mAP"])
+    for key, failed in truth_failures.items():
+        shown = "; ".join(f"{i}: {m}" for i, m in failed[:3])
+        errors.append(f"classification ceiling skipped: true cells unavailable for {len(failed)} image(s) "
+                      f"({key}): {shown}"[:600])
     if has_truth:
         try:
             from kit.ceilings import score_rows
             from kit.submission import read_submission
 
-            test_scores.update(score_rows(read_submission(solution_path), results, spec, test_ids,
-                                          truth_results[0] if truth_results else None, timer))
+            usable = truth_results[0] if truth_results and not truth_failures else None
+            score_rows(read_submission(solution_path), results, spec, test_ids, usable, timer, ceilings=ceilings,
+                       out=test_scores)
         except Exception as exc:  # noqa: BLE001 - reported below, after the summary is saved
             errors.append(_failure("evaluate", exc))
     oof = dict(tuned["oof"])

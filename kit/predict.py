@@ -199,14 +199,24 @@ def run_folds(run_dir: Path, manifest, which: str, folds: Sequence[int] | None) 
 
 
 def _predict_inputs(job: tuple) -> dict:
-    """Worker: decode one image once and cut every source's inputs (see the module docstring)."""
+    """Worker: decode one image once and cut every source's inputs (see the module docstring).
+
+    An optional source that cannot give this image's cells (e.g. a true mask missing) is reported
+    under ``failed`` instead of stopping the prediction of the others."""
     from kit.images import read_sample
-    from kit.prepare import prepare_image
+    from kit.prepare import cut_cells, prepare_image
     from kit.rle import encode_label_image
 
     images_dir, image_id, sources, tile_size, field_size = job
     image = read_sample(images_dir, image_id)
-    prepared = prepare_image(image_id, image, sources, tile_size, field_size)
+    prepared = prepare_image(image_id, image, [s for s, optional in sources if not optional], tile_size, field_size)
+    failed = {}
+    for source, optional in sources:
+        if optional:
+            try:
+                prepared.cells[source.key] = cut_cells(image_id, image, source, tile_size)
+            except KitError as exc:
+                failed[source.key] = str(exc)
     cells = {}
     for key, (labels, table, tiles) in prepared.cells.items():
         rle = encode_label_image(labels)
@@ -214,7 +224,7 @@ def _predict_inputs(job: tuple) -> dict:
         masks_text = np.asarray([rle[int(k)] for k in ids], dtype=np.str_) if len(ids) else np.zeros(0, np.str_)
         cells[key] = (ids, tiles, visible_fraction(table), masks_text)
     return {"id": image_id, "width": prepared.width, "height": prepared.height, "field": prepared.field,
-            "cells": cells}
+            "cells": cells, "failed": failed}
 
 
 def _read_ahead(items: Iterator) -> Iterator:
@@ -301,9 +311,13 @@ class Predictor:
 
     def predict_sources(self, images_dir: str | Path, ids: Sequence[str], sources: Sequence,
                         progress: bool = True, stop_after: int | None = None, prefetch: bool | None = None,
-                        workers: int = 1) -> list[dict[str, "ImageResult"]]:
+                        workers: int = 1, failures: dict | None = None) -> list[dict[str, "ImageResult"]]:
         """Per mask source, the results of every image in `ids` (cached ones loaded, the rest
         predicted from one decode of each image and cached).
+
+        With a `failures` dict, the sources after the first are optional: an image one of them
+        cannot give cells for is left out of that source's results, and ``failures[key]`` lists
+        ``(ID, message)`` (the first source, the submission's, always raises).
 
         `stop_after` stops after that many newly predicted images (tests simulate a kill with it).
         `workers` > 1 decodes and cuts images in that many processes; with one, `prefetch` does it
@@ -324,14 +338,22 @@ class Predictor:
             todo = todo[:stop_after]
         if todo:
             out_dir = {s.key: c for s, c in zip(sources, caches)}
-            for s, c, w in zip(sources, caches, wanted):
+            optional = [failures is not None and k > 0 for k in range(len(sources))]
+            for s, c, w, opt in zip(sources, caches, wanted, optional):
                 mine = [i for i in todo if i in w]
                 if mine:
-                    s.prepare(mine, progress)
+                    try:
+                        s.prepare(mine, progress)
+                    except KitError as exc:
+                        if not opt:
+                            raise
+                        failures.setdefault(s.key, []).append(("*", str(exc)))
+                        w.clear()  # this source is skipped
+                        continue
                     c.mkdir(parents=True, exist_ok=True)
                     self._write_cache_info(c, images_dir, s)
-            jobs = [(str(images_dir), i, [s for s, w in zip(sources, wanted) if i in w], self.tile_size,
-                     self.field_size) for i in todo]
+            jobs = [(str(images_dir), i, [(s, opt) for s, w, opt in zip(sources, wanted, optional) if i in w],
+                     self.tile_size, self.field_size) for i in todo if any(i in w for w in wanted)]
             cell_ens, image_ens = self.ensemble("cell"), self.ensemble("image")
             if workers > 1:
                 items = pool_map(_predict_inputs, jobs, workers, window=2 * workers)
@@ -341,6 +363,8 @@ class Predictor:
                     items = _read_ahead(items)
             bar = tqdm(total=len(todo), desc="predict", unit="img", disable=not progress, file=sys.stderr)
             for item in items:
+                for key, message in item["failed"].items():
+                    failures.setdefault(key, []).append((item["id"], message))
                 image_probs = image_ens.predict(item["field"][None])[0]
                 for key, (cell_ids, tiles, visible, masks_text) in item["cells"].items():
                     ImageResult(item["id"], cell_ids, cell_ens.predict(tiles), image_probs, visible, masks_text,

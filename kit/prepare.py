@@ -36,7 +36,7 @@ import numpy as np
 
 from kit.errors import DataError
 
-__all__ = ["Plan", "PrepareReport", "PreparedImage", "prepare_folder", "prepare_image", "prepare_run"]
+__all__ = ["Plan", "PrepareReport", "PreparedImage", "prepare_folder", "prepare_image", "cut_cells", "prepare_run"]
 
 _MISSING = "missing channel file"
 
@@ -245,21 +245,26 @@ class PreparedImage:
     cells: dict[str, tuple[np.ndarray, object, np.ndarray]]  # source key -> (cell labels, table, tiles)
 
 
+def cut_cells(image_id: str, image: np.ndarray, source, tile_size: int) -> tuple[np.ndarray, object, np.ndarray]:
+    """(cell labels, cell table, tiles) of one decoded image with the masks of `source` (`kit.masks`;
+    a cached segmentation segments and stores what it lacks)."""
+    from kit.cells import extract_tiles
+
+    _, cells, table = source.load(image_id, image)
+    if cells.shape != image.shape[:2]:  # no usable masks for this image: no cells
+        cells = np.zeros(image.shape[:2], np.int32)
+        table = table.iloc[:0]
+    tiles, table = extract_tiles(image, cells, tile_size, table=table)
+    return cells, table, tiles
+
+
 def prepare_image(image_id: str, image: np.ndarray, sources: Sequence, tile_size: int,
                   field_size: int | None) -> PreparedImage:
-    """Masks of every source (`kit.masks`; a cached segmentation segments and stores what it lacks),
-    their tiles and the downscaled field of one decoded image, all in memory."""
-    from kit.cells import extract_tiles
+    """The cells and tiles of every mask source (`cut_cells`) and the downscaled field of one decoded
+    image, all in memory."""
     from kit.fields import downscale_field
 
-    cells_by_source = {}
-    for source in sources:
-        _, cells, table = source.load(image_id, image)
-        if cells.shape != image.shape[:2]:  # no usable masks for this image: no cells
-            cells = np.zeros(image.shape[:2], np.int32)
-            table = table.iloc[:0]
-        tiles, table = extract_tiles(image, cells, tile_size, table=table)
-        cells_by_source[source.key] = (cells, table, tiles)
+    cells_by_source = {source.key: cut_cells(image_id, image, source, tile_size) for source in sources}
     field_ = downscale_field(image, field_size) if field_size else None
     return PreparedImage(image_id, int(image.shape[1]), int(image.shape[0]), field_, cells_by_source)
 

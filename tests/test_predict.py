@@ -266,3 +266,27 @@ def test_temp_files_a_killed_write_left_beside_the_submission_are_removed(run_di
     os.utime(stale, (1, 1))
     predict(run_dir, tiny_dataset / "test", out, ids_from=tiny_dataset / "sample_submission.csv", progress=False)
     assert out.is_file() and not stale.exists()
+
+
+def test_a_failing_optional_source_does_not_stop_the_prediction(run_dir, tiny_dataset, tmp_path):
+    """The classification ceiling's true cells are optional: a missing true mask is reported, the
+    submission's own predictions are all made (from the same decode)."""
+    import shutil
+
+    from kit.masks import TruthMasks
+
+    truth = tmp_path / "truth"
+    shutil.copytree(tiny_dataset / "truth", truth)
+    ids = [line.split(",")[0] for line in (tiny_dataset / "sample_submission.csv").read_text().splitlines()[1:]]
+    (truth / f"{ids[0]}_cell_mask.png").write_bytes(b"not a png")
+    predictor = Predictor(run_dir)
+    failures: dict = {}
+    results, true_results = predictor.predict_sources(tiny_dataset / "test", ids,
+                                                      [predictor.run_masks(tiny_dataset / "test"), TruthMasks(truth)],
+                                                      progress=False, failures=failures)
+    assert sorted(results) == sorted(ids) and sorted(true_results) == sorted(ids[1:])
+    [(failed_id, message)] = failures[TruthMasks(truth).key]
+    assert failed_id == ids[0] and "cell_mask.png" in message
+    with pytest.raises(KitError, match="cell_mask.png"):  # without a failures dict every source must succeed
+        predictor.predict_sources(tiny_dataset / "test", ids[:1], [predictor.run_masks(tiny_dataset / "test"),
+                                                                   TruthMasks(truth)], progress=False)
