@@ -182,6 +182,9 @@ def _segment_small(
     boundary_smooth: float,
     orphan_distance: float,
     seed_level: float,
+    nucleus_pull: float,
+    edge_weight: float,
+    seams: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Segment normalised float32 channels (h, w, 4 RGBY) at working scale -> (nuclei, cells) int32."""
     h, w = chans.shape[:2]
@@ -239,8 +242,20 @@ def _segment_small(
     t_cell = max(_otsu(cyto) * cell_threshold, _noise_floor(raw, cyto, sigma))
     fg = (cyto > t_cell) | (nuclei > 0)
     fg = ndi.binary_fill_holes(fg)
-    elevation = _blur(cyto, sigma * boundary_smooth) if boundary_smooth > 1 else cyto
-    elevation = elevation / max(float(elevation.max()), 1e-6)
+    relief = cyto if seams is None else _blur(np.maximum(seams, chans[..., 2] * 0.5), sigma)
+    relief = _blur(relief, sigma * boundary_smooth) if boundary_smooth > 1 else relief
+    relief = relief / max(float(np.percentile(relief[fg], 99)) if fg.any() else 1.0, 1e-6)
+    # Basins are the bright cytoplasm (cells meet where it is dimmest) ...
+    elevation = -relief
+    if nucleus_pull > 0:
+        # ... deepened near each nucleus, so a flat stretch is shared by distance, not by noise.
+        d_nuc = cv2.distanceTransform((nuclei == 0).astype(np.uint8), cv2.DIST_L2, 5)
+        elevation = elevation + nucleus_pull * (d_nuc / ref_radius)
+    if edge_weight > 0:
+        # ... and walled where the signal steps (a bright cell against a dim neighbour).
+        gy = cv2.Sobel(relief, cv2.CV_32F, 0, 1, ksize=3)
+        gx = cv2.Sobel(relief, cv2.CV_32F, 1, 0, ksize=3)
+        elevation = elevation + edge_weight * ref_radius * 0.125 * np.sqrt(gx * gx + gy * gy)
     markers = nuclei.copy()
     orphan = None
     if orphan_distance > 0:
@@ -255,7 +270,7 @@ def _segment_small(
         orphan = fg & border & (far > orphan_distance * ref_radius) & (inner >= 1)
         if orphan.any():
             markers[orphan] = n_nuc + 1
-    cells = watershed(-elevation, markers, mask=fg, compactness=compactness).astype(np.int32)
+    cells = watershed(elevation, markers, mask=fg, compactness=compactness).astype(np.int32)
     cells[cells > n_nuc] = 0
     min_cell_area = min_cell_fraction * ref_area
     cells = _remove_small(cells, min_cell_area)
@@ -291,6 +306,9 @@ def segment_classical(
     boundary_smooth: float = 1.0,
     orphan_distance: float = 0.0,
     seed_level: float = 0.5,
+    nucleus_pull: float = 0.0,
+    edge_weight: float = 0.0,
+    seam_erode: float = 0.0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Classical nuclei and cell segmentation of an (H, W, 4) RGBY image (see the module docstring).
 
@@ -316,6 +334,14 @@ def segment_classical(
     else:
         small = image
     chans = np.stack([normalize_channel(small[..., c]) for c in range(4)], axis=-1)
+    seams = None
+    if seam_erode > 0 and s < 1:
+        # Seams between touching cells are 1-3 px dim lines at full resolution that averaging
+        # down to the working scale washes out; a grey erosion before downscaling keeps them.
+        k = _disk(seam_erode)
+        ry = [cv2.resize(cv2.erode(image[..., c], k), (small.shape[1], small.shape[0]), interpolation=cv2.INTER_AREA)
+              for c in (0, 3)]
+        seams = (normalize_channel(ry[0]) + normalize_channel(ry[1])) * 0.5
     nuclei, cells = _segment_small(
         chans,
         nucleus_threshold=nucleus_threshold,
@@ -329,5 +355,8 @@ def segment_classical(
         boundary_smooth=boundary_smooth,
         orphan_distance=orphan_distance,
         seed_level=seed_level,
+        nucleus_pull=nucleus_pull,
+        edge_weight=edge_weight,
+        seams=seams,
     )
     return _resize_labels(nuclei, (h, w)), _resize_labels(cells, (h, w))
