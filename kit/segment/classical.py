@@ -12,13 +12,17 @@ upscaling):
    the saddle to a higher one, so a lobed, elongated or textured nucleus keeps one seed and only
    nuclei joined by a neck are split (a seeded watershed on the distance map cuts the neck).
 3. Cells: a foreground mask from the smoothed mean of the normalised red and yellow channels and
-   the blue (above `cell_threshold` times Otsu's threshold and above the noise floor: background
+   half the blue (above `cell_threshold` times Otsu's threshold and above the noise floor: background
    level + 4 noise sd, the sd from neighbouring-pixel differences), united with the nuclei; a
-   seeded watershed from the nuclei over the inverted, smoothed cytoplasm signal (cells meet where
-   it is dimmest), made slightly compact (`compactness`) so that a flat stretch of cytoplasm is
-   shared by distance rather than by noise. Cytoplasm that reaches the field's edge far from
-   every nucleus (a cell whose nucleus lies outside the field) is claimed by an "orphan" seed and
-   dropped instead of being given to a neighbour.
+   seeded watershed from the nuclei over the inverted cytoplasm signal (cells meet where it is
+   dimmest). That relief is taken from red and yellow grey-eroded at full resolution by
+   `seam_erode` px before downscaling, so the 1-3 px dim seams between touching cells survive the
+   reduction. Optional terms (off by default; measured, they did not help on the real fields):
+   `nucleus_pull` (relief rises with the distance to the nearest nucleus), `edge_weight`
+   (walls where the signal steps), `flatten` (relief divided by its local brightness),
+   `compactness`, `boundary_smooth`, and `orphan_distance` (cytoplasm at the field's edge far from
+   every nucleus, i.e. a cell whose nucleus lies outside the field, is claimed by an "orphan"
+   seed and dropped instead of being given to a neighbour).
 4. Objects smaller than a fraction of the typical nucleus are dropped; every cell keeps its seed
    nucleus, so cell k contains nucleus k by construction.
 
@@ -326,7 +330,7 @@ def segment_classical(
     seed_level: float = 0.5,
     nucleus_pull: float = 0.0,
     edge_weight: float = 0.0,
-    seam_erode: float = 0.0,
+    seam_erode: float = 1.0,
     flatten: float = 0.0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Classical nuclei and cell segmentation of an (H, W, 4) RGBY image (see the module docstring).
@@ -340,7 +344,10 @@ def segment_classical(
     nucleus of its own, `compactness` of the cell watershed (0 = follow the signal only),
     `nucleus_log` offset of the log transform for the nucleus threshold (0 = linear Otsu only),
     `boundary_smooth` extra smoothing of the cell watershed's relief, `orphan_distance` (nucleus
-    radii; 0 = off) beyond which cytoplasm at the field edge is a nucleus-free cell and dropped.
+    radii; 0 = off) beyond which cytoplasm at the field edge is a nucleus-free cell and dropped,
+    `seed_level` share of the local nucleus brightness a pixel needs to count for the seeds (0 =
+    off), `nucleus_pull` / `edge_weight` / `flatten` extra relief terms (see the module docstring),
+    `seam_erode` full-resolution grey-erosion radius (px) that keeps thin seams (0 = off).
     """
     if not 0 < scale <= 1:
         raise ValueError(f"scale must be in (0, 1], got {scale}")
