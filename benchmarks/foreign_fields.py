@@ -30,7 +30,9 @@ Styles (`STYLES`): sparse, medium, confluent, crowded, mitotic, dim, irregular, 
 """
 from __future__ import annotations
 
+import csv
 import math
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -39,30 +41,33 @@ __all__ = ["STYLES", "draw_field", "score_field", "MIN_NUCLEUS_VISIBLE"]
 
 MIN_NUCLEUS_VISIBLE = 0.5
 
-# Sizes are pixels of a 2048 px HPA field (the microscope's pixel; 1728/3072 px fields are crops).
+
+def _read_styles(path: Path) -> dict[str, dict]:
+    """The style table (foreign_styles.csv): one row per style; *_lo/*_hi columns become ranges."""
+    styles = {}
+    with open(path, newline="") as f:
+        for row in csv.DictReader(f):
+            name = row.pop("style")
+            st = {}
+            for key, value in row.items():
+                base, _, end = key.rpartition("_")
+                if end in ("lo", "hi"):
+                    st.setdefault(base, [0.0, 0.0])[end == "hi"] = float(value)
+                else:
+                    st[key] = float(value)
+            styles[name] = {k: tuple(v) if isinstance(v, list) else v for k, v in st.items()}
+    return styles
+
+
+# Styles live in foreign_styles.csv. Sizes are pixels of a 2048 px HPA field (the microscope's
+# pixel; 1728/3072 px fields are crops).
 # r: cell radius range; cover: cell area per field area; gap: how far seeds keep apart
 # (x the radii sum; < 1 makes confluent fields); mitotic: share of mitotic cells; gain: field
 # brightness range (1 = full 8-bit range); reach: how far a cell may extend (x its radius; the
-# power diagram splits the overlaps, so reach > gap makes cells meet); warp: outline irregularity; aspect: elongation range;
+# power diagram splits the overlaps, so reach > gap makes cells meet); warp: outline irregularity;
+# aspect: elongation range;
 # seam: seam depth range (0 = invisible contact); dim_cells: share of cells at 15-40% brightness.
-STYLES: dict[str, dict] = {
-    "sparse": dict(reach=1.0, r=(140, 210), cover=0.45, gap=1.15, mitotic=0.03, gain=(0.6, 1.0), warp=0.12,
-                   aspect=(1.0, 1.8), seam=(0.3, 0.8), dim_cells=0.1),
-    "medium": dict(reach=1.25, r=(130, 200), cover=0.75, gap=0.95, mitotic=0.04, gain=(0.5, 1.0), warp=0.15,
-                   aspect=(1.0, 2.0), seam=(0.2, 0.7), dim_cells=0.15),
-    "confluent": dict(reach=1.55, r=(130, 190), cover=1.25, gap=0.8, mitotic=0.03, gain=(0.5, 1.0), warp=0.15,
-                      aspect=(1.0, 1.8), seam=(0.1, 0.5), dim_cells=0.15),
-    "crowded": dict(reach=1.6, r=(95, 140), cover=1.4, gap=0.78, mitotic=0.05, gain=(0.5, 1.0), warp=0.12,
-                    aspect=(1.0, 1.6), seam=(0.1, 0.5), dim_cells=0.1),
-    "mitotic": dict(reach=1.3, r=(130, 190), cover=0.8, gap=0.95, mitotic=0.25, gain=(0.5, 1.0), warp=0.12,
-                    aspect=(1.0, 1.8), seam=(0.2, 0.7), dim_cells=0.1),
-    "dim": dict(reach=1.3, r=(130, 200), cover=0.8, gap=0.95, mitotic=0.03, gain=(0.08, 0.2), warp=0.15,
-                aspect=(1.0, 1.9), seam=(0.2, 0.6), dim_cells=0.25),
-    "irregular": dict(reach=1.35, r=(130, 220), cover=0.8, gap=0.9, mitotic=0.03, gain=(0.4, 1.0), warp=0.3,
-                      aspect=(1.3, 3.0), seam=(0.1, 0.6), dim_cells=0.2),
-    "bigcells": dict(reach=1.3, r=(210, 300), cover=0.85, gap=0.9, mitotic=0.02, gain=(0.4, 1.0), warp=0.18,
-                     aspect=(1.0, 1.8), seam=(0.2, 0.7), dim_cells=0.1),
-}
+STYLES: dict[str, dict] = _read_styles(Path(__file__).with_name("foreign_styles.csv"))
 
 
 def _smooth_noise(rng: np.random.Generator, shape: tuple[int, int], cell: float) -> np.ndarray:
