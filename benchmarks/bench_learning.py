@@ -94,29 +94,31 @@ def base_overrides(args) -> list[str]:
             "predict.tta=1", "predict.batch_size=128", f"train.pseudo_rounds={args.rounds}"]
 
 
-def prepare(data: Path, work: Path, args):
-    """Folds, masks, tiles and fields once per dataset; returns (tile dir, fold seed)."""
+def prepare(data: Path, work: Path, args) -> list[str]:
+    """Folds, then one decode per image (kit.prepare): masks, tiles and fields of the train images,
+    masks of the test images, once per dataset (every variant's run reads the same caches);
+    returns the test IDs."""
     import pandas as pd
 
-    from kit.datasets import build_field_cache
-    from kit.pipeline import build_config, stage_folds, stage_segment, stage_tiles
+    from kit.manifest import resolve_inputs
+    from kit.pipeline import build_config, stage_folds
+    from kit.prepare import Plan, prepare_folder, prepare_run
 
-    cfg, tiles_root = build_config(data, work, None, base_overrides(args), args.folds, 7)
+    cfg = build_config(data, work, None, base_overrides(args), args.folds, 7)
     stage_folds(cfg, args.folds, 7)
     ids = pd.read_csv(data / "train.csv", dtype=str)["ID"].tolist()
     test = pd.read_csv(data / "sample_submission.csv", dtype=str)["ID"].tolist()
-    cache = stage_segment(cfg, {"train": ids, "test": test}, args.workers)
-    tile_dir = stage_tiles(cfg, cache, tiles_root, ids, args.workers)
-    build_field_cache(cfg.data, ids, workers=args.workers, progress=False)
-    return tile_dir, test
+    inputs = resolve_inputs(cfg)
+    prepare_run(inputs, ids, workers=args.workers, progress=False)
+    prepare_folder(data / "test", test, Plan(masks=inputs.masks()), workers=args.workers,
+                   progress=False).raise_failures("test masks")
+    return test
 
 
-def variant_config(data: Path, work: Path, tile_dir: Path, overrides: list[str], args):
+def variant_config(data: Path, work: Path, overrides: list[str], args):
     from kit.pipeline import build_config
 
-    cfg, _ = build_config(data, work, None, base_overrides(args) + overrides, args.folds, 7)
-    cfg.data.tile_cache = str(tile_dir)
-    return cfg
+    return build_config(data, work, None, base_overrides(args) + overrides, args.folds, 7)
 
 
 def step_rate(backbone: str, args, pretrained: str | None = None) -> float:
@@ -169,7 +171,7 @@ def oracle_broadcast(solution: dict, train_labels: dict | None = None) -> dict:
     return out
 
 
-def with_policy(results: dict, cache, policy) -> dict:
+def with_policy(results: dict, cache, policy) -> dict:  # cache: the run's kit.segment.cache.MaskCache
     """Results with the cell policy applied after the fact (drop + confidence factor)."""
     from kit.cell_policy import confidence_scale, keep_mask
 
@@ -189,7 +191,10 @@ def score_run(cfg, data: Path, test_ids: list[str], solution: dict, rounds: list
     """{row name: test true cell mAP} of one trained variant (post-hoc rows when `extra`)."""
     from kit.combine import (CELL_ONLY, IMAGE_ONLY, CombineSpec, DEFAULT_SPEC, candidate_specs, choose, load_oof,
                              tune)
-    from kit.predict import MaskSource, Predictor, available_image_sources, build_predictions
+    from kit.ceilings import seg_ceiling_predictions
+    from kit.manifest import read_manifest
+    from kit.masks import truth_masks
+    from kit.predict import Predictor, available_image_sources, build_predictions
     from kit.pseudo import cell_dir_name
 
     run_dir = Path(cfg.run_dir)
@@ -197,11 +202,13 @@ def score_run(cfg, data: Path, test_ids: list[str], solution: dict, rounds: list
     rows: dict[str, float] = {}
     for r in rounds:
         rcfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, pseudo_rounds=r))
-        results = Predictor(run_dir, rcfg).predict_folder(test_dir, test_ids, MaskSource(rcfg, test_dir), progress=False)
-        sources = available_image_sources(results)
+        predictor = Predictor(run_dir, rcfg)
+        sources = [predictor.run_masks(test_dir)] + ([truth_masks(data)] if extra and r == 0 else [])
+        results, *true_results = predictor.predict_sources(test_dir, test_ids, sources, progress=False)
+        have = available_image_sources(results)
         tag = f"r{r}"
         rows[f"{tag} cell-only"] = true_map(solution, build_predictions(results, CELL_ONLY), test_ids)
-        for src in sources + (["mean"] if len(sources) == 2 else []):
+        for src in have + (["mean"] if len(have) == 2 else []):
             rows[f"{tag} image-only [{src}]"] = true_map(solution, build_predictions(results, IMAGE_ONLY, image_source=src), test_ids)
             rows[f"{tag} product [{src}]"] = true_map(solution, build_predictions(results, DEFAULT_SPEC, image_source=src), test_ids)
         oof = load_oof(run_dir, rcfg, progress=False, cell_dir=cell_dir_name(r))
@@ -222,21 +229,16 @@ def score_run(cfg, data: Path, test_ids: list[str], solution: dict, rounds: list
                          CombineSpec("rank", 0.5), CombineSpec("product", border_power=1.0)):
                 rows[f"combination {spec.name}"] = true_map(solution, build_predictions(results, spec), test_ids)
             from kit.config import load_config
-            from kit.predict import open_mask_cache
 
-            cache = open_mask_cache(rcfg)
+            cache = read_manifest(run_dir).masks()
             for label, rules in [("all rules", POLICY)] + [(rule.split("=")[0][6:], [rule]) for rule in POLICY]:
                 filtered = with_policy(results, cache, load_config(None, rules).cells)
                 rows[f"policy at prediction only ({label}): product"] = true_map(
                     solution, build_predictions(filtered, DEFAULT_SPEC), test_ids)
-            from kit.pipeline import _truth_mask_source, seg_ceiling_predictions
-
             rows["ceiling: segmentation (true labels, predicted masks)"] = true_map(
                 solution, seg_ceiling_predictions(results, solution), test_ids)
-            true_results = Predictor(run_dir, rcfg).predict_folder(
-                test_dir, test_ids, _truth_mask_source(rcfg, test_dir, data, solution), progress=False)
             rows["ceiling: classification (product, true masks)"] = true_map(
-                solution, build_predictions(true_results, DEFAULT_SPEC), test_ids)
+                solution, build_predictions(true_results[0], DEFAULT_SPEC), test_ids)
             rows["oracle broadcast (true image labels, true cells)"] = true_map(solution, oracle_broadcast(solution), test_ids)
     return rows
 
@@ -254,10 +256,10 @@ def run_dataset(style: str, seed: int, args, root: Path) -> dict:
     t0 = time.time()
     data = make_dataset(root / "data", style, seed, args)
     work = root / "work" / f"{style}-s{seed}"
-    tile_dir, test_ids = prepare(data, work, args)
+    test_ids = prepare(data, work, args)
     solution = read_submission(data / "test_solution.csv")
     out: dict = {"style": style, "seed": seed, "rows": {}, "cpu_s": {}, "epochs": {}, "prep_s": round(time.time() - t0, 1)}
-    base = variant_config(data, work, tile_dir, [], args)
+    base = variant_config(data, work, [], args)
     image_dir = Path(base.run_dir) / "image"
     torch.manual_seed(0)
     c0 = time.process_time()
@@ -276,7 +278,7 @@ def run_dataset(style: str, seed: int, args, root: Path) -> dict:
             epochs = max(1, int(round(args.epochs * rate / rate18)))
             overrides.append(f"cell_model.epochs={epochs}")
         out["epochs"][name] = epochs
-        cfg = variant_config(data, work, tile_dir, overrides, args)
+        cfg = variant_config(data, work, overrides, args)
         run_dir = Path(cfg.run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         link = run_dir / "image"

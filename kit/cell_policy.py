@@ -1,7 +1,7 @@
 """The cell policy: which segmented cells to train on and to predict, and how much to trust each.
 
 One policy (`kit.config.CellPolicyConfig`, the ``cells:`` section of a run config) is applied to
-the training cells (`kit.datasets.CellTileDataset`) and to the predicted cells (`kit.predict`), so
+the training cells (`kit.torchdata.CellTileDataset`) and to the predicted cells (`kit.predict`), so
 the model never learns from cells that are never scored and vice versa. It reads the per-cell
 table of `kit.cells.cell_table` (made with the image, as the mask cache does); each rule is off at 0:
 
@@ -83,6 +83,21 @@ def keep_mask(table, policy: Any) -> np.ndarray:
                 median = float(np.median(values[rows]))
                 keep[rows[values[rows] < f_signal * median]] = False
     return keep
+
+
+def kept_cells(table, policy: Any, nuclei: np.ndarray | None = None, cells: np.ndarray | None = None,
+               image: np.ndarray | None = None):
+    """The rows of one field's cell table that `policy` keeps (index reset). A table without the
+    intensity columns (e.g. of true masks) is rebuilt from the label images and `image` first when
+    the signal rule needs them."""
+    if not drops_cells(policy) or len(table) == 0:
+        return table
+    from kit.cells import INTENSITY_COLUMNS, cell_table
+
+    if float(policy.min_signal_fraction) > 0 and not set(INTENSITY_COLUMNS) <= set(table.columns) \
+            and image is not None and nuclei is not None and cells is not None:
+        table = cell_table(nuclei, cells, image)
+    return table[keep_mask(table, policy)].reset_index(drop=True)
 
 
 def confidence_scale(table, policy: Any, field_area: float | np.ndarray) -> np.ndarray:

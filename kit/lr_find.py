@@ -23,8 +23,9 @@ from kit.atomic import atomic_open
 from kit.config import Config, load_config
 from kit.errors import ConfigError
 from kit.models import build_from_config
+from kit.device import resolve_device
 from kit.train import (KINDS, _forward_loss, _seed_everything, fold_split, load_fold_table, make_dataset, make_loader,
-                       make_optimizer, resolve_device)
+                       make_optimizer)
 
 
 def suggest_lr(lrs: Sequence[float], losses: Sequence[float], skip_start: int = 5, skip_end: int = 3) -> float:
@@ -47,7 +48,7 @@ def lr_find(cfg: Config, kind: str = "cell", fold: int | None = None, start_lr: 
     Returns ``{"lrs", "losses" (smoothed), "raw_losses", "suggestion"}``."""
     from tqdm import tqdm
 
-    from kit.datasets import EpochSampler
+    from kit.torchdata import EpochSampler
     from kit.losses import build_loss
     from kit.mil import MILLoss
 

@@ -17,7 +17,7 @@ both inputs of `kit.combine`.
 
 Batches (`CellBagDataset`): ``((tiles B x N x 4 x S x S uint8, mask B x N bool), (image target
 B x 19, cell targets B x N x 19))``; padded slots are zero tiles with mask False. Cells are drawn
-per (seed, epoch, position) as every other augmentation (kit.datasets.EpochSampler), so resume is
+per (seed, epoch, position) as every other augmentation (kit.torchdata.EpochSampler), so resume is
 exact; a bag takes a random subset when the image has more cells than ``bag_size``.
 """
 from __future__ import annotations
@@ -115,7 +115,7 @@ class MILLoss(nn.Module):
 class CellBagDataset(Dataset):
     """One bag per image from a CellTileDataset's cells (same tiles, policy, targets).
 
-    cells: a kit.datasets.CellTileDataset (its items give tiles and per-cell targets, already
+    cells: a kit.torchdata.CellTileDataset (its items give tiles and per-cell targets, already
     filtered by the cell policy and relabelled by pseudo rounds); image_targets: M x 19 of its
     images. Items ``((tiles N x 4 x S x S, mask N), (image target, cell targets N x 19, mask N))``
     where N = bag_size."""

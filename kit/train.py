@@ -12,8 +12,8 @@ the epoch table and the plots are kit.reporting. Rank-0 work goes through `is_ma
 `on_main`.
 
 Inputs: labels (``data.train_csv``, kit.labels), folds (``data.folds_file``, kit.folds: ``ID,fold``),
-cell tiles (tile cache of kit.cells) for the cell model, downscaled fields (field cache, built here
-on first use) for the image model; see kit.datasets. How the cell model learns from image labels
+cell tiles (tile cache of kit.cells) for the cell model, downscaled fields (kit.fields) for the image
+model, made where missing by one `kit.prepare` pass; see kit.torchdata. How the cell model learns from image labels
 is ``train.cell_mode``: ``broadcast`` (every cell gets its image's labels) or ``mil`` (bags of
 cells with a cell head and a bag head, kit.mil); ``train.pseudo_rounds`` K > 0 retrains it K
 times on labels derived from its own out-of-fold predictions (kit.pseudo); the cell policy
@@ -22,7 +22,8 @@ Negative tiles.
 
 Run folder (rank 0 writes, every file atomically)::
 
-    <run_dir>/config.yaml                  resolved config
+    <run_dir>/config.yaml                  the resolved config, written once (a rerun must not change how it trains)
+    <run_dir>/manifest.json                the run's inputs (kit.manifest: caches, folds file and sha256, folds, sizes)
     <run_dir>/train_metrics.json           per kind (and round) and fold: best validation metrics
     <run_dir>/pseudo_rounds.csv            round, OOF image-level proxy of the cell model (pseudo rounds)
     <run_dir>/<kind>/fold<k>/last.pt       checkpoint after the latest epoch (resume from here)
@@ -36,7 +37,7 @@ Run folder (rank 0 writes, every file atomically)::
 Checkpoint dict (torchvision-reference style): ``model, optimizer, lr_scheduler, scaler, epoch``
 (epochs completed), ``config`` (plain dict), ``best_score, best_epoch, history, batch_losses, rng``
 (python, numpy, torch and CUDA generator states). Data order and augmentation depend only on
-(seed, epoch) (kit.datasets.EpochSampler), so ``--resume`` continues exactly where it stopped.
+(seed, epoch) (kit.torchdata.EpochSampler), so ``--resume`` continues exactly where it stopped.
 """
 from __future__ import annotations
 
@@ -59,6 +60,7 @@ import torch.nn as nn
 
 from kit.atomic import atomic_open, atomic_path
 from kit.config import Config, config_hash, load_config, save_config, to_dict
+from kit.device import resolve_device
 from kit.errors import ConfigError, DataError, KitError
 from kit.labels import NUM_CLASSES
 from kit.models import build_from_config, preprocess, unwrap
@@ -73,7 +75,9 @@ KINDS = ("cell", "image")
 
 def dist_info() -> tuple[int, int, int]:
     """(rank, world_size, local_rank) from torchrun's environment (0, 1, 0 when not distributed)."""
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
+    from kit.device import local_rank
+
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), local_rank()
 
 
 def setup_distributed(device: torch.device) -> tuple[int, int]:
@@ -102,18 +106,6 @@ def _barrier(world: int) -> None:
 
 def _say(msg: str) -> None:
     on_main(__import__("tqdm").tqdm.write, msg)
-
-
-def resolve_device(name: str = "auto") -> torch.device:
-    """``auto``: this rank's GPU when CUDA is available, else the CPU."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", dist_info()[2] % torch.cuda.device_count())
-        return torch.device("cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"config key train.device: {name!r} requested but CUDA is not available")
-    return dev
 
 
 # ---------------------------------------------------------------------------------------------
@@ -167,19 +159,24 @@ def make_dataset(cfg: Config, kind: str, table, train: bool, progress: bool = Tr
                  cell_targets: dict | None = None):
     """The Dataset of `kind` over the images of `table` (augmented when `train`).
 
-    build: create missing cache entries first (cell tiles via kit.cells, downscaled fields).
+    build: make missing inputs first (`kit.prepare.prepare_run`: cell tiles, downscaled fields).
     Cell model: the cell policy picks the training cells (validation keeps every cell: the OOF
     file covers them all and kit.combine applies the policy); `cell_targets` (pseudo rounds)
     relabel cells; in MIL mode the training set is one bag per image (kit.mil.CellBagDataset)."""
-    from kit import datasets as kd
+    from kit import torchdata
+    from kit.manifest import resolve_inputs
 
     targets = _targets(table)
     ids = table["ID"].tolist()
     tcfg = cfg.train_for(kind)
+    inputs = resolve_inputs(cfg, folds=False)
+    if build:
+        from kit.prepare import prepare_run
+
+        prepare_run(inputs, ids, (kind,), workers=max(1, tcfg.workers), progress=progress)
     if kind == "cell":
-        tile_dir = kd.ensure_tiles(cfg.data, ids, max(1, tcfg.workers), progress) if build else kd.resolve_tile_dir(cfg.data)
-        ds = kd.CellTileDataset(
-            tile_dir, ids, targets, augment=train and tcfg.augment,
+        ds = torchdata.CellTileDataset(
+            inputs.tile_dir, ids, targets, augment=train and tcfg.augment,
             max_cells_per_image=tcfg.max_cells_per_image if train else 0, seed=tcfg.seed,
             policy=cfg.cells if train else None, cell_targets=cell_targets if train else None,
             negative_aug=tcfg.negative_aug if train else 0.0,
@@ -194,16 +191,14 @@ def make_dataset(cfg: Config, kind: str, table, train: bool, progress: bool = Tr
 
             ds = CellBagDataset(ds, targets, tcfg.bag_size, augment=tcfg.augment)
     else:
-        field_dir = (kd.build_field_cache(cfg.data, ids, workers=max(1, tcfg.workers), progress=progress)
-                     if build else kd.field_cache_dir(cfg.data))
-        ds = kd.FieldDataset(field_dir, ids, targets, augment=train and tcfg.augment)
+        ds = torchdata.FieldDataset(inputs.field_dir, ids, targets, augment=train and tcfg.augment)
     return ds
 
 
 def make_loader(ds, tcfg, sampler, device: torch.device, batch_size: int | None = None):
     from torch.utils.data import DataLoader
 
-    from kit.datasets import worker_init_fn
+    from kit.torchdata import worker_init_fn
 
     kwargs = {}
     if tcfg.workers > 0:
@@ -490,9 +485,11 @@ class FoldRun:
 
 
 def build_fold(cfg: Config, kind: str, fold: int, subdir: str | None = None, cell_targets: dict | None = None,
-               progress: bool = True) -> FoldRun:
-    """Datasets, loaders, model (MIL when train.cell_mode=mil), loss, optimiser and schedule of one fold."""
-    from kit.datasets import EpochSampler, balancing_weights
+               progress: bool = True, build: bool = True) -> FoldRun:
+    """Datasets, loaders, model (MIL when train.cell_mode=mil), loss, optimiser and schedule of one fold.
+
+    build: make missing tiles/fields of the fold's images first (`train_all` made them already)."""
+    from kit.torchdata import EpochSampler, balancing_weights
     from kit.losses import build_loss, pos_weight_from_targets
 
     tcfg = cfg.train_for(kind)
@@ -507,8 +504,9 @@ def build_fold(cfg: Config, kind: str, fold: int, subdir: str | None = None, cel
         raise ConfigError(f"fold {fold}: no training images left (data.single_label_only={cfg.data.single_label_only})")
     # Rank 0 builds caches (field cache) first; the others then find them complete.
     if is_main_process():
-        train_ds = make_dataset(cfg, kind, train_df, train=True, progress=progress, cell_targets=cell_targets)
-        valid_ds = make_dataset(cfg, kind, valid_df, train=False, progress=progress)
+        train_ds = make_dataset(cfg, kind, train_df, train=True, progress=progress, build=build,
+                                cell_targets=cell_targets)
+        valid_ds = make_dataset(cfg, kind, valid_df, train=False, progress=progress, build=build)
         _barrier(world)
     else:
         _barrier(world)
@@ -677,19 +675,21 @@ def _best_epoch_plots(run: FoldRun) -> None:
 
 
 def train_fold(cfg: Config, kind: str, fold: int, resume: bool = False, stop_after: int | None = None,
-               progress: bool = True, subdir: str | None = None, cell_targets: dict | None = None) -> dict:
+               progress: bool = True, subdir: str | None = None, cell_targets: dict | None = None,
+               build: bool = True) -> dict:
     """Train the `kind` ("cell"/"image") model on all folds but `fold`, validate on `fold`.
 
     resume: continue from ``last.pt`` when it exists (exactly: same batches, augmentations, RNG).
     stop_after: stop once this many epochs are completed (a time-limited session; resume later).
     subdir / cell_targets: a pseudo-label round's folder and cell labels (kit.pseudo).
+    build: make missing tiles/fields of the fold's images first (`train_all` made them already).
     Returns the best epoch's validation metrics plus ``fold, kind, best_epoch, epochs_done,
     n_train, n_valid, fold_dir, weights_sha256``. Under torchrun every rank trains; rank 0 writes.
     """
     if kind not in KINDS:
         raise ConfigError(f"kind must be 'cell' or 'image', got {kind!r}")
     ensure_run_dir(cfg)
-    run = build_fold(cfg, kind, fold, subdir, cell_targets, progress)
+    run = build_fold(cfg, kind, fold, subdir, cell_targets, progress, build)
     resume_fold(run, resume)
     _say(f"{run.fold_dir.parent.name} fold {fold}: {len(run.train_ds)} train "
          f"{'bags' if kind == 'cell' and run.tcfg.cell_mode == 'mil' else 'cells' if kind == 'cell' else 'fields'} / "
@@ -729,12 +729,20 @@ def _fold_list(cfg: Config, folds) -> list[int]:
     return [int(f) for f in folds]
 
 
-def _check_resume_config(cfg: Config, cfg_path: Path) -> None:
+def write_run_config(cfg: Config, resume: bool = False) -> Path:
+    """Write ``RUN_DIR/config.yaml`` once. An existing one is kept as it is: a rerun may change only
+    what does not change training (paths, workers, device, folds, the predict section); anything
+    else is a ConfigError naming the keys, with or without --resume."""
+    cfg_path = Path(cfg.run_dir) / "config.yaml"
+    if not cfg_path.is_file():
+        return save_config(cfg, cfg_path)
     old_sig, new_sig = _training_signature(load_config(cfg_path)), _training_signature(cfg)
     changed = sorted(k for k in set(old_sig) | set(new_sig) if old_sig.get(k) != new_sig.get(k))
     if changed:
-        raise ConfigError(f"--resume: {', '.join(changed)} differ from {cfg_path}; a resumed run must "
-                          f"train the same way (resume with --config {cfg_path}, or use a new --run-dir)")
+        how = "a resumed run must train the same way" if resume else "a run folder trains one way"
+        raise ConfigError(f"{'--resume: ' if resume else ''}{', '.join(changed)} differ from {cfg_path}; {how} "
+                          f"(resume with --config {cfg_path}, or use a new --run-dir)")
+    return cfg_path
 
 
 def _read_metrics(path: Path) -> dict:
@@ -783,22 +791,35 @@ def _pseudo_targets_for(cfg: Config, round_: int) -> dict:
 
 
 def train_all(cfg: Config, kinds: Sequence[str] = KINDS, folds=None, resume: bool = False,
-              progress: bool = True) -> dict:
+              progress: bool = True, prepare: bool = True) -> dict:
     """Train every requested kind and fold (and the cell model's pseudo-label rounds); writes
-    config.yaml, train_metrics.json and pseudo_rounds.csv (rank 0).
+    config.yaml and manifest.json once, train_metrics.json and pseudo_rounds.csv (rank 0). The
+    inputs of every fold are made first, in one `kit.prepare` pass (`prepare=False`: the caller
+    just made them).
 
     folds: None -> cfg.train.folds; "all", an int or a list. Returns ``{kind: {fold: metrics}}``
     (round r >= 1 of the cell model under ``cell_pseudo<r>``).
     """
+    from kit.manifest import resolve_inputs, write_manifest
     from kit.pseudo import cell_dir_name
 
     ensure_run_dir(cfg)
     run_dir = Path(cfg.run_dir)
-    cfg_path = run_dir / "config.yaml"
-    if resume and cfg_path.is_file():
-        on_main(_check_resume_config, cfg, cfg_path)
-    on_main(save_config, cfg, cfg_path)
+    inputs = resolve_inputs(cfg)  # ConfigError when train.folds names a fold the folds file lacks
     fold_ids = _fold_list(cfg, folds)
+    available = _fold_list(cfg, "all")
+    unknown = sorted(set(fold_ids) - set(available))
+    if unknown:
+        raise ConfigError(f"fold(s) {', '.join(map(str, unknown))} not in {cfg.data.folds_file} "
+                          f"(it has folds {', '.join(map(str, available))})")
+    if is_main_process():
+        write_run_config(cfg, resume)
+        write_manifest(run_dir, inputs)
+        if prepare:
+            from kit.prepare import prepare_run
+
+            prepare_run(inputs, load_fold_table(cfg)["ID"].tolist(), kinds, workers=max(1, cfg.train.workers),
+                        progress=progress)
     metrics_path = run_dir / "train_metrics.json"
     results: dict = on_main(_read_metrics, metrics_path) or {}
     jobs = []  # (kind, folder, round)
@@ -810,7 +831,8 @@ def train_all(cfg: Config, kinds: Sequence[str] = KINDS, folds=None, resume: boo
         targets = _pseudo_targets_for(cfg, round_) if round_ > 0 else None
         results.setdefault(subdir, {})
         for fold in fold_ids:
-            r = train_fold(cfg, kind, fold, resume=resume, progress=progress, subdir=subdir, cell_targets=targets)
+            r = train_fold(cfg, kind, fold, resume=resume, progress=progress, subdir=subdir, cell_targets=targets,
+                           build=False)  # prepared above
             results[subdir][str(fold)] = {k: v for k, v in r.items() if k not in ("rank",)}
             on_main(_write_json, metrics_path, results)
         if kind == "cell" and cfg.train.pseudo_rounds > 0 and is_main_process():

@@ -203,7 +203,7 @@ def test_cell_policy_confidence_scale_relative_to_the_field():
 
 
 def test_cell_policy_applies_at_training(tmp_path):
-    from kit.datasets import CellTileDataset
+    from kit.torchdata import CellTileDataset
     from kit.config import CellPolicyConfig
 
     ids, labels = _write_dataset(tmp_path)
@@ -224,7 +224,7 @@ def test_cell_policy_applies_at_training(tmp_path):
 
 
 def test_negative_augmentation_dims_green_and_labels_negative(tmp_path):
-    from kit.datasets import CellTileDataset
+    from kit.torchdata import CellTileDataset
 
     ids, labels = _write_dataset(tmp_path)
     tile_dir = tmp_path / "tiles" / "tiles-32-test"
@@ -332,3 +332,75 @@ def test_reporting_never_touches_pyplot(tmp_path):
     )
     subprocess.run([sys.executable, "-c", code], check=True)
     assert (tmp_path / "l.png").stat().st_size > 1000 and (tmp_path / "p.png").is_file()
+
+
+# --------------------------------------------------------------------------------------------- prediction
+
+
+def test_cell_policy_applies_in_the_one_decode_predict_loop(tiny_dataset, tmp_path):
+    """Predict applies the run's cell policy to every mask source of its one decode per image: the
+    run's segmentation (its cached table) and the true masks (a table without intensities, rebuilt
+    from the image for the signal rule); the cached results hold the kept cells and their factors."""
+    from kit.cell_policy import confidence_scale, keep_mask
+    from kit.cells import cell_table
+    from kit.config import load_config, save_config
+    from kit.images import read_sample
+    from kit.masks import TruthMasks
+    from kit.predict import Predictor
+    from test_predict import make_run
+
+    run = make_run(tmp_path, tiny_dataset, n_folds=1)
+    rules = ["cells.min_signal_fraction=0.9", "cells.edge_area_fraction=0.05", "cells.inner_area_fraction=0.02"]
+    cfg = load_config(run / "config.yaml", rules)
+    save_config(cfg, run / "config.yaml")
+    test = tiny_dataset / "test"
+    ids = [line.split(",")[0] for line in (tiny_dataset / "sample_submission.csv").read_text().splitlines()[1:]]
+    predictor = Predictor(run)
+    masks = predictor.run_masks(test)
+    results, true_results = predictor.predict_sources(test, ids, [masks, TruthMasks(tiny_dataset / "truth")],
+                                                      progress=False)
+    dropped = 0
+    for i in ids:
+        image = read_sample(test, i)
+        nuclei, cells, table = masks.cache.load(i)
+        keep = keep_mask(table, cfg.cells)
+        dropped += int((~keep).sum())
+        np.testing.assert_array_equal(results[i].cell_ids, table["cell_id"].to_numpy()[keep])
+        np.testing.assert_allclose(results[i].scale, confidence_scale(table[keep], cfg.cells, cells.size), rtol=1e-6)
+        true_nuclei, true_cells, _ = TruthMasks(tiny_dataset / "truth").load(i, image)
+        true_table = cell_table(true_nuclei, true_cells, image)
+        np.testing.assert_array_equal(true_results[i].cell_ids,
+                                      true_table["cell_id"].to_numpy()[keep_mask(true_table, cfg.cells)])
+    assert dropped > 0 and min(float(r.scale.min()) for r in results.values()) < 1.0
+
+
+def test_mil_bag_score_comes_from_the_predict_loop(tiny_dataset, tmp_path):
+    """A MIL run without an image model predicts from struct's one-decode loop: the bag head's image
+    score over all the field's cells is cached per image, and the combination uses it (auto -> bag)."""
+    from kit.combine import IMAGE_ONLY
+    from kit.config import load_config, save_config, to_dict
+    from kit.models import build_from_config
+    from kit.predict import Predictor, available_image_sources, build_predictions
+
+    run = tmp_path / "run"
+    cfg = load_config(None, ["model.backbone=resnet18", "data.tile_size=32", "data.field_size=64",
+                             f"data.data_dir={tiny_dataset}", f"data.mask_cache={tmp_path / 'masks'}",
+                             "train.cell_mode=mil", "train.bag_pool=attention", "train.device=cpu"])
+    cfg.run_dir = str(run)
+    save_config(cfg, run / "config.yaml")
+    torch.manual_seed(0)
+    model = build_from_config(cfg.model("cell"), pretrained=False, bag_pool="attention")
+    (run / "cell" / "fold0").mkdir(parents=True)
+    torch.save({"model": model.state_dict(), "config": to_dict(cfg), "epoch": 1}, run / "cell/fold0/best.pt")
+    test = tiny_dataset / "test"
+    ids = [line.split(",")[0] for line in (tiny_dataset / "sample_submission.csv").read_text().splitlines()[1:]]
+    predictor = Predictor(run)
+    assert not predictor.has_image_model and predictor.ensemble("cell").has_bag
+    results = predictor.predict_folder(test, ids, progress=False)
+    assert available_image_sources(results) == ["bag"]
+    r = results[ids[0]]
+    assert np.isnan(r.image_probs).all() and r.bag_probs.shape == (NUM_CLASSES,) and np.isfinite(r.bag_probs).all()
+    assert len({tuple(np.round(x.bag_probs, 5)) for x in results.values()}) > 1  # one score per field
+    preds = build_predictions(results, IMAGE_ONLY)  # every cell gets its field's bag score
+    first = np.array([conf for _, conf, _ in preds[ids[0]].triples[:NUM_CLASSES]])
+    np.testing.assert_allclose(first, np.float32(r.bag_probs), rtol=1e-6)
