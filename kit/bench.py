@@ -216,6 +216,14 @@ def configure_bench(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--reduced", action=argparse.BooleanOptionalAction, default=None,
                         help="also reduced-precision paths (default: on CUDA only)")
     parser.add_argument("--json", type=Path, default=Path("bench_throughput.json"), help="where the table goes as JSON")
+    g = parser.add_argument_group("runtime figures (kit/runtime.py)")
+    g.add_argument("--fields", type=Path, help="real fields (<ID>_{red,green,blue,yellow}.png) to measure the CPU stages on")
+    g.add_argument("--cells-table", type=Path, help="real train table with ImageWidth and cells columns (cells per field by size)")
+    g.add_argument("--from-json", type=Path, help="take the CNN rows from this earlier bench JSON instead of measuring")
+    g.add_argument("--sample", type=Path, help="sample_submission.csv whose size mix the estimate uses (default: the real 559 test fields)")
+    g.add_argument("--figures-out", type=Path, help="write the runtime figures here (kit/data/runtime_figures.json ships them)")
+    g.add_argument("--folds", type=int, default=5, help="fold models in the estimate (default 5)")
+    g.add_argument("--tta", type=int, default=1, help="TTA passes in the estimate (default 1)")
     parser.set_defaults(func=_run_bench)
 
 
@@ -234,6 +242,17 @@ def _run_bench(args) -> int:
 
     cfg = load_config(args.config)
     device = _device(args.device)
+    if args.from_json:
+        result = json.loads(Path(args.from_json).read_text())
+        print(format_table(result))
+    else:
+        result = _measure(args, cfg, device)
+    if args.fields:
+        _runtime_figures(args, cfg, result)
+    return 0
+
+
+def _measure(args, cfg, device) -> dict:
     result = run_bench(_backbone_list(args.backbones, cfg), args.tile_size or cfg.data.tile_size,
                        args.field_size or cfg.data.field_size, device, repeats=args.repeats,
                        tile_batches=[int(b) for b in args.tile_batches.split(",")],
@@ -244,7 +263,33 @@ def _run_bench(args) -> int:
     with atomic_open(args.json, "w") as f:
         json.dump(result, f, indent=1)
     print(f"wrote {args.json}")
-    return 0
+    return result
+
+
+def _runtime_figures(args, cfg, bench: dict) -> None:
+    """Measure the CPU stages on real fields, join the CNN rows, print the estimate (kit/runtime.py)."""
+    from kit import runtime
+
+    log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
+    figures = runtime.measure_stages(args.fields, backend=cfg.data.segment_backend,
+                                     tile_size=args.tile_size or cfg.data.tile_size,
+                                     field_size=args.field_size or cfg.data.field_size, log=log)
+    if args.cells_table:
+        figures["cells_per_field"] = runtime.cells_per_field_table(args.cells_table)
+    figures["cnn"] = runtime.cnn_table_from_bench(bench)
+    if args.figures_out:
+        runtime.save_figures(figures, args.figures_out)
+        print(f"wrote {args.figures_out}")
+    mix = runtime.size_mix(args.sample)
+    tile, fsize = args.tile_size or cfg.data.tile_size, args.field_size or cfg.data.field_size
+    for backbone in dict.fromkeys([cfg.cell_model.backbone] + [k.split("@")[0] for k in figures["cnn"]]):
+        cell, image = runtime.cnn_rate(figures, backbone, tile), runtime.cnn_rate(figures, backbone, fsize)
+        if not cell or not image:
+            continue
+        est = runtime.estimate_predict(mix, figures, cell_tiles_s=cell[0], image_fields_s=image[0],
+                                       n_folds=args.folds, tta=args.tta, cnn_label=cell[1], device=bench.get("device", "cpu"))
+        print(f"\n{backbone}, tiles {tile} px, fields {fsize} px:")
+        print("\n".join(est.lines()))
 
 
 def _device(name: str):

@@ -89,8 +89,11 @@ def build_runner(models: Sequence, path: InferencePath, device, example=None, *,
     if key not in cache:
         mod = _ensemble_module(_copies(models, device), activation, path.channels_last)
         if path.engine == "jit":
+            import warnings
+
             ex = torch.from_numpy(np.ascontiguousarray(example[:2])).to(device)
-            with torch.no_grad():
+            with torch.no_grad(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # TracerWarning; TorchScript's deprecation notice
                 traced = torch.jit.trace(mod, ex, check_trace=False)
                 mod = torch.jit.optimize_for_inference(torch.jit.freeze(traced.eval()))
         elif path.engine == "compile":
