@@ -265,5 +265,48 @@ def cnn_table_from_bench(bench: dict) -> dict:
                          and b["backbone"] == r["backbone"] and b["side"] == r["side"] and b.get("stage") == r.get("stage")), None)
             out[key] = {"path": r["path"], "tiles_s": r["tiles_s"], "ratio": r["ratio"],
                         "baseline_tiles_s": base["tiles_s"] if base else None,
+                        "achieved_gflops": r.get("achieved_gflops"), "pct_peak": r.get("pct_peak"),
                         "when": bench.get("when"), "load": bench.get("load_before")}
     return out
+
+
+def config_estimate(cfg, mix: dict[int, int], *, n_folds: int, tta: int = 1, figures: dict | None = None,
+                    cell_rate: tuple[float, str] | None = None, image_rate: tuple[float, str] | None = None,
+                    device: str = "cpu") -> RuntimeEstimate | None:
+    """The `predict` estimate of a run config: CNN rates given (measured by the probe of this run), else
+    the figures' ``cnn`` table for the config's backbones, else a FLOP-based rate scaled from the
+    nearest measured backbone (labelled not measured). None when nothing at all was measured."""
+    figures = load_figures() if figures is None else figures
+    if not figures.get("per_mpx"):
+        return None
+    tile, fsize = cfg.data.tile_size, cfg.data.field_size
+    cell_rate = cell_rate or cnn_rate(figures, cfg.cell_model.backbone, tile) or _scaled_rate(figures, cfg.cell_model.backbone, tile)
+    image_rate = image_rate or cnn_rate(figures, cfg.image_model.backbone, fsize) or _scaled_rate(figures, cfg.image_model.backbone, fsize)
+    if not cell_rate or not image_rate:
+        return None
+    label = cell_rate[1] if cell_rate[1] == image_rate[1] else f"cell: {cell_rate[1]}; image: {image_rate[1]}"
+    seg = None
+    if cfg.data.segment_backend != figures.get("backend", "classical"):
+        seg = (0.0, f"{cfg.data.segment_backend}: not measured here (not included)")
+    return estimate_predict(mix, figures, cell_tiles_s=cell_rate[0], image_fields_s=image_rate[0], n_folds=n_folds,
+                            tta=tta, cnn_label=label, segment_s_per_mpx=seg[0] if seg else None,
+                            segment_label=seg[1] if seg else None, device=device)
+
+
+def _scaled_rate(figures: dict, backbone: str, side: int) -> tuple[float, str] | None:
+    """A rate from the measured achieved GFLOP/s of the nearest measured input (FLOPs counted now)."""
+    cnn = figures.get("cnn") or {}
+    if not cnn:
+        return None
+    try:
+        from kit.bench import gflops_per_tile
+        from kit.models import build_model
+
+        gf = gflops_per_tile(build_model(backbone), side)
+    except Exception:
+        return None
+    key, rec = max(cnn.items(), key=lambda kv: kv[1].get("achieved_gflops", 0.0))
+    if not rec.get("achieved_gflops"):
+        return None
+    return rec["achieved_gflops"] / gf, (f"not measured: {gf:.2f} GFLOP per input at the {rec['achieved_gflops']:.0f} "
+                                         f"GFLOP/s measured for {key}")
