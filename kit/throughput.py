@@ -472,15 +472,23 @@ def inference_path(models: Sequence, example, device, *, batch_size: int = 64, t
     return InferencePath.from_dict(record["path"])
 
 
-def training_layout(model, example, device, *, amp: bool = True, rounds: int = 3) -> dict:
+def training_layout(model, example, device, *, amp: bool = True, rounds: int = 3, cache: bool = False) -> dict:
     """Training step settings by measurement: channels_last or NCHW (the faster of the two in an
     interleaved run of forward + backward; NCHW, the plain choice, unless channels_last beats it by
-    MARGIN), AMP only on CUDA, cudnn.benchmark on CUDA. Returns {"channels_last", "amp", "cudnn_benchmark",
-    "ratio"}."""
+    MARGIN), AMP only on CUDA, cudnn.benchmark on CUDA. Returns {"channels_last", "amp",
+    "cudnn_benchmark", "ratio"}; `cache`: kept in the throughput cache per machine + model + input."""
     import torch
 
     device = torch.device(device)
-    x = torch.as_tensor(np.asarray(example)).to(device).float().div_(255.0)
+    example = np.asarray(example)
+    key = None
+    if cache:
+        key = cache_key(machine_info(), model_signature([model], example.shape), str(device),
+                        {"train": True, "amp": amp, "batch": len(example)})
+        hit = read_cache().get(key)
+        if hit and "train" in hit:
+            return hit["train"]
+    x = torch.as_tensor(example).to(device).float().div_(255.0)
     layouts = {}
     for cl in (False, True):
         m = _copy_model(model).to(device).train()
@@ -503,8 +511,11 @@ def training_layout(model, example, device, *, amp: bool = True, rounds: int = 3
 
     times = interleaved({cl: step(cl) for cl in layouts}, lambda n: x, rounds)
     t_nchw, t_cl = statistics.median(times[False]), statistics.median(times[True])
-    return {"channels_last": t_cl <= t_nchw * (1 - MARGIN), "amp": use_amp,
-            "cudnn_benchmark": device.type == "cuda", "ratio": round(t_nchw / t_cl, 3)}
+    out = {"channels_last": bool(t_cl <= t_nchw * (1 - MARGIN)), "amp": use_amp,
+           "cudnn_benchmark": device.type == "cuda", "ratio": round(t_nchw / t_cl, 3)}
+    if key:
+        write_cache_entry(key, {"train": out, "when": time.strftime("%Y-%m-%d %H:%M:%S"), "load": load_average()})
+    return out
 
 
 def _copy_model(model):

@@ -240,3 +240,13 @@ def test_read_ahead_keeps_order_and_bounds_the_queue():
     assert len(started) <= 4  # at most depth + 1 submitted ahead of the consumer
     assert list(gen) == [i * i for i in range(1, 10)]
     assert list(read_ahead(job, range(3), workers=0)) == [0, 1, 4]
+
+
+def test_training_layout_is_cached_per_machine_and_model(tmp_path, monkeypatch):
+    monkeypatch.setenv("KIT_THROUGHPUT_CACHE", str(tmp_path / "tp.json"))
+    model = _models(1)[0]
+    first = tp.training_layout(model, _tiles(4), "cpu", rounds=1, cache=True)
+    calls = []
+    monkeypatch.setattr(tp, "interleaved", lambda *a, **k: calls.append(1))
+    assert tp.training_layout(model, _tiles(4), "cpu", rounds=1, cache=True) == first
+    assert not calls
