@@ -44,7 +44,7 @@ class EnsembleRunner:
 
         from kit.engines import build_runner
         from kit.errors import ConfigError
-        from kit.throughput import inference_path
+        from kit.throughput import inference_path, probe_record
 
         if tta not in (1, 2, 4, 8):
             raise ConfigError(f"tta must be 1, 2, 4 or 8, got {tta}")
@@ -55,7 +55,12 @@ class EnsembleRunner:
         if example is None:
             raise ValueError("EnsembleRunner needs an example batch (uint8 N x 4 x S x S) to probe and trace")
         example = np.ascontiguousarray(example)
-        self.path = path or inference_path(models, example, self.device, batch_size=batch_size,
+        self.record = None  # the probe's figures (tiles/s of one fold model on the chosen path)
+        if path is None and engine == "auto":
+            # probed on one fold: the fastest path for one model is the fastest for their ensemble
+            self.record = probe_record(models[:1], example, self.device, batch_size=batch_size,
+                                       activation=activation, log=log)
+        self.path = path or inference_path(models[:1], example, self.device, batch_size=batch_size,
                                            activation=activation, engine=engine, log=log)
         self._run = build_runner(models, self.path, self.device, example, activation=activation, onnx_path=onnx_path)
         self.tiles_per_call = max(1, self.path.batch_size // self.tta)

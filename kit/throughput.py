@@ -170,8 +170,17 @@ def engine_candidates(device_type: str, base: InferencePath, *, onnx: bool | Non
     return _unique(out)
 
 
-def batch_candidates(best: InferencePath, sizes: Sequence[int] = (16, 32, 64, 128)) -> list[InferencePath]:
+def batch_candidates(best: InferencePath, sizes: Sequence[int] | None = None) -> list[InferencePath]:
+    """The batch sizes to try: `sizes`, or a quarter, half, once and twice the path's own."""
+    if sizes is None:
+        sizes = [max(1, best.batch_size // 4), max(1, best.batch_size // 2), best.batch_size, 2 * best.batch_size]
     return _unique([best] + [dataclasses.replace(best, batch_size=int(b)) for b in sizes])
+
+
+def default_batch(side: int, batch_size: int = 64, ref_side: int = 128) -> int:
+    """The configured batch size (meant for `ref_side` px tiles) scaled to keep the pixels per batch:
+    64 tiles of 128 px, 4 fields of 512 px. Never above `batch_size`, never below 1."""
+    return int(max(1, min(batch_size, round(batch_size * (ref_side / max(side, 1)) ** 2))))
 
 
 def thread_candidates(best: InferencePath, cores: int | None = None) -> list[InferencePath]:
@@ -312,7 +321,7 @@ def _with_threads(n: int, runner, batch):
 
 def staged_search(models: Sequence, example, device, *, batch_size: int = 64, threads: int = 0, rounds: int = 3,
                   activation: str = "sigmoid", allow_reduced: bool | None = None, onnx: bool | None = None,
-                  compile: bool = False, batch_sizes: Sequence[int] = (16, 32, 64, 128)
+                  compile: bool = False, batch_sizes: Sequence[int] | None = None
                   ) -> tuple[list[list[Measurement]], Measurement, Measurement]:
     """The staged search of the module doc: (measurements per stage, chosen, baseline of the last stage).
 
@@ -346,7 +355,7 @@ def staged_search(models: Sequence, example, device, *, batch_size: int = 64, th
 
 def probe(models: Sequence, example, device, *, batch_size: int = 64, threads: int = 0, rounds: int = 3,
           activation: str = "sigmoid", allow_reduced: bool | None = None, onnx: bool | None = None,
-          compile: bool = False, batch_sizes: Sequence[int] = (16, 32, 64, 128)) -> dict:
+          compile: bool = False, batch_sizes: Sequence[int] | None = None) -> dict:
     """`staged_search`, as the cache record (path, ratio, tiles/s, max |diff|, every stage's figures)."""
     stages, best, base_m = staged_search(models, example, device, batch_size=batch_size, threads=threads,
                                          rounds=rounds, activation=activation, allow_reduced=allow_reduced,
@@ -439,9 +448,6 @@ def inference_path(models: Sequence, example, device, *, batch_size: int = 64, t
     """The path predict uses: `engine` "auto" = the cached probe result for this machine + model
     (probing once when missing; ``KIT_THROUGHPUT_PROBE=0`` = the baseline), or a named engine
     (``torch``, ``jit``, ``onnx``, ``compile``) with the baseline's other settings, or ``baseline``."""
-    import torch
-
-    device = torch.device(device)
     base = baseline_path(batch_size, threads)
     if engine == "baseline":
         return base
@@ -451,15 +457,29 @@ def inference_path(models: Sequence, example, device, *, batch_size: int = 64, t
 
             raise ConfigError(f"predict.engine must be auto, baseline or one of {', '.join(ENGINES)}; got {engine!r}")
         return dataclasses.replace(base, engine=engine)
+    record = probe_record(models, example, device, batch_size=batch_size, threads=threads, activation=activation,
+                          allow_reduced=allow_reduced, compile=compile, log=log)
+    return InferencePath.from_dict(record["path"]) if record else base
+
+
+def probe_record(models: Sequence, example, device, *, batch_size: int = 64, threads: int = 0,
+                 activation: str = "sigmoid", allow_reduced: bool | None = None, compile: bool = False,
+                 log: Callable[[str], None] | None = None) -> dict | None:
+    """The cached `probe` record for this machine + model + settings (probing once when missing);
+    None when probing is switched off (``KIT_THROUGHPUT_PROBE=0``). Its ``tiles_s`` are per call of
+    `models` (pass one fold model: the path that is fastest for one is fastest for their ensemble)."""
+    import torch
+
     if os.environ.get("KIT_THROUGHPUT_PROBE", "1") == "0":
-        return base
+        return None
+    device = torch.device(device)
     example = np.asarray(example)
     machine = machine_info()
     settings = {"batch_size": batch_size, "threads": threads, "allow_reduced": allow_reduced, "compile": compile}
     key = cache_key(machine, model_signature(models, example.shape, activation), str(device), settings)
     hit = read_cache().get(key)
     if hit and "path" in hit:
-        return InferencePath.from_dict(hit["path"])
+        return hit
     t0 = time.perf_counter()
     record = probe(models, example, device, batch_size=batch_size, threads=threads, activation=activation,
                    allow_reduced=allow_reduced, compile=compile)
@@ -469,7 +489,7 @@ def inference_path(models: Sequence, example, device, *, batch_size: int = 64, t
     if log:
         log(f"throughput probe ({record['probe_s']} s, cached in {cache_path()}): {record['name']}, "
             f"{record['ratio']:.2f}x the plain no_grad NCHW loop, max |diff| {record['max_abs_diff']:.1e}")
-    return InferencePath.from_dict(record["path"])
+    return record
 
 
 def training_layout(model, example, device, *, amp: bool = True, rounds: int = 3, cache: bool = False) -> dict:
