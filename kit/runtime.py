@@ -310,3 +310,29 @@ def _scaled_rate(figures: dict, backbone: str, side: int) -> tuple[float, str] |
         return None
     return rec["achieved_gflops"] / gf, (f"not measured: {gf:.2f} GFLOP per input at the {rec['achieved_gflops']:.0f} "
                                          f"GFLOP/s measured for {key}")
+
+
+def cpu_s_per_field(figures: dict | None = None, side: int = 2048) -> tuple[float, str] | None:
+    """Measured CPU work of one `side` px field (decode, segment, tiles, field, RLE, submission) and its
+    label: the figure the Kaggle kernel estimate (`kit.kaggle.runtime`) uses for every hardware kind
+    (decoding and the classical segmenter stay on the CPU)."""
+    figures = load_figures() if figures is None else figures
+    if not figures.get("per_mpx"):
+        return None
+    est = estimate_predict({side: 1}, figures, cell_tiles_s=float("inf"), image_fields_s=float("inf"))
+    seconds = sum(v for k, v in est.parts.items() if "CNN" not in k)
+    return seconds, est.labels["decode"]
+
+
+def measured_gflops(figures: dict | None = None, backbone: str = "resnet50") -> tuple[float, str] | None:
+    """Achieved GFLOP/s of the chosen inference path measured by `kit bench` (the backbone's cell row,
+    else the best measured), with its label: the CNN rate of the ``here-cpu`` Kaggle estimate."""
+    figures = load_figures() if figures is None else figures
+    cnn = {k: v for k, v in (figures.get("cnn") or {}).items() if v.get("achieved_gflops")}
+    if not cnn:
+        return None
+    mine = [k for k in cnn if k.startswith(backbone + "@")]
+    key = min(mine, key=lambda k: int(k.split("@")[1])) if mine else max(cnn, key=lambda k: cnn[k]["achieved_gflops"])
+    rec = cnn[key]
+    return float(rec["achieved_gflops"]), (f"measured by kit bench: {key} {rec.get('path')}, {rec['achieved_gflops']:.0f} "
+                                           f"GFLOP/s, {rec.get('when')}, load {rec.get('load')}")

@@ -116,3 +116,14 @@ def test_bench_table_and_json(tmp_path):
     assert "baseline" in table and "chosen" in table and "% peak" in table
     json.dumps(res)  # JSON-serialisable
     del torch
+
+
+def test_the_kaggle_estimate_figures_come_from_the_same_measurements():
+    figs = dict(FIGURES, cnn={"resnet50@128": {"tiles_s": 20.0, "path": "onnx b32", "achieved_gflops": 54.0},
+                              "resnet50@512": {"tiles_s": 1.0, "path": "onnx b2", "achieved_gflops": 43.0}})
+    seconds, label = runtime.cpu_s_per_field(figs)
+    full = runtime.estimate_predict({2048: 1}, figs, cell_tiles_s=1e9, image_fields_s=1e9)
+    assert seconds == pytest.approx(full.seconds, rel=1e-6) and "CPU time measured" in label
+    gflops, label = runtime.measured_gflops(figs, "resnet50")
+    assert gflops == 54.0 and "resnet50@128" in label
+    assert runtime.cpu_s_per_field({}) is None and runtime.measured_gflops({}) is None
