@@ -287,7 +287,8 @@ def _runtime_figures(args, cfg, bench: dict) -> None:
         if not cell or not image:
             continue
         est = runtime.estimate_predict(mix, figures, cell_tiles_s=cell[0], image_fields_s=image[0],
-                                       n_folds=args.folds, tta=args.tta, cnn_label=cell[1], device=bench.get("device", "cpu"))
+                                       n_folds=args.folds, tta=args.tta, cnn_label=cell[1], image_label=image[1],
+                                       device=bench.get("device", "cpu"))
         print(f"\n{backbone}, tiles {tile} px, fields {fsize} px:")
         print("\n".join(est.lines()))
 

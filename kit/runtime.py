@@ -209,7 +209,7 @@ def _fmt(seconds: float) -> str:
 
 def estimate_predict(mix: dict[int, int], figures: dict, *, cell_tiles_s: float, image_fields_s: float,
                      n_folds: int = 1, tta: int = 1, cnn_label: str = "measured", segment_s_per_mpx: float | None = None,
-                     segment_label: str | None = None, device: str = "cpu") -> RuntimeEstimate:
+                     segment_label: str | None = None, device: str = "cpu", image_label: str | None = None) -> RuntimeEstimate:
     """The estimate for `mix` ({side: fields}) from `figures` (module doc) and the CNN rates.
 
     `cell_tiles_s` / `image_fields_s`: tiles per second of ONE fold model (the ensemble costs
@@ -242,7 +242,8 @@ def estimate_predict(mix: dict[int, int], figures: dict, *, cell_tiles_s: float,
     parts["image CNN"] = n * n_folds * tta / max(image_fields_s, 1e-9)
     labels["cell CNN"] = (f"{n_cells:.0f} cells x {n_folds} folds x TTA {tta} at {cell_tiles_s:.1f} tiles/s per model "
                           f"({cnn_label}); cells: " + "; ".join(cell_notes))
-    labels["image CNN"] = f"{n} fields x {n_folds} folds x TTA {tta} at {image_fields_s:.2f} fields/s per model ({cnn_label})"
+    labels["image CNN"] = (f"{n} fields x {n_folds} folds x TTA {tta} at {image_fields_s:.2f} fields/s per model "
+                           f"({image_label or cnn_label})")
     return RuntimeEstimate(n, sum(parts.values()), parts, labels, device)
 
 
@@ -284,13 +285,13 @@ def config_estimate(cfg, mix: dict[int, int], *, n_folds: int, tta: int = 1, fig
     image_rate = image_rate or cnn_rate(figures, cfg.image_model.backbone, fsize) or _scaled_rate(figures, cfg.image_model.backbone, fsize)
     if not cell_rate or not image_rate:
         return None
-    label = cell_rate[1] if cell_rate[1] == image_rate[1] else f"cell: {cell_rate[1]}; image: {image_rate[1]}"
     seg = None
     if cfg.data.segment_backend != figures.get("backend", "classical"):
         seg = (0.0, f"{cfg.data.segment_backend}: not measured here (not included)")
     return estimate_predict(mix, figures, cell_tiles_s=cell_rate[0], image_fields_s=image_rate[0], n_folds=n_folds,
-                            tta=tta, cnn_label=label, segment_s_per_mpx=seg[0] if seg else None,
-                            segment_label=seg[1] if seg else None, device=device)
+                            tta=tta, cnn_label=cell_rate[1], image_label=image_rate[1],
+                            segment_s_per_mpx=seg[0] if seg else None, segment_label=seg[1] if seg else None,
+                            device=device)
 
 
 def _scaled_rate(figures: dict, backbone: str, side: int) -> tuple[float, str] | None:
