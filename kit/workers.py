@@ -45,30 +45,3 @@ def pool_map(fn: Callable[[T], R], jobs: Iterable[T], workers: int = 1, *, order
         imap = pool.imap if ordered else pool.imap_unordered
         yield from imap(fn, jobs, chunksize=chunksize)
 
-
-def read_ahead(fn: Callable[[T], R], jobs: Iterable[T], workers: int = 1, depth: int = 2,
-               processes: bool = True) -> Iterator[R]:
-    """Yield ``fn(job)`` in job order while up to `depth` later jobs are computed ahead by `workers`
-    spawn processes (`processes`) or threads: the read-ahead pool that lets image decoding and
-    segmentation overlap the CNN. Memory stays bounded (at most `depth` results wait); `workers`
-    0 computes in this process, one job at a time.
-    """
-    jobs = iter(jobs)
-    if workers <= 0 or (processes and not can_spawn()):
-        yield from map(fn, jobs)
-        return
-    from collections import deque
-    from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
-
-    if processes:
-        pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=init_worker)
-    else:
-        pool = ThreadPoolExecutor(workers)
-    with pool:
-        pending: deque = deque()
-        for job in jobs:
-            pending.append(pool.submit(fn, job))
-            if len(pending) > max(1, depth):
-                yield pending.popleft().result()
-        while pending:
-            yield pending.popleft().result()

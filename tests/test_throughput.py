@@ -222,25 +222,6 @@ def test_batching_across_images_equals_per_image_prediction():
     assert all(s % 8 == 0 for s in sizes[:-1]) and sum(sizes) == 28  # full batches but the last
 
 
-def test_read_ahead_keeps_order_and_bounds_the_queue():
-    import threading
-
-    from kit.workers import read_ahead
-
-    started, lock = [], threading.Lock()
-
-    def job(i):
-        with lock:
-            started.append(i)
-        return i * i
-
-    gen = read_ahead(job, range(10), workers=1, depth=2, processes=False)
-    assert next(gen) == 0
-    assert len(started) <= 4  # at most depth + 1 submitted ahead of the consumer
-    assert list(gen) == [i * i for i in range(1, 10)]
-    assert list(read_ahead(job, range(3), workers=0)) == [0, 1, 4]
-
-
 def test_training_layout_is_cached_per_machine_and_model(tmp_path, monkeypatch):
     monkeypatch.setenv("KIT_THROUGHPUT_CACHE", str(tmp_path / "tp.json"))
     model = _models(1)[0]
