@@ -85,7 +85,7 @@ def measure_stages(images_dir: str | Path, ids: Sequence[str] | None = None, *, 
     import tempfile
 
     from kit.cells import cell_table, extract_tiles
-    from kit.datasets import make_field
+    from kit.fields import downscale_field as make_field
     from kit.images import read_sample
     from kit.rle import encode_label_image
     from kit.segment import segment_image
