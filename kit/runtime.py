@@ -85,7 +85,7 @@ def measure_stages(images_dir: str | Path, ids: Sequence[str] | None = None, *, 
     import tempfile
 
     from kit.cells import cell_table, extract_tiles
-    from kit.datasets import make_field
+    from kit.fields import downscale_field as make_field
     from kit.images import read_sample
     from kit.rle import encode_label_image
     from kit.segment import segment_image
@@ -252,7 +252,9 @@ def cnn_rate(figures: dict, backbone: str, side: int) -> tuple[float, str] | Non
     rec = (figures.get("cnn") or {}).get(f"{backbone}@{side}")
     if not rec:
         return None
-    return float(rec["tiles_s"]), f"measured by kit bench, {rec.get('path', '?')}, {rec.get('when', '?')}, load {rec.get('load', '?')}"
+    cpu = figures.get("machine", {}).get("cpu", "?")
+    return float(rec["tiles_s"]), (f"measured by kit bench on {cpu}, {rec.get('path', '?')}, {rec.get('when', '?')}, "
+                                   f"load {rec.get('load', '?')}")
 
 
 def cnn_table_from_bench(bench: dict) -> dict:
