@@ -97,7 +97,7 @@ class TrainConfig:
     workers: int = 2  # DataLoader worker processes (spawn); 0 = load in the main process
     seed: int = 42
     amp: bool = True  # mixed precision on CUDA (ignored on CPU)
-    channels_last: bool = True
+    channels_last: Union[bool, Literal["auto"]] = "auto"  # auto: the faster layout measured here (kit.throughput)
     grad_clip: float = 0.0  # max gradient norm; 0 = off
     folds: Union[Literal["all"], list[int]] = "all"
     max_cells_per_image: int = 0  # 0 = all cells; >0 caps the training cells taken per image
@@ -114,6 +114,8 @@ class PredictConfig:
     which: Literal["best", "last"] = "best"
     combine: str = "product"  # cell x image score combination (kit.combine)
     combine_weight: float = 0.5
+    # how the CNNs run (kit.throughput): auto = the fastest path measured on this machine for this model
+    engine: Literal["auto", "baseline", "torch", "jit", "onnx", "compile"] = "auto"
 
 
 @dataclass
