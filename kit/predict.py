@@ -233,14 +233,27 @@ def _read_ahead(items: Iterator) -> Iterator:
             yield item
 
 
-def _batched(items: Iterator[dict], cell_ens: FoldEnsemble, image_ens: FoldEnsemble) -> Iterator[list]:
-    """Per prepared image, in order: [(mask source key, ImageResult)]. The cells of successive images
-    (and their fields) are predicted in full batches (`kit.inference.CellBatcher`): a field has
-    10-50 cells, a batch should be full. An image is yielded once its cells and field are done."""
+def _batched(items: Iterator[dict], cell_ens: FoldEnsemble, image_ens: FoldEnsemble,
+             across_images: bool = False) -> Iterator[list]:
+    """Per prepared image, in order: [(mask source key, ImageResult)].
+
+    With `across_images` the cells of successive images (and their fields) are predicted in full
+    batches (`kit.inference.CellBatcher`): a field has 10-50 cells, and a GPU wants full batches.
+    Without it (CPU) every image runs on its own, so its batches are a function of the image alone:
+    on CPU a conv's output for a tile moves by ~1e-7 with the batch size and the tile's position in
+    it, and a resumed predict (which batches other neighbours) must write the bytes of an
+    uninterrupted one. An image is yielded once its cells and field are done."""
     from collections import deque
 
     from kit.inference import CellBatcher
 
+    if not across_images:
+        for item in items:
+            image_probs = image_ens.predict(item["field"][None])[0]
+            yield [(key, ImageResult(item["id"], cell_ids, cell_ens.predict(tiles), image_probs, visible,
+                                     masks_text, item["width"], item["height"]))
+                   for key, (cell_ids, tiles, visible, masks_text) in item["cells"].items()]
+        return
     cells = CellBatcher(cell_ens.predict, cell_ens.tiles_per_call)
     fields = CellBatcher(image_ens.predict, image_ens.tiles_per_call)
     waiting: deque = deque()  # [item, {source key: cell probs}, image probs or None]
@@ -424,7 +437,8 @@ class Predictor:
                         failures.setdefault(key, []).append((item["id"], message))
                     yield item
 
-            for done in _batched(noted(items), cell_ens, image_ens):
+            across = self.device.type == "cuda"  # CPU: bitwise the same bytes when resumed (`_batched`)
+            for done in _batched(noted(items), cell_ens, image_ens, across_images=across):
                 for key, result in done:
                     result.save(out_dir[key] / f"{result.image_id}.npz")
                 bar.update(1)
