@@ -1,4 +1,5 @@
-"""kit.kaggle: metadata validation, bundle layout, credentials, push commands, runtime estimate.
+"""kit.kaggle: metadata validation, bundle layout, the build folder, credentials, push commands, runtime
+estimate, kernel rendering.
 
 Builds here bundle one tiny pure-Python distribution (tqdm) instead of the kit's full run-time set,
 so each takes about a second; the full set is exercised by tests/test_kernel_offline.py.
@@ -15,7 +16,9 @@ from pathlib import Path
 
 import pytest
 
+from conftest import REPO
 from kit import kaggle as kg
+from kit.kaggle import runtime, staging
 from kit.errors import ConfigError, KitError
 
 SECRET = "0123456789abcdef0123456789abcdef"
@@ -181,7 +184,7 @@ def test_build_lays_out_three_folders_ready_for_the_kaggle_cli(fake_run, tmp_pat
     slim = torch.load(out / "weights/run/cell/fold1/best.pt", weights_only=True)
     assert sorted(slim) == ["config", "epoch", "model"]  # optimizer and RNG states dropped
     assert torch.equal(slim["model"]["w"], torch.full((8,), 1.0))
-    assert wm["files"]["run/cell/fold1/best.pt"] == kg._sha256(out / "weights/run/cell/fold1/best.pt")
+    assert wm["files"]["run/cell/fold1/best.pt"] == staging.sha256(out / "weights/run/cell/fold1/best.pt")
     # code: the kit wheel, the pinned wheel, the manifest, pinned requirements; no torch anywhere
     wheels = sorted(p.name for p in (out / "code/wheels").glob("*.whl"))
     assert len(wheels) == 2 and wheels[0].startswith("hpa_kit-") and wheels[1].startswith("tqdm-")
@@ -235,13 +238,17 @@ def test_the_kit_wheel_is_pure_python_with_package_data_and_no_torch(tmp_path):
     with zipfile.ZipFile(whl) as zf:
         names = set(zf.namelist())
         meta = zf.read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
-    assert "kit/kaggle.py" in names and "kit/cli.py" in names
-    data_files = [p.relative_to(kg.REPO).as_posix() for p in (kg.REPO / "kit" / "data").glob("*.csv")]
-    assert data_files and set(data_files) <= names
+    assert "kit/kaggle/__init__.py" in names and "kit/cli.py" in names
+    # package data: tables, the kernel templates with their prelude and README, the config presets
+    data_files = [p.relative_to(REPO).as_posix() for pattern in ("kit/data/*.csv", "kit/kernels/*", "kit/configs/*.yaml")
+                  for p in REPO.glob(pattern) if p.is_file() and "__pycache__" not in p.parts]
+    assert {"kit/kernels/infer.py", "kit/kernels/train.py", "kit/kernels/prelude.py", "kit/kernels/README.md",
+            "kit/configs/default.yaml"} <= set(data_files)
+    assert set(data_files) <= names
     requires = [line for line in meta.splitlines() if line.startswith("Requires-Dist:")]
     hard = [r for r in requires if "extra ==" not in r]
     assert hard and not any("torch" in r for r in hard), hard
-    assert not list(kg.REPO.glob("*.egg-info"))
+    assert not list(REPO.glob("*.egg-info"))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -400,7 +407,7 @@ def test_estimate_grows_with_work_and_says_when_it_will_not_finish():
     assert not cpu.fits and "WILL NOT FINISH" in cpu.lines()[0]
     # twice the images, about twice the time (less the fixed set-up)
     double = kg.estimate_runtime(1118, hardware="t4", cell_backbone="resnet18", tile_size=128, n_folds=1)
-    assert double.seconds - kg.FIXED_OVERHEAD_S == pytest.approx(2 * (small.seconds - kg.FIXED_OVERHEAD_S))
+    assert double.seconds - runtime.FIXED_OVERHEAD_S == pytest.approx(2 * (small.seconds - runtime.FIXED_OVERHEAD_S))
     with pytest.raises(ConfigError, match="--hardware"):
         kg.estimate_runtime(10, hardware="tpu")
 
