@@ -252,6 +252,151 @@ def test_the_kit_wheel_is_pure_python_with_package_data_and_no_torch(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------
+# the build folder: built fresh, moved into place, nothing of the user's lost or published
+
+
+def _stage_leftovers(out: Path) -> list[Path]:
+    return sorted(out.parent.glob(f".{out.name}.kit-*"))
+
+
+def test_build_refuses_an_out_folder_holding_a_users_file(fake_run, tmp_path, no_credentials, capsys):
+    out = tmp_path / "out"
+    user_file = out / "weights" / "resnet50-0676ba61.pth"
+    user_file.parent.mkdir(parents=True)
+    user_file.write_bytes(b"the user's ImageNet weights")
+    from kit.cli import main
+
+    args = ["kernel", "build", "--run", str(fake_run), "--user", "someone", "--out", str(out), "--package", "tqdm"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert str(user_file) in err and "did not write" in err and "--force" in err
+    assert user_file.read_bytes() == b"the user's ImageNet weights"  # kept, and nothing else written there
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == ["weights", "weights/resnet50-0676ba61.pth"]
+    assert _stage_leftovers(out) == []
+    # --force replaces the folder (the user asked for it): only what the build wrote remains
+    assert main(args + ["--force"]) == 0
+    assert not user_file.exists()
+    record = json.loads((out / "kit-build.json").read_text())["files"]
+    assert sorted(record) == sorted(p.relative_to(out).as_posix() for p in out.rglob("*")
+                                    if p.is_file() and p.name != "kit-build.json")
+    assert record["weights/run/config.yaml"]["sha256"] == staging.sha256(out / "weights/run/config.yaml")
+
+
+def test_rebuild_replaces_an_earlier_build_whole(fake_run, tmp_path, no_credentials):
+    out = tmp_path / "out"
+    small_build(fake_run, out, train_kernel=True)
+    tqdm_wheel = next((out / "code/wheels").glob("tqdm-*.whl"))
+    logged: list[str] = []
+    kg.build(kg.BuildOptions(run_dir=fake_run, user="someone", out=out, packages=["tqdm"]), log=logged.append)
+    assert not (out / "kernel-train").exists()  # nothing of the earlier build survives
+    assert list(kg.load_build(out)["kernels"]) == ["infer"]
+    assert any("1 from the earlier build" in line for line in logged), logged  # its wheels were reused
+    assert (out / "code/wheels" / tqdm_wheel.name).is_file()
+    assert _stage_leftovers(out) == []
+
+
+def test_a_failed_build_leaves_the_earlier_one_as_it_was(fake_run, tmp_path, no_credentials):
+    out = tmp_path / "out"
+    small_build(fake_run, out)
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    (fake_run / "image/fold0/best.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ConfigError, match="image/fold0/best.pt"):
+        small_build(fake_run, out)
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert _stage_leftovers(out) == []
+
+
+def test_build_removes_the_staging_folder_of_a_killed_build(fake_run, tmp_path, no_credentials):
+    out = tmp_path / "out"
+    dead = tmp_path / ".out.kit-build-999999999-abcd"  # no such process
+    (dead / "code").mkdir(parents=True)
+    alive = tmp_path / f".out.kit-build-{os.getpid()}-abcd"  # a build still running
+    alive.mkdir()
+    small_build(fake_run, out)
+    assert not dead.exists() and alive.is_dir()
+
+
+def test_build_never_replaces_a_folder_it_reads_or_a_file(fake_run, tmp_path, no_credentials):
+    with pytest.raises(ConfigError, match="which the build reads"):
+        small_build(fake_run, fake_run.parent, force=True)  # --out runs/ would delete the run
+    assert (fake_run / "config.yaml").is_file()
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(ConfigError, match="not a folder"):
+        small_build(fake_run, tmp_path / "a-file")
+
+
+def test_push_never_publishes_a_file_the_build_did_not_write(fake_run, tmp_path, with_credentials, monkeypatch,
+                                                            capsys):
+    out = tmp_path / "out"
+    small_build(fake_run, out)
+    notes = out / "code" / "notes.txt"
+    notes.write_text("private notes")
+    from kit.cli import main
+
+    assert main(["kernel", "push", "--out", str(out), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert str(notes) in err and "not written by `kit kernel build`" in err
+    calls = tmp_path / "calls.txt"
+    _fake_kaggle(tmp_path / "bin", calls, monkeypatch)
+    with pytest.raises(ConfigError, match="notes.txt"):
+        kg.push(out, mode="new", log=lambda *_: None)
+    assert not calls.exists()  # nothing was run
+    notes.unlink()
+    wheel = next((out / "code/wheels").glob("tqdm-*.whl"))
+    wheel.write_bytes(wheel.read_bytes() + b"\0")
+    with pytest.raises(ConfigError, match="changed since the build"):
+        kg.push_commands(out)
+    # a rebuild over it needs no --force: every file there is one the build wrote
+    small_build(fake_run, out)
+    assert len(kg.push_commands(out, mode="new")) == 3
+
+
+# ----------------------------------------------------------------------------------------------
+# kernel templates: settings and the one shared prelude
+
+
+def test_both_kernels_hold_the_one_prelude(fake_run, tmp_path, no_credentials):
+    from kit.kaggle import render
+
+    out = tmp_path / "out"
+    small_build(fake_run, out, train_kernel=True)
+    body = render.prelude_body()
+    assert "def install(code: Path)" in body and "def torch_stack_pins()" in body and '"""' in body
+    for path, name in ((out / "kernel/infer.py", "infer"), (out / "kernel-train/train.py", "train")):
+        text = path.read_text()
+        assert text.count(body) == 1, path  # rendered in whole, once
+        template = render.template_text(name)
+        assert "def install(" not in template and "def find_dataset(" not in template  # written once, in the prelude
+        assert text.index("from __future__") < text.index(body)  # the kernel's own __future__ line comes first
+    with pytest.raises(KitError, match="no kernel template"):
+        render.render_kernel("nope", {})
+
+
+def test_prelude_finds_the_datasets_and_the_competition(tmp_path, monkeypatch, capsys):
+    import kit.kernels.prelude as prelude
+
+    root = tmp_path / "input"
+    (root / "renamed-by-kaggle" / "inner").mkdir(parents=True)
+    (root / "renamed-by-kaggle" / "inner" / "kit-bundle.json").write_text("{}")
+    comp = root / "nested" / "hpa"
+    (comp / "test").mkdir(parents=True)
+    (comp / "sample_submission.csv").write_text("ID\n")
+    monkeypatch.setenv("KAGGLE_INPUT_ROOT", str(root))
+    monkeypatch.setenv("KIT_SCRATCH_DIR", str(tmp_path / "scratch"))
+    assert prelude.find_dataset("kit-bundle.json", "hpa-kit-code") == root / "renamed-by-kaggle" / "inner"
+    assert prelude.find_competition("hpa-single-cell-image-classification", "test", "sample_submission.csv") == comp
+    with pytest.raises(SystemExit, match="train/ and train.csv"):
+        prelude.find_competition("hpa-single-cell-image-classification", "train", "train.csv")
+    with pytest.raises(SystemExit, match="attach the 'hpa-kit-weights' dataset"):
+        prelude.find_dataset("kit-weights.json", "hpa-kit-weights")
+    with zipfile.ZipFile(root / "renamed-by-kaggle" / "wheels.zip", "w") as zf:  # Kaggle kept the archive
+        zf.writestr("wheels/x-1-py3-none-any.whl", b"w")
+    got = prelude.unpacked(root / "renamed-by-kaggle", "wheels")
+    assert (got / "x-1-py3-none-any.whl").read_bytes() == b"w"
+    assert any(p.startswith("torch==") for p in prelude.torch_stack_pins())
+
+
+# ----------------------------------------------------------------------------------------------
 # credentials
 
 
