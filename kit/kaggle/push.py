@@ -35,24 +35,21 @@ def load_build(out: Path) -> dict:
         raise ConfigError(f"{path}: not valid JSON ({exc}); rebuild with `python -m kit kernel build`") from None
     if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
         raise ConfigError(f"{path} records no files (a build by an older kit); rebuild with `python -m kit kernel build`")
-    problems = []
-    ids = set()
-    for name, d in manifest["datasets"].items():
-        problems += publish_problems(out, d["dir"], manifest)
-        meta_path = out / d["dir"] / DATASET_META
-        if not meta_path.is_file():
-            problems.append(f"{meta_path}: missing")
-            continue
-        meta = json.loads(meta_path.read_text())
-        ids.add(meta.get("id"))
-        problems += dataset_metadata_problems(meta, str(meta_path))
-    for name, k in manifest["kernels"].items():
-        problems += publish_problems(out, k["dir"], manifest)
-        meta_path = out / k["dir"] / KERNEL_META
-        if not meta_path.is_file():
-            problems.append(f"{meta_path}: missing")
-            continue
-        problems += kernel_metadata_problems(json.loads(meta_path.read_text()), out / k["dir"], str(meta_path), ids)
+    problems: list[str] = []
+    ids: set = set()  # the datasets built, which the kernels may name as sources
+    for kind, meta_name in (("datasets", DATASET_META), ("kernels", KERNEL_META)):
+        for entry in manifest[kind].values():
+            problems += publish_problems(out, entry["dir"], manifest)
+            meta_path = out / entry["dir"] / meta_name
+            if not meta_path.is_file():
+                problems.append(f"{meta_path}: missing")
+                continue
+            meta = json.loads(meta_path.read_text())
+            if kind == "datasets":
+                ids.add(meta.get("id"))
+                problems += dataset_metadata_problems(meta, str(meta_path))
+            else:
+                problems += kernel_metadata_problems(meta, out / entry["dir"], str(meta_path), ids)
     raise_problems(problems)
     return manifest
 

@@ -24,6 +24,10 @@ from typing import Iterable
 import kit
 from kit.atomic import atomic_path
 from kit.errors import ConfigError, KitError
+# The kernels' standard-library prelude is the one home of requirement parsing (the kernel pins the
+# image's torch stack with it); the closure here walks the same requirements.
+from kit.kernels.prelude import canonical as canonical_name
+from kit.kernels.prelude import requirement_names
 
 # What the kit imports at run time (predict and train), by distribution name. Their closure over the
 # installed distributions, minus the torch stack, is what a code dataset bundles.
@@ -36,11 +40,6 @@ TORCH_ROOTS = ("torch", "torchvision")
 _ALWAYS_PROTECTED = re.compile(r"^(torch|torchvision|torchaudio|triton|nvidia-.*|cuda-.*)$")
 
 
-def canonical_name(name: str) -> str:
-    """PEP 503 normalised distribution name (``PyYAML`` -> ``pyyaml``, ``typing_extensions`` -> ``typing-extensions``)."""
-    return re.sub(r"[-_.]+", "-", name).lower()
-
-
 def _packaging(module: str, *names: str) -> tuple:
     """Objects from `packaging` (a dependency of scikit-image and matplotlib), else pip's vendored copy."""
     import importlib
@@ -50,21 +49,6 @@ def _packaging(module: str, *names: str) -> tuple:
     except ImportError:
         mod = importlib.import_module(f"pip._vendor.packaging.{module}")
     return tuple(getattr(mod, n) for n in names)
-
-
-def _requires(dist: md.Distribution, env: dict[str, str]) -> list[str]:
-    """Names of the distributions `dist` requires in environment `env` (extras not requested are skipped)."""
-    InvalidRequirement, Requirement = _packaging("requirements", "InvalidRequirement", "Requirement")
-    names = []
-    for text in dist.requires or []:
-        try:
-            req = Requirement(text)
-        except InvalidRequirement:
-            continue
-        if req.marker is not None and not req.marker.evaluate({**env, "extra": ""}):
-            continue
-        names.append(canonical_name(req.name))
-    return names
 
 
 def installed_distributions() -> dict[str, md.Distribution]:
@@ -105,7 +89,7 @@ def dependency_closure(roots: Iterable[str], *, python_version: str | None = Non
             via = f" (required by {parent})" if parent else ""
             raise ConfigError(f"{name}{via} is not installed in {sys.prefix}; the bundle pins installed versions")
         out[name] = dist.version
-        stack.extend((dep, name) for dep in _requires(dist, env))
+        stack.extend((dep, name) for dep in requirement_names(dist, env))
     return out
 
 

@@ -100,11 +100,13 @@ def find_competition(slug: str, images: str, table: str) -> Path:
 
 
 def canonical(name: str) -> str:
+    """PEP 503 normalised distribution name (``PyYAML`` -> ``pyyaml``, ``typing_extensions`` -> ``typing-extensions``)."""
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
-def requirement_names(dist: md.Distribution) -> list[str]:
-    """Names a distribution requires here (unrequested extras skipped); pip's vendored `packaging`."""
+def requirement_names(dist: md.Distribution, env: dict[str, str] | None = None) -> list[str]:
+    """Names of the distributions `dist` requires in marker environment `env` (default: this interpreter;
+    extras not requested are skipped); `packaging`, else pip's vendored copy."""
     try:
         from packaging.requirements import Requirement
     except ImportError:
@@ -115,7 +117,7 @@ def requirement_names(dist: md.Distribution) -> list[str]:
             req = Requirement(text)
         except Exception:
             continue
-        if req.marker is not None and not req.marker.evaluate({"extra": ""}):
+        if req.marker is not None and not req.marker.evaluate({**(env or {}), "extra": ""}):
             continue
         names.append(canonical(req.name))
     return names
