@@ -249,7 +249,8 @@ def _lay_out(stage: Path, out: Path, opts: BuildOptions, datasets: dict, kernels
     wheels = code / "wheels"
     wheels.mkdir(parents=True)
     target = opts.python_version or f"{sys.version_info.major}.{sys.version_info.minor}"
-    reused = _reuse_wheels(out, previous, wheels, target)
+    platforms = list(opts.platforms) if opts.python_version else None  # wheel tags matter only for another Python
+    reused = _reuse_wheels(out, previous, wheels, {"python": target, "platforms": platforms})
     log(f"code dataset: building the kit wheel -> {out / 'code' / 'wheels'}")
     kit_wheel = build_kit_wheel(wheels)
     pins, protected = kernel_pins(opts.extra_packages, roots=opts.packages, python_version=opts.python_version)
@@ -284,6 +285,7 @@ def _lay_out(stage: Path, out: Path, opts: BuildOptions, datasets: dict, kernels
         "kit_version": __version__,
         "created": _now(),
         "python": target,
+        "platforms": platforms,
         "kit_wheel": kit_wheel.name,
         "requirements": [f"{n}=={v}" for n, v in pins.items()],
         "sources": sources,
@@ -331,16 +333,17 @@ def _lay_out(stage: Path, out: Path, opts: BuildOptions, datasets: dict, kernels
     return manifest, estimate
 
 
-def _reuse_wheels(out: Path, previous: dict | None, wheels: Path, target: str) -> int:
-    """Link into `wheels` the pinned wheels an earlier build of `out` wrote for the same Python, when
-    they are still as recorded (saves gathering them again); returns how many. The kit wheel is
-    always rebuilt."""
+def _reuse_wheels(out: Path, previous: dict | None, wheels: Path, target: dict) -> int:
+    """Link into `wheels` the pinned wheels an earlier build of `out` wrote for the same `target`
+    (``python`` and ``platforms`` of its kit-bundle.json), when they are still as recorded (saves
+    gathering them again); returns how many. The kit wheel is always rebuilt."""
     if not previous:
         return 0
     try:
-        if json.loads((out / "code" / BUNDLE_MANIFEST).read_text()).get("python") != target:
-            return 0
-    except (OSError, ValueError, AttributeError):
+        bundle = json.loads((out / "code" / BUNDLE_MANIFEST).read_text())
+    except (OSError, ValueError):
+        return 0
+    if not isinstance(bundle, dict) or any(bundle.get(k) != v for k, v in target.items()):
         return 0
     n = 0
     for rel, meta in previous["files"].items():
