@@ -36,8 +36,8 @@ def test_config_presets_ship_in_the_package_and_resolve_by_name_or_checkout_path
     assert load_config("demo_cpu").model("cell").backbone == "resnet18"
     with pytest.raises(ConfigError, match=r"presets shipped with the kit: (.+, )?default, demo_cpu"):
         load_config("no-such-preset")
-    with pytest.raises(ConfigError, match="no config preset 'cpu'"):
-        preset_path("cpu")
+    with pytest.raises(ConfigError, match="no config preset 'gpu'"):
+        preset_path("gpu")
 
 
 def _copy_checkout(dst: Path) -> None:
