@@ -568,6 +568,48 @@ def test_build_prints_the_estimate_from_the_run_config(fake_run, tmp_path, no_cr
     assert f"{expected.hours:.2f} h" in line
 
 
+def _write_run_manifest(run: Path, folds: list[int], tile_size: int = 80, field_size: int = 320) -> None:
+    """The manifest `kit train` writes, with sizes other than the config's (the manifest is what counts)."""
+    from kit.manifest import RunManifest, write_manifest
+
+    write_manifest(run, RunManifest(
+        data_dir="/data", images_dir="/data/train", labels_file="/data/train.csv", folds_file="/folds.csv",
+        folds_sha256="0" * 64, folds=folds, mask_cache="/cache/masks/classical-abc", mask_backend="classical",
+        mask_params={}, tile_dir="/cache/tiles/tiles-80-abc", tile_size=tile_size, field_dir="/cache/fields/f",
+        field_size=field_size, kit_version="0"))
+
+
+def test_build_reads_the_run_inputs_from_its_manifest(fake_run, tmp_path, no_credentials, capsys):
+    _write_run_manifest(fake_run, folds=[0])
+    logged: list[str] = []
+    out = tmp_path / "out"
+    kg.build(kg.BuildOptions(run_dir=fake_run, user="someone", out=out, packages=["tqdm"], gpu=False, n_test=100),
+             log=logged.append)
+    assert (out / "weights/run/manifest.json").read_bytes() == (fake_run / "manifest.json").read_bytes()
+    assert any(l.startswith(f"run {fake_run}: folds [0], segmentation classical, tiles 80 px") for l in logged), logged
+    # sizes from the manifest, backbones and TTA from config.yaml, the folds predict will use
+    expected = kg.estimate_runtime(100, hardware="kaggle-cpu", cell_backbone="resnet18", image_backbone="resnet34",
+                                   tile_size=80, field_size=320, tta=2, n_folds=1)
+    line = next(l for l in logged if l.startswith("runtime estimate"))
+    assert f"{expected.hours:.2f} h" in line
+    from kit.cli import main
+
+    assert main(["kernel", "estimate", "--run", str(fake_run), "--hardware", "kaggle-cpu", "--n-test", "100"]) == 0
+    assert f"{expected.hours:.2f} h" in capsys.readouterr().out
+
+
+def test_build_refuses_a_run_whose_folds_lack_checkpoints(fake_run, tmp_path, no_credentials):
+    _write_run_manifest(fake_run, folds=[0, 1])  # image/fold1/best.pt was never trained
+    with pytest.raises(KitError, match="image/fold1/best.pt not found") as err:
+        small_build(fake_run, tmp_path / "out")
+    assert "--folds 0" in str(err.value)
+    assert not (tmp_path / "out").exists()
+    # the folds the kernel's predict is told to use are the ones that must be complete
+    manifest = small_build(fake_run, tmp_path / "out", predict_args=["--folds", "0"])
+    assert "'predict_args': ['--folds', '0']" in (tmp_path / "out/kernel/infer.py").read_text()
+    assert manifest["estimate"]["hours"] > 0
+
+
 # ----------------------------------------------------------------------------------------------
 # wheels
 

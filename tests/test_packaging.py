@@ -27,13 +27,14 @@ from kit.errors import ConfigError
 
 
 def test_config_presets_ship_in_the_package_and_resolve_by_name_or_checkout_path():
-    assert {"default", "demo_cpu"} <= set(preset_names())
+    assert {"cpu", "default", "demo_cpu"} <= set(preset_names())
     assert preset_path("default") == REPO / "kit" / "configs" / "default.yaml"
     # one copy of each file: configs/ in a checkout is a link to the package's presets
     assert (REPO / "configs").resolve() == (REPO / "kit" / "configs").resolve()
     by_name, by_path = load_config("default"), load_config(REPO / "configs" / "default.yaml")
     assert to_dict(by_name) == to_dict(by_path) and by_name.model("cell").backbone == "resnet50"
     assert load_config("demo_cpu").model("cell").backbone == "resnet18"
+    assert load_config("cpu").train.device == "cpu"
     with pytest.raises(ConfigError, match=r"presets shipped with the kit: (.+, )?default, demo_cpu"):
         load_config("no-such-preset")
     with pytest.raises(ConfigError, match="no config preset 'gpu'"):

@@ -16,14 +16,17 @@
       weights/                  dataset <user>/<prefix>-weights
         dataset-metadata.json
         kit-weights.json        manifest: run id, folds, sha256 of every file
-        run/config.yaml, run/combine.yaml, run/summary.json, run/train_metrics.json, run/{cell,image}/fold<k>/best.pt
+        run/config.yaml, run/manifest.json, run/combine.yaml, run/summary.json, run/train_metrics.json,
+        run/{cell,image}/fold<k>/best.pt
       kernel/                   kernel <user>/<prefix>-infer: kernel-metadata.json + infer.py
       kernel-train/             kernel <user>/<prefix>-train (only with --train-kernel)
 
 The folder is built fresh beside ``--out`` and moved into place when complete (`kit.kaggle.staging`):
 an earlier build there is replaced whole, and a file the kit did not write there stops the build
 (``--force`` deletes it). Every name is validated (`kit.kaggle.metadata`) before anything is written,
-and the build refuses to finish if a credential file or the Kaggle key ended up in it.
+and so is the run: its inputs are read through its manifest (`kit.manifest.read_manifest`), and every
+fold the kernel's ``kit predict`` will use (the manifest's, or ``--predict-arg --folds``) must have its
+checkpoints. The build refuses to finish if a credential file or the Kaggle key ended up in it.
 """
 from __future__ import annotations
 
@@ -34,7 +37,7 @@ import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from kit import __version__
 from kit.atomic import atomic_open, atomic_path
@@ -99,8 +102,8 @@ def slim_checkpoint(src: Path, dst: Path) -> None:
 
 
 def run_files(run_dir: Path, *, include_last: bool = False) -> list[Path]:
-    """The files of a run folder that inference needs: config.yaml (required), combine.yaml, summary.json,
-    train_metrics.json and every ``<model>/fold<k>/best.pt`` (``last.pt`` too with `include_last`)."""
+    """The files of a run folder that inference needs: config.yaml (required), manifest.json, combine.yaml,
+    summary.json, train_metrics.json and every ``<model>/fold<k>/best.pt`` (``last.pt`` too with `include_last`)."""
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
         raise ConfigError(f"--run {run_dir}: no config.yaml; not a run folder (runs/<id>/ from `kit train`)")
@@ -108,9 +111,45 @@ def run_files(run_dir: Path, *, include_last: bool = False) -> list[Path]:
     checkpoints = sorted(p for n in names for p in run_dir.glob(f"*/fold*/{n}"))
     if not any(p.name == "best.pt" for p in checkpoints):
         raise ConfigError(f"--run {run_dir}: no <model>/fold<k>/best.pt checkpoint; has the run finished a fold?")
-    files = [run_dir / "config.yaml"] + [run_dir / n for n in ("combine.yaml", "summary.json", "train_metrics.json")
-                                       if (run_dir / n).is_file()]
+    files = [run_dir / "config.yaml"] + [run_dir / n for n in ("manifest.json", "combine.yaml", "summary.json",
+                                                               "train_metrics.json") if (run_dir / n).is_file()]
     return files + checkpoints
+
+
+def _option(args: Sequence[str], name: str) -> str | None:
+    """The value of option `name` in an argument list (``--name V`` or ``--name=V``; the last one wins)."""
+    value = None
+    for i, arg in enumerate(args):
+        if arg == name and i + 1 < len(args):
+            value = args[i + 1]
+        elif arg.startswith(name + "="):
+            value = arg[len(name) + 1:]
+    return value
+
+
+def run_inputs(run_dir: Path, predict_args: Sequence[str] = ()) -> tuple[Any, list[int] | None]:
+    """The run's manifest (`kit.manifest.read_manifest`) and the folds the kernel's `kit predict` will use:
+    those `--folds` names among `predict_args`, else the manifest's. Each must have its cell and image
+    best.pt (KitError naming the first missing file), so a kernel that would stop on Kaggle is never
+    built. Folds None: a run folder from before the manifest whose folds are unknown (every checkpoint)."""
+    from kit.manifest import read_manifest
+    from kit.predict import parse_folds_option, run_folds
+
+    manifest = read_manifest(run_dir)
+    return manifest, run_folds(Path(run_dir), manifest, "best", parse_folds_option(_option(predict_args, "--folds")))
+
+
+def estimate_figures(run_dir: Path, manifest: Any, folds: list[int] | None) -> dict:
+    """The runtime estimate's inputs for a run: tile and field sizes and the segmenter from its manifest,
+    backbones and TTA from its config.yaml (settings, not inputs), and the number of folds predict uses."""
+    run_dir = Path(run_dir)
+    figures = run_figures(read_yaml(run_dir / "config.yaml"))
+    figures.update(tile_size=int(manifest.tile_size), field_size=int(manifest.field_size),
+                   segmenter=str(manifest.mask_backend))
+    n_folds = len(folds) if folds else len({p.parent.name for p in run_dir.glob("*/fold*/best.pt")})
+    if n_folds:
+        figures["n_folds"] = n_folds
+    return figures
 
 
 def copy_run(run_dir: Path, dest: Path, *, include_last: bool = False, full_checkpoints: bool = False) -> dict:
@@ -213,6 +252,11 @@ def build(opts: BuildOptions, log=print) -> dict:
     if opts.hpacellseg_wheel is not None and not str(opts.hpacellseg_wheel).endswith(".whl"):
         raise ConfigError(f"--hpacellseg-wheel {opts.hpacellseg_wheel}: not a .whl file")
     run_files(Path(opts.run_dir), include_last=opts.include_last)
+    run_manifest, folds = run_inputs(Path(opts.run_dir), opts.predict_args)
+    figures = estimate_figures(Path(opts.run_dir), run_manifest, folds)
+    log(f"run {opts.run_dir}: folds {folds if folds is not None else '(every checkpoint)'}, segmentation "
+        f"{run_manifest.mask_backend}, tiles {run_manifest.tile_size} px, fields {run_manifest.field_size} px"
+        + (" (no manifest.json: read from config.yaml)" if run_manifest.legacy else ""))
     reads = [opts.run_dir, *opts.wheelhouses] + [p for p in (opts.hpacellseg_wheel, opts.hpacellseg_weights) if p]
     previous = check_replaceable(out, force=opts.force, keep=reads)
     if opts.force and out.is_dir():
@@ -221,7 +265,7 @@ def build(opts: BuildOptions, log=print) -> dict:
             log(f"--force: {len(foreign)} file(s) in {out} that the kit did not write will be deleted")
 
     with staged(out) as stage:
-        manifest, estimate = _lay_out(stage, out, opts, datasets, kernels, ids, slugs, previous, log)
+        manifest, estimate = _lay_out(stage, out, opts, datasets, kernels, ids, slugs, previous, figures, log)
     files = manifest["files"]
     log(f"built {out}: {sum(1 for f in files if f.startswith('code/wheels/'))} wheels, "
         f"{sum(1 for f in files if f.endswith('.pt'))} checkpoints, "
@@ -232,9 +276,9 @@ def build(opts: BuildOptions, log=print) -> dict:
 
 
 def _lay_out(stage: Path, out: Path, opts: BuildOptions, datasets: dict, kernels: dict, ids: dict, slugs: dict,
-             previous: dict | None, log) -> tuple[dict, Estimate]:
+             previous: dict | None, figures: dict, log) -> tuple[dict, Estimate]:
     """Write the whole build into the empty folder `stage` (which becomes `out`); returns the build
-    manifest and the runtime estimate."""
+    manifest and the runtime estimate (from `figures`, see `estimate_figures`)."""
     # weights dataset
     log(f"weights dataset: copying {opts.run_dir} -> {out / 'weights'}")
     weights_manifest = copy_run(Path(opts.run_dir), stage / "weights", include_last=opts.include_last,
@@ -242,7 +286,7 @@ def _lay_out(stage: Path, out: Path, opts: BuildOptions, datasets: dict, kernels
     weights_manifest.update(created=_now(), kit_version=__version__)
     _write_json(stage / "weights" / WEIGHTS_MANIFEST, weights_manifest)
     _write_json(stage / "weights" / DATASET_META, datasets["weights"])
-    run_config = read_yaml(Path(opts.run_dir) / "config.yaml")
+    run_config = read_yaml(Path(opts.run_dir) / "config.yaml")  # settings: the ImageNet weights files
 
     # code dataset
     code = stage / "code"
@@ -318,10 +362,7 @@ def _lay_out(stage: Path, out: Path, opts: BuildOptions, datasets: dict, kernels
             log(warning)
     check_no_credentials(stage, shown_as=out)
 
-    figures = {"n_images": opts.n_test, "hardware": opts.hardware or ("t4" if opts.gpu else "kaggle-cpu"),
-               "n_folds": max((len(v) for v in weights_manifest["folds"].values()), default=1),
-               **run_figures(run_config)}
-    estimate = estimate_runtime(figures.pop("n_images"), **figures)
+    estimate = estimate_runtime(opts.n_test, hardware=opts.hardware or ("t4" if opts.gpu else "kaggle-cpu"), **figures)
     manifest = {
         "kit_version": __version__, "created": _now(), "user": opts.user, "competition": opts.competition,
         "datasets": {k: {"dir": k, "id": ids[k]} for k in datasets},

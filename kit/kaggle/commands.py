@@ -5,10 +5,10 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from kit.kaggle.bundle import BuildOptions, build, read_yaml
+from kit.kaggle.bundle import BuildOptions, build, estimate_figures, run_inputs
 from kit.kaggle.metadata import DEFAULT_COMPETITION, DEFAULT_LICENSE, DEFAULT_PREFIX, VALID_KERNEL_TYPES
 from kit.kaggle.push import push
-from kit.kaggle.runtime import DEFAULT_N_TEST, HARDWARE, estimate_runtime, run_figures
+from kit.kaggle.runtime import DEFAULT_N_TEST, HARDWARE, estimate_runtime
 
 
 def configure_kernel(parser: argparse.ArgumentParser) -> None:
@@ -92,10 +92,8 @@ def _cmd_push(args: argparse.Namespace) -> int:
 def _cmd_estimate(args: argparse.Namespace) -> int:
     figures: dict[str, Any] = {}
     if args.run is not None:
-        figures = run_figures(read_yaml(Path(args.run) / "config.yaml"))
-        folds = {p.parent.name for p in Path(args.run).glob("*/fold*/best.pt")}
-        if folds:
-            figures["n_folds"] = len(folds)
+        manifest, folds = run_inputs(args.run)
+        figures = estimate_figures(args.run, manifest, folds)
     if args.folds:
         figures["n_folds"] = args.folds
     for line in estimate_runtime(args.n_test, hardware=args.hardware, **figures).lines():
