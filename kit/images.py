@@ -2,7 +2,9 @@
 
 Files: ``<folder>/<ID>_<channel>.<ext>`` with channel in red (microtubules), green (protein of
 interest), blue (nuclei), yellow (ER) and ext one of png, tif, tiff, jpg, jpeg (Kaggle ships PNG,
-the HPA website TIFF or JPEG).
+the HPA website TIFF or JPEG). A colour file for one channel (the website's JPEGs are RGB, tinted in
+the channel's colour; yellow = red + green) becomes one plane: the mean of the planes carrying the
+tint (`tint_planes`), so the JPEG's chroma bleed into the other planes is not read as signal.
 
 Array format returned by `read_sample`: shape (H, W, 4), channel order red, green, blue, yellow,
 dtype of the files, i.e. ``uint8`` for 8-bit and ``uint16`` for 16-bit images (a sample whose
@@ -64,8 +66,8 @@ def read_channel(path: str | Path) -> np.ndarray:
     img = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
     if img is None:
         raise ImageReadError(f"unreadable or truncated image file: {path}")
-    if img.ndim == 3:  # an RGB(A) file for one channel: the HPA website serves coloured JPEGs
-        img = img[..., :3].max(axis=2) if img.shape[2] >= 3 else img[..., 0]
+    if img.ndim == 3:  # an RGB(A) file for one channel: the HPA website serves tinted JPEGs
+        img = tint_planes(img)
     if img.dtype not in (np.uint8, np.uint16):
         if img.dtype.kind == "f":
             img = np.clip(img, 0.0, 1.0) * 65535.0 if img.max() <= 1.0 else np.clip(img, 0, 65535)
@@ -94,6 +96,26 @@ def sample_source(folder: str | Path, image_id: str) -> SampleSource:
         st = path.stat()
         items.append([path.name, st.st_size, st.st_mtime_ns])
     return SampleSource(json.dumps(items, separators=(",", ":")), max(i[2] for i in items))
+
+
+def tint_planes(img: np.ndarray) -> np.ndarray:
+    """One channel from a colour file tinted in its colour: the mean of the planes that carry it.
+
+    The HPA website stores each channel as an RGB(A) JPEG tinted red, green, blue or yellow
+    (yellow = red + green, both planes equal). The tint's planes are those whose mean is at least
+    half the brightest plane's; the others hold only JPEG chroma bleed (up to ~10% of full scale
+    in the dark parts), which the maximum over planes would add to the signal. A grey image saved
+    as colour (R = G = B) keeps its values. Works on the file's colour order (cv2: BGR) as planes
+    are chosen by content, not by name.
+    """
+    planes = img[..., :3] if img.shape[2] >= 3 else img[..., :1]
+    step = max(1, int(np.sqrt(planes.shape[0] * planes.shape[1] / 65536)))
+    means = planes[::step, ::step].reshape(-1, planes.shape[2]).mean(axis=0)
+    use = np.flatnonzero(means >= 0.5 * means.max()) if means.max() > 0 else np.arange(planes.shape[2])
+    if use.size == 1:
+        return np.ascontiguousarray(planes[..., int(use[0])])
+    acc = planes[..., use].astype(np.uint32).sum(axis=2)
+    return ((acc + use.size // 2) // use.size).astype(img.dtype)
 
 
 def read_sample(folder: str | Path, image_id: str) -> np.ndarray:

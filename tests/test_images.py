@@ -60,15 +60,46 @@ def test_read_sample_jpeg(tmp_path):
         assert np.abs(out[..., k].astype(int) - (base + 10 * k)).mean() < 3
 
 
-def test_colour_jpeg_channel_becomes_grey_by_max(tmp_path):
-    # the HPA website serves e.g. the yellow channel as a yellow-tinted RGB image
+def test_colour_channel_file_keeps_its_tint_planes_only(tmp_path):
+    # the HPA website serves each channel as an RGB image tinted in its colour; yellow = red + green
     grey = np.tile(np.arange(0, 200, 5, dtype=np.uint8), (16, 1))
-    bgr = np.stack([np.zeros_like(grey), grey, grey], axis=-1)  # yellow = red + green
+    bgr = np.stack([np.zeros_like(grey), grey, grey], axis=-1)
     path = tmp_path / "c_yellow.png"
     cv2.imwrite(str(path), bgr)
     out = read_channel(path)
     assert out.ndim == 2
     np.testing.assert_array_equal(out, grey)
+    # JPEG chroma bleed in the other planes is not signal: a red-tinted file with noisy G/B planes
+    rng = np.random.default_rng(0)
+    bleed = rng.integers(0, 28, grey.shape).astype(np.uint8)
+    red_file = np.stack([bleed, bleed[::-1], grey], axis=-1)  # BGR: only R carries the tint
+    cv2.imwrite(str(tmp_path / "d_red.png"), red_file)
+    np.testing.assert_array_equal(read_channel(tmp_path / "d_red.png"), grey)
+    # yellow with unequal planes: their mean
+    yel = np.stack([bleed, grey, (grey // 2 + 50).astype(np.uint8)], axis=-1)
+    cv2.imwrite(str(tmp_path / "e_yellow.png"), yel)
+    expect = (grey.astype(int) + (grey // 2 + 50) + 1) // 2
+    np.testing.assert_array_equal(read_channel(tmp_path / "e_yellow.png"), expect)
+    # a grey image stored as colour keeps its values
+    cv2.imwrite(str(tmp_path / "f_blue.png"), np.stack([grey] * 3, axis=-1))
+    np.testing.assert_array_equal(read_channel(tmp_path / "f_blue.png"), grey)
+
+
+WEBSITE = Path(__file__).resolve().parents[2] / "shared" / "data" / "hpa_real" / "website_fields"
+
+
+@pytest.mark.skipif(not WEBSITE.is_dir(), reason=f"real HPA website fields not found at {WEBSITE} (../shared absent)")
+def test_real_website_jpeg_fields_read_as_four_tint_channels():
+    for image_id, side in (("89_B5_1", 1728), ("800_A6_1", 2048)):
+        image = read_sample(WEBSITE, image_id)
+        assert image.shape == (side, side, 4) and image.dtype == np.uint8
+        for k, channel in enumerate(CHANNELS):
+            raw = cv2.imread(str(WEBSITE / f"{image_id}_{channel}.jpg"), cv2.IMREAD_COLOR)
+            tint = {"red": [2], "green": [1], "blue": [0], "yellow": [1, 2]}[channel]
+            expect = raw[..., tint].astype(np.float32).mean(axis=2)
+            assert np.abs(image[..., k] - expect).max() <= 0.5
+            # the dark background stays dark (the maximum over planes would lift it with bleed)
+            assert np.percentile(image[..., k], 25) <= np.percentile(raw.max(axis=2), 25)
 
 
 def test_mixed_depth_promoted_to_uint16_full_scale_kept(tmp_path):
