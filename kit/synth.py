@@ -109,7 +109,7 @@ def build_label_table(train_csv: str | Path, out: str | Path = LABEL_TABLE) -> P
     """Write the label-combination frequency table (``Label,count``) from a real train.csv.
 
     `kit/data/label_sets.csv` was made with
-    ``build_label_table("../shared/data/hpa_real/labels/hpa2021_train.csv")``: the 21,806 images
+    ``build_label_table("<the competition's train.csv>")``: the 21,806 images
     of the HPA 2021 train.csv, label strings folded and sorted by `kit.labels.read_labels_csv`
     (372 distinct sets). Only the counts are shipped, not the csv.
     """
