@@ -557,6 +557,25 @@ def test_estimate_grows_with_work_and_says_when_it_will_not_finish():
         kg.estimate_runtime(10, hardware="tpu")
 
 
+def test_estimate_uses_this_machines_measured_figures_where_there_are_some():
+    from kit import runtime as measured
+
+    figures = measured.load_figures()
+    if not figures.get("per_mpx") or not figures.get("cnn"):
+        pytest.skip("kit/data/runtime_figures.json has no measured CPU/CNN figures")
+    table = runtime.HARDWARE["here-cpu"]
+    none = runtime.measured_hardware("here-cpu", "resnet50", figures={})
+    assert none["cpu_s_per_image"] == table["cpu_s_per_image"] and none["effective_gflops"] == table["effective_gflops"]
+    hw = runtime.measured_hardware("here-cpu", "resnet50", figures=figures)
+    assert hw["cpu_s_per_image"] == pytest.approx(measured.cpu_s_per_field(figures)[0])
+    # kit bench counts 2 FLOPs per multiply-add, the GFLOPs table counts multiply-adds
+    assert hw["effective_gflops"] == pytest.approx(measured.measured_gflops(figures, "resnet50")[0] / 2)
+    assert "measured by kit bench" in hw["source"]
+    t4 = runtime.measured_hardware("t4", figures=figures)  # a GPU's CNN rate is not this CPU's
+    assert t4["effective_gflops"] == runtime.HARDWARE["t4"]["effective_gflops"]
+    assert t4["cpu_s_per_image"] == hw["cpu_s_per_image"]
+
+
 def test_build_prints_the_estimate_from_the_run_config(fake_run, tmp_path, no_credentials):
     logged: list[str] = []
     kg.build(kg.BuildOptions(run_dir=fake_run, user="someone", out=tmp_path / "out", packages=["tqdm"], gpu=False,

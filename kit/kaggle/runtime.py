@@ -79,6 +79,27 @@ class Estimate:
         ]
 
 
+def measured_hardware(hardware: str, backbone: str = "resnet50", figures: dict | None = None) -> dict:
+    """`HARDWARE[hardware]` with the figures this machine has measured put in (`kit.runtime`, written by
+    `kit bench` / `kit estimate`): the CPU work per field for every kind (decoding and the classical
+    segmenter stay on the CPU), and for ``here-cpu`` the achieved CNN rate. `kit bench` counts FLOPs
+    (2 per multiply-add); `BACKBONE_GFLOPS_224` counts multiply-adds as torchvision's docs do, hence / 2."""
+    from kit import runtime
+
+    hw = dict(HARDWARE[hardware])
+    figures = runtime.load_figures() if figures is None else figures
+    cpu = runtime.cpu_s_per_field(figures)
+    if cpu:
+        hw["cpu_s_per_image"] = cpu[0]
+        hw["source"] += f"; CPU work per field {cpu[0]:.2f} s: {cpu[1]}"
+    if hardware == "here-cpu":
+        rate = runtime.measured_gflops(figures, backbone)
+        if rate:
+            hw["effective_gflops"] = rate[0] / 2.0
+            hw["source"] += f"; CNN rate {rate[0] / 2.0:.1f} G multiply-adds/s {rate[1]}"
+    return hw
+
+
 def estimate_runtime(n_images: int = DEFAULT_N_TEST, *, hardware: str = "t4", cell_backbone: str = "resnet50",
                      image_backbone: str | None = None, tile_size: int = 128, field_size: int = 512,
                      n_folds: int = 5, cells_per_image: float = 25.0, tta: int = 1,
@@ -90,7 +111,7 @@ def estimate_runtime(n_images: int = DEFAULT_N_TEST, *, hardware: str = "t4", ce
     """
     if hardware not in HARDWARE:
         raise ConfigError(f"--hardware {hardware!r}: choose one of {sorted(HARDWARE)}")
-    hw = HARDWARE[hardware]
+    hw = measured_hardware(hardware, cell_backbone)
 
     def gflops(backbone: str, side: int) -> float:
         base = BACKBONE_GFLOPS_224.get(backbone, BACKBONE_GFLOPS_224["resnet50"])
