@@ -85,6 +85,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -978,6 +979,29 @@ def image_size(seed: int, split: str, index: int, sizes) -> int:
     return sizes[int(rng.choice(len(sizes), p=size_weights(sizes)))]
 
 
+# `kit.atomic.atomic_path` writes `<stem><suffix>` as `.<stem>.<8 random chars>.tmp<suffix>` first
+_TEMP_NAME = re.compile(r"^\.(?P<stem>[^/]+)\.[A-Za-z0-9_]{8}\.tmp(\.[A-Za-z0-9]+)?$")
+_OWN_FILES = {"train", "sample_submission", "train_solution", "test_solution", "cell_labels", "synth"}
+
+
+def _temp_stem(name: str) -> str | None:
+    """The final file's stem when `name` is an atomic_path temporary, else None."""
+    m = _TEMP_NAME.match(name)
+    return m.group("stem") if m else None
+
+
+def _remove_own_temporaries(out: Path, ids: set[str]) -> None:
+    """Delete the temporaries a killed run of this dataset left (its PNGs, records and CSVs):
+    never finished, never renamed, so nothing else will; other files are left alone."""
+    for folder in (out, out / "train", out / "test", out / "truth", out / ".synth" / "train", out / ".synth" / "test"):
+        if not folder.is_dir():
+            continue
+        for p in folder.iterdir():
+            stem = _temp_stem(p.name)
+            if stem and (stem in _OWN_FILES or stem.split("_", 1)[0] in ids) and p.is_file():
+                p.unlink(missing_ok=True)
+
+
 def _record_path(out: Path, split: str, iid: str) -> Path:
     return Path(out) / ".synth" / split / f"{iid}.json"
 
@@ -1045,15 +1069,21 @@ def generate_dataset(out: str | Path, n_train: int, n_test: int, size: int = 512
                              if not isinstance(old, dict) or old.get(k) != v) if isinstance(old, dict) else "unreadable"
             raise ConfigError(f"{out} already holds another dataset made with other arguments ({meta}: {diff}); "
                               "repeat the same arguments to resume, or choose an empty or new --out folder")
-    # refuse to mix with another dataset: files of IDs we will not write would stay behind
+    # refuse to mix with another dataset: files of IDs we will not write would stay behind.
+    # Only finished files count: a hidden temporary (`.<ID>_<ch>.<rand>.tmp.png`) is what a kill
+    # during a write leaves, never a file of a dataset
+    ours_all: set[str] = set()
     for split, n in (("train", n_train), ("test", n_test)):
         ours = {image_id(seed, split, i) for i in range(n)}
+        ours_all |= ours
         folder = out / split
-        stale = sorted(p.name for p in folder.glob("*.png") if p.name.rsplit("_", 1)[0] not in ours) \
+        stale = sorted(p.name for p in folder.glob("*.png")
+                       if not _temp_stem(p.name) and p.name.rsplit("_", 1)[0] not in ours) \
             if folder.is_dir() else []
         if stale:
             raise ConfigError(f"{folder} already holds {len(stale)} image file(s) of another dataset "
                               f"(e.g. {stale[0]}); choose an empty or new --out folder")
+    _remove_own_temporaries(out, ours_all)
     if not meta.is_file():  # an earlier folder without synth.json: its records cannot be trusted
         import shutil
 

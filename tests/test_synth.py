@@ -98,6 +98,51 @@ def test_resume_skips_finished_images_and_refuses_other_arguments(tmp_path):
         synth.generate_dataset(d, **kw, bit_depth=16)
 
 
+def _killed_during_write(out: Path, kw: dict, nth: int) -> None:
+    """Run generate_dataset in a child process that is SIGKILLed at its `nth` atomic rename:
+    the file being written is left as atomic_path's hidden temporary, as after a real kill."""
+    import subprocess
+    import sys
+
+    code = f"""
+import os, signal
+import kit.atomic
+n = [0]
+real = os.replace
+def replace(a, b):
+    n[0] += 1
+    if n[0] == {nth}:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(a, b)
+kit.atomic.os.replace = replace
+from kit.synth import generate_dataset
+generate_dataset({str(out)!r}, **{kw!r})
+"""
+    repo = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True, text=True)
+    assert r.returncode == -9, r.stderr
+
+
+def test_resume_after_kill_during_an_image_write(tmp_path, capsys):
+    """Issue 16 item 5: a kill during a PNG write leaves `.<ID>_<ch>.<rand>.tmp.png`; the rerun
+    must take it for its own leftover (not "another dataset"), finish, and clean it up."""
+    from kit.cli import main
+
+    kw = dict(n_train=2, n_test=1, size=64, seed=3)
+    ref = all_bytes(synth.generate_dataset(tmp_path / "ref", **kw))
+    # synth.json is the 1st rename; image 1 writes 4 channels + 2 truth PNGs + its record, so the
+    # 10th rename is the green channel of the second train image (in train/), the 13th its cell mask
+    for nth, where in ((10, "train"), (13, "truth")):
+        d = tmp_path / f"d{nth}"
+        _killed_during_write(d, kw, nth)
+        left = [p for p in (d / where).iterdir() if p.name.startswith(".") and p.name.endswith(".tmp.png")]
+        assert len(left) == 1, sorted(p.name for p in (d / where).iterdir())
+        args = ["synth", "--out", str(d), "--train", "2", "--test", "1", "--size", "64", "--seed", "3"]
+        assert main(args) == 0, capsys.readouterr().err
+        assert not left[0].exists(), (nth, left, sorted(p.name for p in (d / where).iterdir()))  # our own leftover is cleaned up
+        assert all_bytes(d) == ref
+
+
 def test_size_mix(tmp_path):
     w = synth.size_weights([2048, 3072])
     assert abs(w[0] - 17955 / (17955 + 3842)) < 1e-9
