@@ -22,9 +22,13 @@ column means:
 * solidity: area / convex-hull area (1 = convex; real cells have concave borders and protrusions)
 * p50 / p99 of a channel: intensity percentiles over the whole field in 8-bit units; zero: share
   of exact zeros (the dark level the camera subtracts)
-* g-corr 1/3/8: correlation of the green channel with itself shifted by 1, 3, 8 px, inside cells
-  (how fine the stain's texture is)
-* nuc tex: nuclear texture, std of (blue - its 8 px blur) / mean blue inside eroded nuclei
+* g-corr 1/8: correlation of the green channel with itself shifted by 1 and 8 px, inside cells;
+  g-fine 1/3: the same for its fine part (green minus its 4 px blur) at 1 and 3 px: how smooth
+  the stain is at the pixel scale (pixel noise brings it towards 0)
+* red tex: band-pass contrast of the red channel in cells, std of (1.5 px blur - 10 px blur) / mean
+  (filaments against dark gaps)
+* nuc tex: nuclear texture, the same band-pass contrast of blue inside eroded nuclei (chromatin
+  grain and nucleoli, not pixel noise)
 * noise: robust pixel noise in cells, 1.48 MAD(x - median3x3(x)) / median(x), red channel
 * cell CV: spread of the mean green between the interior cells of a field (std / mean)
 """
@@ -90,6 +94,20 @@ def _corr(x: np.ndarray, mask: np.ndarray, d: int) -> float:
     return float(np.corrcoef(a[m], b[m])[0, 1])
 
 
+def _texture(out: dict, x: np.ndarray, mask: np.ndarray, scale: float) -> None:
+    """Green neighbour correlation at 1 and 8 px (raw), and of its fine part (minus a 4 px blur)
+    at 1 and 3 px: how smooth the stain is at the pixel scale, apart from the pattern's layout."""
+    g = x[..., 1]
+    for d in (1, 8):
+        out[f"gcorr{d}"] = _corr(g, mask, max(1, round(d * scale)))
+    hp = g - cv2.GaussianBlur(g, (0, 0), max(0.7, 4 * scale))
+    for d in (1, 3):
+        out[f"ghp{d}"] = _corr(hp, mask, max(1, round(d * scale)))
+    r = x[..., 0]
+    bp = cv2.GaussianBlur(r, (0, 0), max(0.5, 1.5 * scale)) - cv2.GaussianBlur(r, (0, 0), max(0.7, 10 * scale))
+    out["red_tex"] = float(bp[mask].std() / max(r[mask].mean(), 1e-6)) if mask.any() else float("nan")
+
+
 def _solidity(mask: np.ndarray) -> float:
     cs, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
     if not cs:
@@ -125,9 +143,7 @@ def field_stats(image: np.ndarray, cells: np.ndarray | None = None, field_px: in
         t, _ = cv2.threshold(np.clip(s, 0, 255).astype(np.uint8), 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
         fg = s > t
         out["cover"] = float(fg.mean())
-        g = x[..., 1]
-        for d in (1, 3, 8):
-            out[f"gcorr{d}"] = _corr(g, fg, max(1, round(d * scale)))
+        _texture(out, x, fg, scale)
         return out
     cells = np.asarray(cells).astype(np.int32)
     nuc = _nuclei_from_blue(x[..., 2], cells, scale)
@@ -145,10 +161,11 @@ def field_stats(image: np.ndarray, cells: np.ndarray | None = None, field_px: in
     out["cover"] = float((cells > 0).mean())
     g = x[..., 1]
     inside = cells > 0
-    for d in (1, 3, 8):
-        out[f"gcorr{d}"] = _corr(g, inside, max(1, round(d * scale)))
+    _texture(out, x, inside, scale)
     blue, red = x[..., 2], x[..., 0]
-    bl = cv2.GaussianBlur(blue, (0, 0), max(0.7, 8 * scale))
+    # band-pass: chromatin grain and nucleoli (1.5-10 px), not pixel noise nor the nucleus' shape
+    bl = cv2.GaussianBlur(blue, (0, 0), max(0.7, 10 * scale))
+    bf = cv2.GaussianBlur(blue, (0, 0), max(0.5, 1.5 * scale))
     ker = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (5, 5))
     er = cv2.erode((nuc > 0).astype(np.uint8), ker, iterations=max(1, round(3 * scale))) > 0
     sol, tex, lvl = [], [], []
@@ -159,7 +176,7 @@ def field_stats(image: np.ndarray, cells: np.ndarray | None = None, field_px: in
         if mn.sum() > 50:
             mb = float(blue[mn].mean())
             if mb > 1:
-                tex.append(float((blue[mn] - bl[mn]).std()) / mb)
+                tex.append(float((bf[mn] - bl[mn]).std()) / mb)
         lvl.append(float(g[m].mean()))
     out["solidity"] = _med(sol)
     out["nuc_tex"] = _med(tex)
@@ -225,8 +242,8 @@ COLS = [("cells", "cells", "{:.0f}"), ("cell_px", "cell px", "{:,.0f}"), ("nuc_p
         ("green_p50", "green p50", "{:.0f}"), ("green_p99", "green p99", "{:.0f}"),
         ("blue_p99", "blue p99", "{:.0f}"), ("yellow_p99", "yellow p99", "{:.0f}"),
         ("green_zero", "green zero", "{:.2f}"), ("red_zero", "red zero", "{:.2f}"),
-        ("gcorr1", "g-corr 1", "{:.2f}"), ("gcorr3", "3", "{:.2f}"), ("gcorr8", "8", "{:.2f}"),
-        ("nuc_tex", "nuc tex", "{:.3f}"), ("noise", "noise", "{:.3f}"), ("cell_cv", "cell CV", "{:.2f}")]
+        ("gcorr1", "g-corr 1", "{:.2f}"), ("gcorr8", "8", "{:.2f}"), ("ghp1", "g-fine 1", "{:.2f}"),
+        ("ghp3", "3", "{:.2f}"), ("red_tex", "red tex", "{:.2f}"), ("nuc_tex", "nuc tex", "{:.3f}"), ("noise", "noise", "{:.3f}"), ("cell_cv", "cell CV", "{:.2f}")]
 
 
 def _fmt(v, f) -> str:

@@ -73,8 +73,8 @@ def test_same_seed_same_bytes_and_worker_count_irrelevant(tmp_path):
     a = synth.generate_dataset(tmp_path / "a", n_train=2, n_test=1, size=128, seed=3, bit_depth=8)
     b = synth.generate_dataset(tmp_path / "b", n_train=2, n_test=1, size=128, seed=3, bit_depth=8, workers=2)
     ba, bb = all_bytes(a), all_bytes(b)
-    # 6 PNGs per image, cell_labels.csv, 4 CSVs, synth.json, one resume record per image
-    assert len(ba) == 3 * 6 + 1 + 4 + 1 + 3 and ba == bb
+    # 6 PNGs per image, cell_labels.csv + images.csv, 4 CSVs, synth.json, one resume record per image
+    assert len(ba) == 3 * 6 + 2 + 4 + 1 + 3 and ba == bb
 
 
 def test_resume_skips_finished_images_and_refuses_other_arguments(tmp_path):
