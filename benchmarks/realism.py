@@ -44,6 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
+from scipy import ndimage as ndi  # noqa: E402
 
 REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "hpa_real"
 CHANNELS = ("red", "green", "blue", "yellow")
@@ -169,15 +170,17 @@ def field_stats(image: np.ndarray, cells: np.ndarray | None = None, field_px: in
     ker = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (5, 5))
     er = cv2.erode((nuc > 0).astype(np.uint8), ker, iterations=max(1, round(3 * scale))) > 0
     sol, tex, lvl = [], [], []
+    boxes = ndi.find_objects(cells)
     for k in interior:
-        m = cells == k
+        box = boxes[k - 1]
+        m = cells[box] == k
         sol.append(_solidity(m))
-        mn = er & (nuc == k)
+        mn = er[box] & (nuc[box] == k)
         if mn.sum() > 50:
-            mb = float(blue[mn].mean())
+            mb = float(blue[box][mn].mean())
             if mb > 1:
-                tex.append(float((bf[mn] - bl[mn]).std()) / mb)
-        lvl.append(float(g[m].mean()))
+                tex.append(float((bf[box][mn] - bl[box][mn]).std()) / mb)
+        lvl.append(float(g[box][m].mean()))
     out["solidity"] = _med(sol)
     out["nuc_tex"] = _med(tex)
     out["cell_cv"] = float(np.std(lvl) / np.mean(lvl)) if len(lvl) > 2 and np.mean(lvl) > 0 else float("nan")

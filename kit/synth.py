@@ -2,23 +2,35 @@
 
 Every image is a confocal-like field of cells that touch each other and the border, four channels
 as on the HPA: red (microtubules), green (protein of interest), blue (nuclei), yellow
-(endoplasmic reticulum). A field of any size is the same physical field (cell count drawn around
-18, the real median per 2048 px image) drawn at that size, so a 512 px image looks like a
-downscaled 2048 px field. What is drawn, and why:
+(endoplasmic reticulum). Lengths below are microscope px: the pixels of a real 2048 px field.
 
-* geometry: star-shaped cells with smooth random outlines (harmonics + a noise wobble), elongated
-  and with the nucleus often off-centre; where two cells compete for a pixel the nearer in
-  normalised distance wins, so contacts look like real cell-cell borders. One nucleus per cell
-  (textured ellipse with some irregularity, dark nucleoli); about 3% of cells are mitotic (rounded,
-  chromatin condensed to a metaphase plate, which is then the nucleus, with a spindle). In each
-  field 15-45% of the cells are placed against a neighbour so that their nuclei touch, nearly
-  touch (gap up to 4 px at 2048) or press flat together (overlap up to 0.5 px, the earlier
-  nucleus keeps the shared pixels): a segmenter must split them. About 6% of cells lie in another
-  focal plane (all four channels of that cell blurred by 4-9 px at 2048).
-* red: microtubules radiating and curving from the centrosome by the nucleus; yellow: a
-  reticular ER network, denser and with sheets near the nucleus, bright nuclear rim. Both follow a
-  thickness profile that fades at free edges and dips in a slight valley where cells touch (as in
-  real images, and what lets a watershed find the contacts).
+Size and scale (``--size``, ``--field-px``): the real fields are 1728, 2048 or 3072 px at one
+microscope resolution (the same cells, cropped differently), so an image of 1728 px or more is
+drawn at that resolution: a 3072 px field shows 2.25x the area of a 2048 px one, with cells of
+the same size. A smaller image is a whole 2048 px field downscaled to the size (what the demo at
+256 px and the image-level models at 512 px need: a field's worth of cells, each ~40 / 80 px
+across); ``field_px`` overrides this (``--size 512 --field-px 512``: a 512 px crop at full
+resolution, 1-3 cells). Cells per field follow the real train table (median 17 per 2048 px field,
+10-35 for the 10-90% range; 27 per 3072 px field); the cell line's spread area is ~130k px, and
+when the cells do not fit they are squeezed (a field of 46 cells has ~75k px cells, as real ones).
+
+What is drawn, and why (`benchmarks/realism.py` measures it against the real fields):
+
+* geometry: star-shaped cells with random outlines (harmonics, 0-6 lobes, dents and arms, a
+  noise wobble), elongated and with the nucleus often off-centre; where two cells compete for a
+  pixel the nearer in normalised distance wins (every cell keeps a ring of cytoplasm around its
+  nucleus), so contacts look like real cell-cell borders. One nucleus per cell, ~0.2-0.3 of the
+  cell's area (textured ellipse, some kidney-shaped, lobed or with a waist, dark nucleoli);
+  about 3% of cells are mitotic (rounded, chromatin condensed to a metaphase plate or a
+  prometaphase clump, which is then the nucleus, with a spindle). In each field 15-45% of the
+  cells are placed against a neighbour so that their nuclei touch, nearly touch (gap up to 4 px)
+  or press flat together (overlap up to 0.5 px, the earlier nucleus keeps the shared pixels): a
+  segmenter must split them. Some fields grow in colonies. About 6% of cells lie in another focal
+  plane (all four channels of that cell blurred by 4-9 px).
+* red: a meshwork of curving microtubules (a third radiate from the centrosome); yellow: a
+  granular reticular ER network, denser and with sheets near the nucleus, bright nuclear rim.
+  Both follow a thickness profile that fades at free edges and dips where cells touch (a wide
+  slight valley, or in confluent fields a thin shallow seam).
 * green: one pattern per class (see `_render_patterns`): nucleoplasm sparing nucleoli, nuclear
   rim, a few large nucleoli, tiny dots inside nucleoli, many speckles, a few nuclear bodies, ER
   following yellow, a perinuclear Golgi cap on the centrosome side, wavy intermediate filaments
@@ -26,17 +38,27 @@ downscaled 2048 px field. What is drawn, and why:
   a spindle (mitotic cells only), one or two centrosome dots, plasma-membrane rim, short
   mitochondrial threads, one juxtanuclear aggresome, diffuse cytosol, vesicle dots; Negative
   cells show only the weak non-specific signal every cell has.
-* staining and camera: green is punctate (`_puncta`): Poisson puncta of sigma 0.9-1.6 px at
-  2048 px (1 per 20-65 px^2, exponential brightness) over a diffuse share of 10-50%, multiplied
-  into the pattern, so the pattern sets where and how densely puncta lie (at 2048 px the
-  neighbour-pixel correlation at 1 / 3 / 8 px is about 0.70 / 0.46 / 0.27, median of 6 fields;
-  a real HPA field gives 0.73 / 0.38 / 0.15); debris (dust, antibody clumps, some fluorescent in
-  other channels too); per-cell and per-image intensity (15% of images faint); optical blur
-  (PSF sigma 0.7-1.3 px at 2048 in focus, 10% of images 3-7 px out of focus), out-of-focus halo,
-  uneven illumination (off-centre vignetting up to 35% plus a linear gradient up to +-20%), modest
-  shot + read noise and a subtracted dark level (so most background pixels are exactly 0). Gains
-  put each channel's robust maximum at a random level; 16-bit files are the same image at 65535
-  full scale (finer levels), so both depths agree after `kit.images.to_float`.
+* staining and camera: green is punctate (`_puncta`): Poisson puncta of sigma 0.9-1.6 px
+  (1 per 20-65 px^2, exponential brightness) over a diffuse share of 10-50%, multiplied into the
+  pattern; debris (dust, antibody clumps, some fluorescent in other channels too); per-cell and
+  per-image intensity (15% of images faint); optical blur (PSF sigma 0.9-1.4 px in focus, 10% of
+  images 3-7 px out of focus), out-of-focus halo, uneven illumination (off-centre vignetting up
+  to 35% plus a linear gradient up to +-20%), shot + read noise at the microscope's resolution
+  (a downscaled field averages it down) and a subtracted dark level (so the background is
+  mostly exact 0). Gains put each channel's in-cell 99th percentile at a level drawn from the
+  real fields' range; 16-bit files are the same image at 65535 full scale (finer levels), so
+  both depths agree after `kit.images.to_float`.
+
+Styles (``--style``, `STYLES`; `Style` holds the knobs): ``default`` is the median real field.
+The others draw the cases segmenters and classifiers fail on elsewhere: ``confluent`` (2.3x the
+cells, grown into every gap, thin shallow seams, touching nuclei, neighbours equally bright),
+``irregular`` (long arms, dents, ruffled slowly fading edges, deeply lobed nuclei),
+``textured`` (coarse chromatin, 3-7 large dark nucleoli, lobes and waists: nuclei that look
+like two), ``mitotic`` (a quarter of the cells in mitosis), ``heterogeneous`` (each label shown
+by its own share of the cells, 10-50% Negative cells, stain levels that differ 2-3x between
+cells), ``dim`` (0.15-0.45x the brightness, 3x the noise, more faint and out-of-focus fields)
+and ``hard`` (all of them at once); ``mixed`` draws one style per image (a third ``default``,
+the rest alike) from the image's own stream, for benchmarks. `truth/images.csv` says which.
 
 Labels: an image's label set is drawn from the real label-combination frequencies of the 2021
 train.csv (`kit/data/label_sets.csv`, see `build_label_table`). Within an image each interphase
@@ -59,13 +81,18 @@ Files written by `generate_dataset(out, ...)` (Kaggle layout plus truth)::
     out/truth/<ID>_cell_mask.png    uint16, 0 = background, 1..N = cells
     out/truth/<ID>_nuclei_mask.png  uint16, nucleus k lies inside cell k, one nucleus per cell
     out/truth/cell_labels.csv  ID,cell_id,Label  (Label "18" for a Negative cell)
-    out/synth.json             the generation arguments (n_train, n_test, sizes, seed, bit_depth)
+    out/truth/images.csv       ID,split,size,field_px,style  (each image's scale and style)
+    out/synth.json             the generation arguments (n_train, n_test, sizes, seed, bit_depth,
+                               style, field_px)
     out/.synth/<split>/<ID>.json  resume record of one finished image (labels, solution masks)
 
-Resume: each image's PNGs are written atomically, then its record; the CSVs are written last.
+Resume: each image's PNGs are written atomically (`kit.atomic.atomic_path`: a hidden
+``.<name>.<random>.tmp.png`` renamed when complete), then its record; the CSVs are written last.
 A rerun with the same arguments skips every image that has a record (an interrupted run
-resumes; a rerun of a complete one only rewrites the CSVs, byte-identical); other arguments into
-a folder with a synth.json are refused with an error naming the differences (`workers` is free).
+resumes; a rerun of a complete one only rewrites the CSVs, byte-identical) and deletes the
+temporaries a kill left of its own files (never taken for another dataset's); other arguments
+into a folder with a synth.json are refused with an error naming the differences (`workers` is
+free). Two runs into one folder at the same time are not supported.
 
 Sizes: ``sizes=[2048, 3072]`` (``--sizes 2048,3072``) draws each image's side from the real HPA
 mix (2048: 17,955, 3072: 3,842, 4096: 9 images of the 2021 train set; uniform for sizes outside
@@ -74,7 +101,8 @@ CSVs carry each image's width and height. The default is one size (``--size``).
 
 Determinism: image i of split s is drawn from ``numpy.random.default_rng([seed, s, i])`` only
 (split into independent streams for geometry, labels, patterns and camera, so fixing the labels
-leaves the rest unchanged), never from worker order: the bytes do not depend on `workers`.
+leaves the rest unchanged; its size and, for ``mixed``, its style have streams of their own),
+never from worker order: the bytes do not depend on `workers`.
 Same seed, same bytes with the pinned numpy and OpenCV. The shape geometry on the pixel grid
 avoids vectorised sin/cos/arctan (whose last bit may differ between CPU SIMD paths), so the truth
 masks are the most robust part; float rendering through OpenCV filters and numpy's exp could in
@@ -164,19 +192,26 @@ class Style:
     name: str = "default"
     density: float = 1.0  # x the real cells-per-field distribution (median 17 per 2048 px field)
     packing: tuple = (0.6, 1.1)  # most summed cell area / field area: crowded fields squeeze cells
+    spread: float = 1.0  # x cell shape radius (> 1: cells grow into every gap, borders by contact)
     p_cluster: float = 0.15  # fields whose cells grow in a few colonies instead of evenly
     p_touch: tuple = (0.15, 0.45)  # share of cells placed against a neighbour (touching nuclei)
     valley: tuple = (0.1, 0.5)  # cytoplasm dip where two cells touch (0: an invisible seam)
     valley_px: tuple = (10.0, 20.0)  # its width
     outline: float = 1.5  # x the harmonic irregularity of cell outlines
     protrusions: float = 3.0  # mean lobes / dents per cell outline
+    arm: tuple = (0.15, 0.6)  # lobe / dent size (x cell radius); sharp lobes are arms
     ruffle: float = 0.0  # fine (10 px) outline wobble
+    lamella_px: tuple = (20.0, 30.0)  # the cytoplasm fades over this much at free edges
+    nuc_offset: tuple = (0.0, 0.4)  # nucleus off the cell's centre (x cell radius)
+    level_sd: float = 0.3  # log-sd of a cell's tubulin / ER stain level (a step at contacts)
     elong_sd: float = 0.3  # log-sd of cell elongation (median 1.4)
     nuc_ratio: tuple = (0.44, 0.6)  # nucleus radius / cell radius (uncrowded)
-    p_lobed: float = 0.12  # nuclei with lobes or a kidney notch
+    p_lobed: float = 0.15  # nuclei with lobes, a kidney notch or a waist
+    lobe_depth: float = 1.0  # x their depth
     chromatin: float = 1.0  # x the chromatin texture contrast
     nucleoli: tuple = (1, 4)  # dark nucleoli per nucleus (count range)
     nucleolus_dark: tuple = (0.45, 0.75)  # how much of the DNA stain a nucleolus lacks
+    nucleolus_size: tuple = (0.1, 0.24)  # nucleolus radius (x nucleus radius)
     p_mitotic: float = 0.03
     per_label: bool = False  # heterogeneous: each label shown by its own share of the cells
     p_neg: tuple = (-0.15, 0.15)  # share of Negative cells in a positive field (< 0: none)
@@ -192,15 +227,19 @@ class Style:
 _DEFAULT = Style()
 STYLES: dict[str, Style] = {
     "default": _DEFAULT,
-    # confluent monolayer: many cells pressed together, thin shallow seams, many touching nuclei
+    # confluent monolayer: many cells pressed together, thin shallow seams, many touching nuclei,
+    # neighbours of the same brightness, nuclei far off their cell's centre
     "confluent": replace(_DEFAULT, name="confluent", density=2.3, packing=(1.1, 1.4), p_cluster=0.0,
-                         p_touch=(0.45, 0.75), valley=(0.0, 0.15), valley_px=(1.5, 4.0)),
-    # irregular outlines: protrusions, dents, ruffled edges, elongated cells, lobed nuclei
-    "irregular": replace(_DEFAULT, name="irregular", outline=1.7, protrusions=3.0, ruffle=0.12,
-                         elong_sd=0.45, p_lobed=0.45),
-    # textured nuclei: coarse chromatin, several large dark nucleoli (two seeds per nucleus)
-    "textured": replace(_DEFAULT, name="textured", chromatin=2.4, nucleoli=(3, 8), nucleolus_dark=(0.7, 0.95),
-                        p_lobed=0.3),
+                         spread=1.5, p_touch=(0.45, 0.75), valley=(0.0, 0.15), valley_px=(1.5, 4.0), level_sd=0.08,
+                         nuc_offset=(0.2, 0.6)),
+    # irregular outlines: long arms, dents, ruffled edges, elongated cells whose edges fade out
+    # slowly, deeply lobed nuclei
+    "irregular": replace(_DEFAULT, name="irregular", outline=1.8, protrusions=4.0, arm=(0.3, 1.1), ruffle=0.05,
+                         elong_sd=0.45, lamella_px=(40.0, 90.0), p_lobed=0.45, lobe_depth=1.4),
+    # textured nuclei: coarse chromatin, several large dark nucleoli, lobes and waists (the
+    # nuclei a segmenter takes for two)
+    "textured": replace(_DEFAULT, name="textured", chromatin=2.4, nucleoli=(3, 7), nucleolus_dark=(0.7, 0.95),
+                        nucleolus_size=(0.15, 0.35), p_lobed=0.4, lobe_depth=1.5),
     # many mitotic cells: rounded, condensed chromatin plates and clumps, spindles
     "mitotic": replace(_DEFAULT, name="mitotic", p_mitotic=0.25),
     # heterogeneous cells: each label in its own share of the cells, more Negative cells, and
@@ -210,9 +249,11 @@ STYLES: dict[str, Style] = {
     # dim, noisy, often out-of-focus fields
     "dim": replace(_DEFAULT, name="dim", gain=(0.15, 0.45), noise=3.0, p_faint=0.4, p_defocus=0.3),
 }
+# all of the above at once (a little milder each)
 STYLES["hard"] = replace(
-    STYLES["confluent"], name="hard", outline=1.5, protrusions=2.5, ruffle=0.1, elong_sd=0.4, p_lobed=0.4,
-    chromatin=2.0, nucleoli=(2, 7), nucleolus_dark=(0.6, 0.9), p_mitotic=0.1, per_label=True, p_neg=(0.1, 0.4),
+    STYLES["confluent"], name="hard", spread=1.3, outline=1.6, protrusions=3.0, arm=(0.25, 0.9), ruffle=0.04, elong_sd=0.4,
+    lamella_px=(30.0, 70.0), p_lobed=0.4, lobe_depth=1.3, chromatin=2.0, nucleoli=(2, 6),
+    nucleolus_dark=(0.6, 0.9), nucleolus_size=(0.12, 0.3), p_mitotic=0.1, per_label=True, p_neg=(0.1, 0.4),
     cell_sd=0.5, amp=(0.3, 1.0), gain=(0.3, 0.8), noise=2.0, p_faint=0.25, p_defocus=0.15)
 MIXED = "mixed"  # per image one of STYLES: default a third of the time, each other style alike
 STYLE_NAMES = (*STYLES, MIXED)
@@ -372,8 +413,18 @@ def _shape_radius(harm, bumps, psi: float) -> float:
 
 
 def _reach(harm, bumps) -> float:
-    """An upper bound of r(theta) / 1 for a star shape (its extent in units of its radius)."""
-    return 1.0 + sum(abs(a) for _, a, _ in harm) + sum(max(b, 0.0) for b, _, _ in bumps)
+    """How far a star shape reaches, in units of its radius: the largest r(theta) over 256
+    directions (a lobe is at least 0.2 rad wide), plus a margin, rounded up to 0.01 (so that
+    the last bit of a vectorised cos cannot move a bounding box)."""
+    if not bumps:
+        return 1.0 + sum(abs(a) for _, a, _ in harm)
+    psi = np.arange(256) * (2 * math.pi / 256)
+    r = np.ones(256)
+    for m, a, ph in harm:
+        r += a * np.cos(m * psi + ph)
+    for b, phi, p in bumps:
+        r += b * ((1 + np.cos(psi - phi)) / 2) ** p
+    return math.ceil((float(r.max()) * 1.03 + 0.01) * 100) / 100
 
 
 # --------------------------------------------------------------------------------------------
@@ -401,6 +452,8 @@ class Cell:
     labels: list[int] = field(default_factory=list)  # location labels shown (empty = Negative)
     nbump: list = field(default_factory=list)  # nuclear lobes / notches (see `_bumps`)
     cbump: list = field(default_factory=list)  # cell protrusions / dents
+    nreach: float = 1.3  # `_reach` of the nucleus and the cell shape
+    creach: float = 2.0
     bbox: tuple[int, int, int, int] = (0, 0, 0, 0)  # y0, y1, x0, x1 (end exclusive)
 
     def nucleus_dist(self, yy, xx):
@@ -421,7 +474,7 @@ class Cell:
         u = (dx * c + dy * s) / self.na
         v = (-dx * s + dy * c) / self.nb
         out = np.sqrt(u * u + v * v)
-        e = max(self.na, self.nb) * _reach(self.nharm, self.nbump) * 1.2 + 2
+        e = max(self.na, self.nb) * self.nreach * 1.2 + 2
         a0, a1 = max(y0, int(self.ny - e)), min(y1, int(self.ny + e) + 2)
         b0, b1 = max(x0, int(self.nx - e)), min(x1, int(self.nx + e) + 2)
         if a0 < a1 and b0 < b1:
@@ -470,15 +523,20 @@ def _rim_radius(na: float, nb: float, nang: float, harm, theta: float, bumps=())
     return _shape_radius(harm, bumps, psi) / k
 
 
-def _nuclear_lobes(rng) -> list[tuple[float, float, int]]:
-    """Lobed or kidney-shaped nuclei: 2-3 lobes, or one notch."""
-    if rng.random() < 0.5:
+def _nuclear_lobes(rng, nang: float, scale: float = 1.0) -> list[tuple[float, float, int]]:
+    """Irregular nuclei: a kidney notch, 2-3 lobes, or a peanut (a waist across the long axis,
+    which a distance transform sees as two nuclei). `scale` deepens them (at most 0.7)."""
+    kind = rng.random()
+    if kind < 0.35:
         phi = float(rng.uniform(0, 2 * math.pi))
-        return [(-float(rng.uniform(0.25, 0.45)), phi, int(rng.choice([8, 16])))]
-    k = int(rng.integers(2, 4))
-    base = float(rng.uniform(0, 2 * math.pi))
-    return [(float(rng.uniform(0.12, 0.28)), base + 2 * math.pi * j / k + float(rng.normal(0, 0.3)),
-             int(rng.choice([4, 8]))) for j in range(k)]
+        return [(-min(0.7, float(rng.uniform(0.25, 0.45)) * scale), phi, int(rng.choice([8, 16])))]
+    if kind < 0.7:
+        k = int(rng.integers(2, 4))
+        base = float(rng.uniform(0, 2 * math.pi))
+        return [(min(0.7, float(rng.uniform(0.12, 0.28)) * scale), base + 2 * math.pi * j / k
+                 + float(rng.normal(0, 0.3)), int(rng.choice([4, 8]))) for j in range(k)]
+    a = -min(0.7, float(rng.uniform(0.15, 0.32)) * scale)
+    return [(a, nang + math.pi / 2, 8), (a, nang - math.pi / 2, 8)]
 
 
 def _place_cells(rng: np.random.Generator, size: int, n_cells: int, n_mitotic: int,
@@ -506,6 +564,9 @@ def _place_cells(rng: np.random.Generator, size: int, n_cells: int, n_mitotic: i
         R = max(R, 40 * s)
         # nuclei shrink less than cells when crowded
         ratio = float(rng.uniform(*st.nuc_ratio)) * (r_free / r_mean) ** 0.5
+        nharm = _harmonics(rng, 4, 0.05 if not mit else 0.02)
+        cang = float(rng.uniform(0, math.pi))
+        nang = cang + float(rng.normal(0, 0.25))
         if mit:
             R *= 0.7
             elong = float(rng.uniform(1.0, 1.15))
@@ -517,15 +578,13 @@ def _place_cells(rng: np.random.Generator, size: int, n_cells: int, n_mitotic: i
         else:
             elong = float(np.clip(rng.lognormal(math.log(1.4), st.elong_sd), 1.0, 3.5))
             charm = _harmonics(rng, 4, 0.22 * st.outline)
-            cbump = _bumps(rng, int(rng.poisson(st.protrusions)), (0.15, 0.6), (4, 8, 16, 32))
+            cbump = _bumps(rng, int(rng.poisson(st.protrusions)), st.arm, (4, 8, 16, 32, 64))
             rn = R * min(ratio, 0.72)
             e = rng.uniform(0.0, 0.25)
             na, nb = rn * (1 + e), rn * (1 - e)
-            nbump = _nuclear_lobes(rng) if rng.random() < st.p_lobed else []
-        nharm = _harmonics(rng, 4, 0.05 if not mit else 0.02)
-        rn_max = max(na, nb) * _reach(nharm, nbump) * 1.02
-        cang = float(rng.uniform(0, math.pi))
-        nang = cang + float(rng.normal(0, 0.25))
+            nbump = _nuclear_lobes(rng, nang, st.lobe_depth) if rng.random() < st.p_lobed else []
+        nreach = _reach(nharm, nbump)
+        rn_max = max(na, nb) * nreach * 1.02
         # a fraction of the cells grow right against a neighbour (daughter pairs, crowding): their
         # nuclei touch or nearly touch, so a segmenter must split them
         buddies = [c for c in cells if not c.mitotic]
@@ -561,7 +620,7 @@ def _place_cells(rng: np.random.Generator, size: int, n_cells: int, n_mitotic: i
                 break
             else:
                 continue
-        off = R * rng.uniform(0.0, 0.4) * (0.2 if mit else 1.0)  # nucleus often off-centre
+        off = R * rng.uniform(*st.nuc_offset) * (0.2 if mit else 1.0)  # nucleus often off-centre
         if buddy is not None:  # the cell body lies away from its neighbour
             cy, cx = p[0] + off * math.sin(th), p[1] + off * math.cos(th)
         else:
@@ -570,9 +629,9 @@ def _place_cells(rng: np.random.Generator, size: int, n_cells: int, n_mitotic: i
             cx = p[1] + sign * off * math.cos(cang)
         cells.append(Cell(
             id=len(cells) + 1, ny=float(p[0]), nx=float(p[1]), na=float(na), nb=float(nb),
-            nang=nang, nharm=nharm,
-            cy=float(cy), cx=float(cx), R=float(R), elong=elong, cang=cang, charm=charm, mitotic=mit,
-            nbump=nbump, cbump=cbump,
+            nang=nang, nharm=nharm, cy=float(cy), cx=float(cx), R=float(R * (1.0 if mit else st.spread)),
+            elong=elong, cang=cang, charm=charm, mitotic=mit,
+            nbump=nbump, cbump=cbump, nreach=nreach, creach=_reach(charm, cbump),
         ))
         centres = np.vstack([centres, p[None]])
         nrad = np.append(nrad, rn_max)
@@ -600,8 +659,8 @@ def _rasterise(cells: list[Cell], size: int, wobble: np.ndarray, rng: np.random.
     lab = np.zeros((size, size), np.uint16)
     nuc = np.zeros((size, size), np.uint16)
     for c in cells:
-        ext = c.R * math.sqrt(c.elong) * _reach(c.charm, c.cbump) * 1.3 + 2
-        ext = max(ext, max(c.na, c.nb) * _reach(c.nharm, c.nbump) * 1.05 + abs(c.cy - c.ny) + abs(c.cx - c.nx) + 2)
+        ext = c.R * math.sqrt(c.elong) * c.creach * 1.3 + 2
+        ext = max(ext, max(c.na, c.nb) * c.nreach * 1.45 + abs(c.cy - c.ny) + abs(c.cx - c.nx) + 2)
         y0, y1 = max(0, int(min(c.cy, c.ny) - ext)), min(size, int(max(c.cy, c.ny) + ext) + 2)
         x0, x1 = max(0, int(min(c.cx, c.nx) - ext)), min(size, int(max(c.cx, c.nx) + ext) + 2)
         c.bbox = (y0, y1, x0, x1)
@@ -611,13 +670,18 @@ def _rasterise(cells: list[Cell], size: int, wobble: np.ndarray, rng: np.random.
         if ruffle is not None:
             f = np.maximum(f + ruffle[oy + y0: oy + y1, ox + x0: ox + x1], 0.77)
         d = c.cell_dist(yy, xx) * f
+        # every cell keeps some cytoplasm around its nucleus (a ring of 0.4 nucleus radii, won
+        # against a neighbour's body; between two close nuclei the midline decides)
+        dn = c.dn = c.nucleus_dist_box(c.bbox)  # kept for the renderers
+        ring = dn < 1.4
+        d[ring] = np.minimum(d[ring], 0.35 * dn[ring])
         b = best[y0:y1, x0:x1]
         take = (d < 1.0) & (d < b)
         b[take] = d[take]
         lab[y0:y1, x0:x1][take] = c.id
     for c in cells:  # nuclei override: the nucleus always belongs to its own cell
         y0, y1, x0, x1 = c.bbox
-        dn = c.dn = c.nucleus_dist_box(c.bbox)  # kept for the renderers
+        dn = c.dn
         inside = (dn < 1.0) & (nuc[y0:y1, x0:x1] == 0)
         lab[y0:y1, x0:x1][inside] = c.id
         nuc[y0:y1, x0:x1][inside] = c.id
@@ -709,16 +773,18 @@ def _sample_in(rng, ctx: _Ctx, mask: np.ndarray, n: int, weight: np.ndarray | No
     return ys + rng.uniform(-0.5, 0.5, n), xs + rng.uniform(-0.5, 0.5, n)
 
 
-def _nucleoli(rng, c: Cell, counts: tuple = (1, 4)):
-    """Nucleoli as (y, x, radius) inside the nucleus; `counts`: (fewest, most)."""
+def _nucleoli(rng, c: Cell, counts: tuple = (1, 4), size: tuple = (0.1, 0.24)):
+    """Nucleoli as (y, x, radius) inside the nucleus; `counts`: (fewest, most); `size`: radius
+    range in nucleus radii (large ones lie closer to the centre)."""
     if c.mitotic:
         return []
     k = int(rng.integers(counts[0], counts[1] + 1))
     out = []
     for _ in range(k):
-        r = c.rn * rng.uniform(0.1, 0.24)
+        f = float(rng.uniform(*size))
+        r = c.rn * f
         ang = rng.uniform(0, 2 * math.pi)
-        rad = rng.uniform(0, 0.55)
+        rad = rng.uniform(0, max(0.2, 0.8 - 1.2 * f))
         y = c.ny + rad * c.nb * math.sin(ang)
         x = c.nx + rad * c.na * math.cos(ang)
         out.append((y, x, r))
@@ -746,7 +812,8 @@ def _microtubules(rng, ctx: _Ctx, centro, thick: int) -> np.ndarray:
     """A meshwork of curving filaments: a third radiate from the centrosome, the rest run
     across the cytoplasm in all directions (real fields show a dense tangle, not an aster)."""
     c = ctx.c
-    n = int(np.clip(1.2 * c.R / ctx.s, 40, 500))  # ~250 for a typical cell
+    # ~250 for a typical cell at full resolution; fewer where the output pixels cannot show them
+    n = int(np.clip(min(1.2 * c.R / ctx.s, 4 * c.R), 40, 500))
     step = max(2.0, 10 * ctx.s)
     n_steps = int(2.2 * c.R / step) + 2
     k = n // 3
@@ -1001,7 +1068,7 @@ def draw_field(rng: np.random.Generator | int, size: int = 512, labels: list[int
     valley_w = max(0.5, float(rng_img.uniform(*st.valley_px)) * s)
     # cytoplasm thickness: a dome over the cell, thin lamella at free edges (fall-off within
     # ~25 microscope px) and a valley where two cells touch (wide and slight, or a thin seam)
-    le = max(25 * s, 1.0)
+    le = max(float(rng_img.uniform(*st.lamella_px)) * s, 1.0)
     prof = (1 - np.exp(-edge_bg / le)) * (1 - valley * np.exp(-edge_int / valley_w)) * (1.15 - 0.5 * dcell * dcell)
     prof = np.where(lab > 0, prof, 0).astype(np.float32)
     edge = np.minimum(edge_bg, edge_int)
@@ -1017,8 +1084,12 @@ def draw_field(rng: np.random.Generator | int, size: int = 512, labels: list[int
     # (mesh ~15 microscope px; below ~1 px per tubule it blurs into the fine texture it is)
     er_noise = _noise(rng_img, (H, W), max(0.7, 4 * s))
     er_net = np.exp(-(er_noise / 0.4) ** 2).astype(np.float32)
-    chroma = _noise(rng_img, (H, W), max(0.7, 5 * s))  # chromatin: coarse clumps and fine grain
+    # chromatin: fine grain, and coarse clumps made from the same noise (one random draw)
     chroma_fine = _noise(rng_img, (H, W), max(0.6, 1.8 * s))
+    chroma = _blur(chroma_fine, max(0.6, 4.8 * s))
+    chroma *= np.float32(1.0 / max(float(chroma[::4, ::4].std()), 1e-6))
+    tex_field = 1 + st.chromatin * (0.22 * np.clip(chroma_fine, -2.5, 2.5) + 0.16 * np.clip(chroma, -2.5, 2.5))
+    np.maximum(tex_field, 0.15, out=tex_field)
 
     cell_level = np.exp(rng_img.normal(0, st.cell_sd, len(cells) + 1)).astype(np.float32)
     # the odd cell lies in another focal plane (rounded up, or on top of its neighbours)
@@ -1027,7 +1098,7 @@ def draw_field(rng: np.random.Generator | int, size: int = 512, labels: list[int
         ctx = _Ctx(c, lab, nuc, dcell, edge, prof, s)
         own = ctx.own
         b_local = np.zeros(ctx.shape, np.float32)
-        nucleoli = _nucleoli(rng, c, st.nucleoli)
+        nucleoli = _nucleoli(rng, c, st.nucleoli, st.nucleolus_size)
         nmap = _nucleoli_map(ctx, nucleoli)
         ang = rng.uniform(0, 2 * math.pi)
         centro = (c.ny + 1.15 * c.rn * math.sin(ang), c.nx + 1.15 * c.rn * math.cos(ang))
@@ -1072,15 +1143,13 @@ def draw_field(rng: np.random.Generator | int, size: int = 512, labels: list[int
             centro = poles[0]
         else:
             # DNA: clumpy, grainy chromatin, dark nucleoli, nuclei of quite different brightness
-            tex = 1 + st.chromatin * (0.22 * np.clip(chroma_fine[ctx.sl], -2.5, 2.5)
-                                      + 0.16 * np.clip(chroma[ctx.sl], -2.5, 2.5))
             dark = float(rng.uniform(*st.nucleolus_dark))
-            b = ctx.nuc_fill * np.maximum(tex, 0.15) * (1 - dark * nmap) * float(np.exp(rng.normal(-0.35, 0.3)))
+            b = ctx.nuc_fill * tex_field[ctx.sl] * (1 - dark * nmap) * float(np.exp(rng.normal(-0.35, 0.3)))
             b_local += b * ctx.nuc
             mt = _microtubules(rng, ctx, centro, max(1, int(round(1.2 * s)))) * own * 0.8
             mt = _blur(mt, max(0.6, 0.8 * s)) * 1.6 * (ctx.prof + 0.1) * np.where(ctx.nuc, 0.3, 1.0)
             mt += 0.05 * ctx.prof
-        level = float(np.exp(rng.normal(0, 0.3)))  # cells differ in tubulin/ER content
+        level = float(np.exp(rng.normal(0, st.level_sd)))  # cells differ in tubulin/ER content
         r_local = mt * level * float(rng.uniform(0.8, 1.2)) * own
         # tubular network everywhere, sheets (diffuse) close to the nucleus
         er = (0.06 + 0.35 * ctx.pn + 0.9 * er_net[ctx.sl]) * (0.35 + 0.65 * ctx.pn) * ctx.prof
