@@ -11,7 +11,7 @@ the same size. A smaller image is a whole 2048 px field downscaled to the size (
 256 px and the image-level models at 512 px need: a field's worth of cells, each ~40 / 80 px
 across); ``field_px`` overrides this (``--size 512 --field-px 512``: a 512 px crop at full
 resolution, 1-3 cells). Cells per field follow the real train table (median 17 per 2048 px field,
-10-35 for the 10-90% range; 27 per 3072 px field); the cell line's spread area is ~130k px, and
+10-35 for the 10-90% range; 27 per 3072 px field); the cell line's spread area is ~120k px, and
 when the cells do not fit they are squeezed (a field of 46 cells has ~75k px cells, as real ones).
 
 What is drawn, and why (`benchmarks/realism.py` measures it against the real fields):
@@ -205,10 +205,10 @@ class Style:
     nuc_offset: tuple = (0.0, 0.4)  # nucleus off the cell's centre (x cell radius)
     level_sd: float = 0.3  # log-sd of a cell's tubulin / ER stain level (a step at contacts)
     elong_sd: float = 0.3  # log-sd of cell elongation (median 1.4)
-    nuc_ratio: tuple = (0.44, 0.6)  # nucleus radius / cell radius (uncrowded)
+    nuc_ratio: tuple = (0.46, 0.62)  # nucleus radius / cell radius (uncrowded)
     p_lobed: float = 0.15  # nuclei with lobes, a kidney notch or a waist
     lobe_depth: float = 1.0  # x their depth
-    chromatin: float = 1.0  # x the chromatin texture contrast
+    chromatin: float = 0.8  # x the chromatin texture contrast
     nucleoli: tuple = (1, 4)  # dark nucleoli per nucleus (count range)
     nucleolus_dark: tuple = (0.45, 0.75)  # how much of the DNA stain a nucleolus lacks
     nucleolus_size: tuple = (0.1, 0.24)  # nucleolus radius (x nucleus radius)
@@ -283,7 +283,7 @@ def image_style(seed: int, split: str, index: int, style: str) -> str:
 # the real HPA fields are 1728, 2048 or 3072 px at one microscope resolution; smaller images are
 # whole fields downscaled (see `default_field_px`)
 FULL_RES_MIN = 1728
-CELL_AREA = 130_000.0  # median spread area of a cell (microscope px) before contacts and cropping
+CELL_AREA = 118_000.0  # median spread area of a cell (microscope px) before contacts and cropping
 
 
 def default_field_px(size: int) -> int:
@@ -543,9 +543,11 @@ def _place_cells(rng: np.random.Generator, size: int, n_cells: int, n_mitotic: i
                  st: Style = _DEFAULT, field_px: int = REF_SIZE) -> list[Cell]:
     s = size / field_px  # output px per microscope px
     area = float(size * size)
-    # the cell line's spread area, squeezed when the cells do not fit: crowded fields have
-    # smaller cells (real: 74k px median with 46 cells, 100-160k px with 10-20)
-    a_free = CELL_AREA * float(np.exp(rng.normal(0, 0.25))) * s * s
+    # the cell line's spread area (cells spread more where they have room), squeezed when the
+    # cells do not fit: crowded fields have smaller cells (real: 74k px median with 46 cells,
+    # 100-160k px with 10-20)
+    a_free = CELL_AREA * float(np.exp(rng.normal(0, 0.25))) * (17.0 * field_px ** 2 / REF_SIZE ** 2
+                                                                 / max(n_cells, 1)) ** 0.3 * s * s
     a_cell = min(a_free, float(rng.uniform(*st.packing)) * area / max(n_cells, 1))
     r_free, r_mean = math.sqrt(a_free / math.pi), math.sqrt(a_cell / math.pi)
     # some fields grow in colonies (and leave much of the field empty)
@@ -937,7 +939,7 @@ def _render_patterns(rng, ctx: _Ctx, labels: list[int], er_local, mt_local, nucl
 # each channel's in-cell 99th percentile after gain (8-bit value / 255), drawn per field in
 # these ranges: the four real Kaggle fields give red 0.49-0.98, green 0.28-0.96 (0.02 in the
 # Negative field), blue 0.46-0.72, yellow 0.46-0.81 (some saturate, as here)
-_LEVELS = {"red": (0.45, 0.95), "green": (0.28, 0.9), "blue": (0.45, 0.72), "yellow": (0.5, 0.85)}
+_LEVELS = {"red": (0.55, 1.0), "green": (0.28, 0.9), "blue": (0.45, 0.72), "yellow": (0.5, 0.85)}
 _FAINT = (0.01, 0.06)  # green of a faint or Negative field
 
 
@@ -997,8 +999,8 @@ def _finish(rng: np.random.Generator, size: int, channels, refs, s: float, st: S
         halo = cv2.resize(_blur(cv2.resize(x, small, interpolation=cv2.INTER_AREA), 2.5), (W, H),
                           interpolation=cv2.INTER_LINEAR)
         x = (_blur(x, focus) + float(rng.uniform(0.03, 0.12)) * halo) * light
-        shot = float(rng.uniform(0.0012, 0.006)) * (sn * st.noise) ** 2  # variance per unit signal
-        read = float(rng.uniform(0.003, 0.009)) * sn * st.noise
+        shot = float(rng.uniform(0.0008, 0.004)) * (sn * st.noise) ** 2  # variance per unit signal
+        read = float(rng.uniform(0.0025, 0.007)) * sn * st.noise
         # dark level subtracted: the background and the dimmest cytoplasm are exact zeros
         offset = -float(rng.uniform(0.0, 0.008)) * gain - float(rng.uniform(-0.3, 1.5)) * read
         # shot (variance ~ signal) and read noise in one Gaussian draw
