@@ -226,14 +226,17 @@ def real_table_counts() -> dict[int, list[int]]:
     return {int(w): n[t["ImageWidth"] == w].tolist() for w in sorted(t["ImageWidth"].unique())}
 
 
-def synth_fields(n: int, size: int, style: str = "default", seed0: int = 0):
-    """(name, image uint8, cells, field_px) of n synthetic fields (seeds seed0..)."""
-    from kit import synth
-
+def synth_fields(n: int, size: int, style: str = "default", seed0: int = 0, module=None):
+    """(name, image uint8, cells, field_px) of n synthetic fields (seeds seed0..); `module`: another
+    version of kit.synth (see --against)."""
+    if module is None:
+        from kit import synth as module
+    draw = getattr(module, "draw_field", None) or module.make_field
     for i in range(n):
         kw = {} if style == "default" else {"style": style}
-        f = synth.draw_field(np.random.default_rng([seed0 + i, 0, i]), size, **kw)
-        yield f"{style}-{i}", synth.quantise(f.image, 8), f.cells, getattr(f, "field_px", size)
+        f = draw(np.random.default_rng([seed0 + i, 0, i]), size, **kw)
+        # before v3 a field of any size was a 2048 px field drawn at that size
+        yield f"{style}-{i}", module.quantise(f.image, 8), f.cells, getattr(f, "field_px", max(size, 2048))
 
 
 # --------------------------------------------------------------------------------------------
@@ -290,6 +293,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0, help="first seed of the synthetic fields")
     ap.add_argument("--markdown", action="store_true", help="print a markdown table (for the README)")
     ap.add_argument("--per-field", action="store_true", help="one row per field too")
+    ap.add_argument("--against", default=None, metavar="REV",
+                    help="also measure the generator of this git revision (default style), e.g. main")
     args = ap.parse_args()
     cv2.setNumThreads(0)
 
@@ -319,15 +324,21 @@ def main() -> None:
         named.append((f"real website fields ({len(web)}, no masks)", summarise(web), "-"))
     else:
         print(f"(real data not found at {REAL}: synthetic rows only)")
-    for style in args.styles:
+    runs = [(style, None, "") for style in args.styles]
+    if args.against:
+        from bench_synth import _module_at
+
+        runs.insert(0, ("default", _module_at(args.against), f" at {args.against}"))
+    for style, module, rev in runs:
         rows = []
-        for name, image, cells, fpx in synth_fields(args.n, args.size, style, args.seed):
+        for name, image, cells, fpx in synth_fields(args.n, args.size, style, args.seed, module):
             st = field_stats(image, cells, fpx)
             rows.append(st)
             if args.per_field:
                 named.append((f"synth {name}", st, ""))
         lo, hi = min(r["cells"] for r in rows), max(r["cells"] for r in rows)
-        named.append((f"kit synth --size {args.size} --style {style} ({len(rows)})", summarise(rows), f"{lo}-{hi}"))
+        what = f"--style {style}" if not rev else ""
+        named.append((f"kit synth{rev} --size {args.size} {what}({len(rows)})", summarise(rows), f"{lo}-{hi}"))
     print("medians over fields; areas in px at the microscope's resolution (2048 px fields); see the module doc")
     print_table(named, args.markdown)
 

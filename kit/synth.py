@@ -205,7 +205,7 @@ class Style:
     nuc_offset: tuple = (0.0, 0.4)  # nucleus off the cell's centre (x cell radius)
     level_sd: float = 0.3  # log-sd of a cell's tubulin / ER stain level (a step at contacts)
     elong_sd: float = 0.3  # log-sd of cell elongation (median 1.4)
-    nuc_ratio: tuple = (0.46, 0.62)  # nucleus radius / cell radius (uncrowded)
+    nuc_size: float = 1.0  # x the typical nucleus area (`NUC_AREA`)
     p_lobed: float = 0.15  # nuclei with lobes, a kidney notch or a waist
     lobe_depth: float = 1.0  # x their depth
     chromatin: float = 0.8  # x the chromatin texture contrast
@@ -283,7 +283,8 @@ def image_style(seed: int, split: str, index: int, style: str) -> str:
 # the real HPA fields are 1728, 2048 or 3072 px at one microscope resolution; smaller images are
 # whole fields downscaled (see `default_field_px`)
 FULL_RES_MIN = 1728
-CELL_AREA = 118_000.0  # median spread area of a cell (microscope px) before contacts and cropping
+CELL_AREA = 132_000.0  # median spread area of a cell (microscope px) before contacts and cropping
+NUC_AREA = 32_000.0  # median nucleus area (microscope px) before it is fitted into its cell
 
 
 def default_field_px(size: int) -> int:
@@ -547,9 +548,10 @@ def _place_cells(rng: np.random.Generator, size: int, n_cells: int, n_mitotic: i
     # cells do not fit: crowded fields have smaller cells (real: 74k px median with 46 cells,
     # 100-160k px with 10-20)
     a_free = CELL_AREA * float(np.exp(rng.normal(0, 0.25))) * (17.0 * field_px ** 2 / REF_SIZE ** 2
-                                                                 / max(n_cells, 1)) ** 0.3 * s * s
+                                                                 / max(n_cells, 1)) ** 0.5 * s * s
     a_cell = min(a_free, float(rng.uniform(*st.packing)) * area / max(n_cells, 1))
-    r_free, r_mean = math.sqrt(a_free / math.pi), math.sqrt(a_cell / math.pi)
+    r_mean = math.sqrt(a_cell / math.pi)
+    a_nuc = NUC_AREA * st.nuc_size * float(np.exp(rng.normal(0, 0.2))) * s * s
     # some fields grow in colonies (and leave much of the field empty)
     colonies = None
     if rng.random() < st.p_cluster:
@@ -565,7 +567,8 @@ def _place_cells(rng: np.random.Generator, size: int, n_cells: int, n_mitotic: i
         R = r_mean * float(np.exp(rng.normal(0, 0.15)))
         R = max(R, 40 * s)
         # nuclei shrink less than cells when crowded
-        ratio = float(rng.uniform(*st.nuc_ratio)) * (r_free / r_mean) ** 0.5
+        # nuclei vary less than cells (real: 24-35k px in fields of 74-156k px cells)
+        rn_free = math.sqrt(a_nuc * float(np.exp(rng.normal(0, 0.25))) / math.pi)
         nharm = _harmonics(rng, 4, 0.05 if not mit else 0.02)
         cang = float(rng.uniform(0, math.pi))
         nang = cang + float(rng.normal(0, 0.25))
@@ -581,7 +584,7 @@ def _place_cells(rng: np.random.Generator, size: int, n_cells: int, n_mitotic: i
             elong = float(np.clip(rng.lognormal(math.log(1.4), st.elong_sd), 1.0, 3.5))
             charm = _harmonics(rng, 4, 0.22 * st.outline)
             cbump = _bumps(rng, int(rng.poisson(st.protrusions)), st.arm, (4, 8, 16, 32, 64))
-            rn = R * min(ratio, 0.72)
+            rn = min(rn_free, 0.72 * R)
             e = rng.uniform(0.0, 0.25)
             na, nb = rn * (1 + e), rn * (1 - e)
             nbump = _nuclear_lobes(rng, nang, st.lobe_depth) if rng.random() < st.p_lobed else []
@@ -939,7 +942,7 @@ def _render_patterns(rng, ctx: _Ctx, labels: list[int], er_local, mt_local, nucl
 # each channel's in-cell 99th percentile after gain (8-bit value / 255), drawn per field in
 # these ranges: the four real Kaggle fields give red 0.49-0.98, green 0.28-0.96 (0.02 in the
 # Negative field), blue 0.46-0.72, yellow 0.46-0.81 (some saturate, as here)
-_LEVELS = {"red": (0.55, 1.0), "green": (0.28, 0.9), "blue": (0.45, 0.72), "yellow": (0.5, 0.85)}
+_LEVELS = {"red": (0.55, 1.0), "green": (0.28, 0.9), "blue": (0.45, 0.72), "yellow": (0.55, 0.9)}
 _FAINT = (0.01, 0.06)  # green of a faint or Negative field
 
 
