@@ -135,7 +135,8 @@ def against(args) -> None:
     for style in args.styles:
         t_new, t_old, c_new, c_old = [], [], [], []
         for i in range(args.n):
-            for fn, ts, cs, kw in ((synth.draw_field, t_new, c_new, {"style": style}), (draw_old, t_old, c_old, {})):
+            kw_new = {"style": synth.image_style(0, "train", i, style)}  # mixed: one style per field
+            for fn, ts, cs, kw in ((synth.draw_field, t_new, c_new, kw_new), (draw_old, t_old, c_old, {})):
                 t = time.process_time()
                 f = fn(np.random.default_rng([i, 0, i]), args.size, **kw)
                 ts.append(time.process_time() - t)
