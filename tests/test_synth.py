@@ -167,7 +167,7 @@ def test_different_seed_different_data(tmp_path):
     assert green(a) != green(b)
 
 
-def test_make_field_deterministic():
+def test_draw_field_deterministic():
     f1 = synth.draw_field(np.random.default_rng([5, 0, 1]), 128)
     f2 = synth.draw_field(np.random.default_rng([5, 0, 1]), 128)
     assert np.array_equal(f1.image, f2.image) and np.array_equal(f1.cells, f2.cells)
