@@ -25,7 +25,7 @@ from kit.errors import ConfigError
 from kit.models import build_from_config
 from kit.device import resolve_device
 from kit.train import (KINDS, _forward_loss, _seed_everything, fold_split, load_fold_table, make_dataset, make_loader,
-                       make_optimizer)
+                       make_optimizer, measured_layout)
 
 
 def suggest_lr(lrs: Sequence[float], losses: Sequence[float], skip_start: int = 5, skip_end: int = 3) -> float:
@@ -61,6 +61,7 @@ def lr_find(cfg: Config, kind: str = "cell", fold: int | None = None, start_lr: 
     _seed_everything(tcfg.seed)
     mil = kind == "cell" and tcfg.cell_mode == "mil"
     model = build_from_config(cfg.model(kind), bag_pool=tcfg.bag_pool if mil else None).to(device)
+    tcfg = measured_layout(tcfg, model, cfg.data.tile_size if kind == "cell" else cfg.data.field_size, device)
     if tcfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     loss_fn = build_loss(tcfg).to(device)

@@ -178,6 +178,41 @@ def is_mil(model: nn.Module) -> bool:
     return isinstance(model, MILClassifier)
 
 
+def predict_cells_and_bag(models: Sequence[nn.Module], tiles: np.ndarray, device, tta: int = 1,
+                          batch_size: int = 64, activation: str = "sigmoid") -> tuple[np.ndarray, np.ndarray]:
+    """(N x 19 cell probabilities, 19 bag probabilities) of one field's N cell tiles (uint8
+    N x 4 x S x S) from MIL fold models: both averaged over the models and the first `tta`
+    dihedral transforms (`kit.inference.dihedral_np`, as predict's TTA); the bag head of each
+    (model, transform) pools the embeddings of all N cells, as in training."""
+    from kit.inference import dihedral_np
+    from kit.models import preprocess
+
+    device = torch.device(device)
+    n = len(tiles)
+    out = np.zeros((n, NUM_CLASSES), np.float32)
+    use_amp = device.type == "cuda"
+    embs: dict = {}
+    with torch.inference_mode():
+        for start in range(0, n, max(1, int(batch_size))):
+            chunk = tiles[start:start + batch_size]
+            acc = torch.zeros((len(chunk), NUM_CLASSES), dtype=torch.float32, device=device)
+            for k in range(tta):
+                xk = preprocess(torch.from_numpy(np.ascontiguousarray(dihedral_np(chunk, k))).to(device))
+                with torch.autocast(device.type, enabled=use_amp):
+                    for m, model in enumerate(models):
+                        logits, emb = model(xk, return_embedding=True)
+                        embs.setdefault((m, k), []).append(emb.float())
+                        logits = logits.float()
+                        acc += torch.softmax(logits, 1) if activation == "softmax" else torch.sigmoid(logits)
+            out[start:start + len(chunk)] = (acc / (tta * len(models))).cpu().numpy()
+        bag = torch.zeros(NUM_CLASSES, dtype=torch.float32, device=device)
+        for (m, _), parts in embs.items():
+            e = torch.cat(parts).unsqueeze(0)
+            mask = torch.ones(e.shape[:2], dtype=torch.bool, device=device)
+            bag += torch.sigmoid(models[m].bag_logits(e, mask).float())[0]
+    return out, (bag / max(1, len(embs))).cpu().numpy()
+
+
 def write_bag_oof(path: Path, ids: Sequence[str], probs: np.ndarray) -> None:
     """``ID,p0..p18`` of the bag head (the MIL model's image score) on validation images."""
     import pandas as pd

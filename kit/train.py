@@ -42,6 +42,7 @@ Checkpoint dict (torchvision-reference style): ``model, optimizer, lr_scheduler,
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import math
@@ -249,6 +250,19 @@ def make_scheduler(optimizer, tcfg, total_steps: int):
             return 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
         return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+
+
+def measured_layout(tcfg, model: nn.Module, side: int, device: torch.device):
+    """`tcfg` with ``channels_last: auto`` resolved: the layout measured faster for a training step of
+    this model on this machine (`kit.throughput.training_layout`, cached per machine + model)."""
+    if tcfg.channels_last != "auto":
+        return tcfg
+    from kit.throughput import default_batch, training_layout
+
+    n = default_batch(side, min(tcfg.batch_size, 16))
+    example = np.random.default_rng(0).integers(0, 256, (n, 4, side, side), dtype=np.uint8)
+    layout = training_layout(model, example, device, amp=tcfg.amp, cache=True)
+    return dataclasses.replace(tcfg, channels_last=bool(layout["channels_last"]))
 
 
 def _to_device(x, device: torch.device, channels_last: bool):
@@ -519,6 +533,7 @@ def build_fold(cfg: Config, kind: str, fold: int, subdir: str | None = None, cel
     mil = kind == "cell" and tcfg.cell_mode == "mil"
     _seed_everything(tcfg.seed)
     model = build_from_config(cfg.model(kind), bag_pool=tcfg.bag_pool if mil else None).to(device)
+    tcfg = measured_layout(tcfg, model, cfg.data.tile_size if kind == "cell" else cfg.data.field_size, device)
     if tcfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     pos_weight = None
