@@ -91,7 +91,10 @@ def make_dataset(root: Path, style: str, seed: int, args) -> Path:
 def base_overrides(args) -> list[str]:
     return [f"model.backbone={args.backbone}", f"train.epochs={args.epochs}", f"data.tile_size={args.tile_size}",
             f"data.field_size={args.field_size}", "train.batch_size=32", "train.lr=0.002", "train.workers=0",
-            "predict.tta=1", "predict.batch_size=128", f"train.pseudo_rounds={args.rounds}"]
+            "predict.tta=1", "predict.batch_size=128", f"train.pseudo_rounds={args.rounds}",
+            # plain torch inference: this measures scores, and the engine probe of kit.throughput
+            # (equal outputs to ~1e-7) took 15 min per model under load on the shared 2-core machine
+            "predict.engine=torch"]
 
 
 def prepare(data: Path, work: Path, args) -> list[str]:

@@ -404,3 +404,30 @@ def test_mil_bag_score_comes_from_the_predict_loop(tiny_dataset, tmp_path):
     preds = build_predictions(results, IMAGE_ONLY)  # every cell gets its field's bag score
     first = np.array([conf for _, conf, _ in preds[ids[0]].triples[:NUM_CLASSES]])
     np.testing.assert_allclose(first, np.float32(r.bag_probs), rtol=1e-6)
+
+    # the bag score is the bag head over all of the field's cells, as trained (one model, no TTA)
+    from kit.images import read_sample
+    from kit.models import preprocess
+    from kit.predict import _batched, _predict_inputs
+
+    jobs = [(str(test), i, [(predictor.run_masks(test), False)], predictor.tile_size, None, cfg.cells) for i in ids]
+    items = [_predict_inputs(job) for job in jobs]
+    tiles = next(iter(items[0]["cells"].values()))[1]
+    with torch.inference_mode():
+        model.eval()
+        logits, emb = model(preprocess(torch.from_numpy(tiles)), return_embedding=True)
+        want_bag = torch.sigmoid(model.bag_logits(emb[None], torch.ones(1, len(emb), dtype=torch.bool)))[0].numpy()
+    np.testing.assert_allclose(r.bag_probs, want_bag, atol=1e-5)
+    np.testing.assert_allclose(r.cell_probs, torch.sigmoid(logits).numpy(), atol=1e-5)
+    assert read_sample(test, ids[0]).shape[:2] == (r.height, r.width)
+    # GPU batching across images keeps each field's cells together for the bag head: same results
+    ens = predictor.ensemble("cell")
+    per_image = [dict(done) for done in _batched(iter(items), ens, None, across_images=False)]
+    across = [dict(done) for done in _batched(iter(items), ens, None, across_images=True)]
+    assert len(per_image) == len(across) == len(ids)
+    for a, b, i in zip(per_image, across, ids):
+        (ra,), (rb,) = a.values(), b.values()
+        assert ra.image_id == rb.image_id == i and np.isnan(rb.image_probs).all()
+        np.testing.assert_array_equal(ra.bag_probs, rb.bag_probs)
+        np.testing.assert_array_equal(ra.cell_probs, rb.cell_probs)
+        np.testing.assert_allclose(ra.bag_probs, results[i].bag_probs, atol=1e-6)
