@@ -17,6 +17,8 @@ evaluate when ``DIR/test_solution.csv`` exists: the submission's mAP, the image-
          rows, and the ceilings (segmentation: true labels on predicted masks; classification:
          predicted labels on true masks, needs ``DIR/truth/``)
 record   one row per fold on the leaderboard (`kit.leaderboard`)
+report   ``RUN/report/index.html``: one static page with the scores, per-class AP, fields and
+         cells (`kit.report`); its path is printed last
 ======== ==================================================================================
 
 Run folder: ``WORK/runs/<dataset>-<config hash>/`` (the hash of the config before tuning, so a
@@ -26,7 +28,8 @@ rerun with the same settings finds and resumes it), holding the train outputs pl
 With ``--json`` the last line of stdout is one JSON object: ``run`` (run folder), ``submission``,
 ``timings`` (seconds per stage), ``image_only``, ``cell_only``, ``combined``, ``seg_ceiling``,
 ``cls_ceiling`` (test mAP of each row of the comparison table; null without test truth), plus
-``oof`` (OOF score, its kind, per fold) and ``combine`` (the chosen strategy).
+``oof`` (OOF score, its kind, per fold), ``combine`` (the chosen strategy) and ``report`` (the
+path of the HTML report, null if writing it failed).
 
 ``python -m kit demo`` = ``synth`` (into ``--out``, default ``demo/``) + ``run``, with defaults that
 finish in about 10 minutes on 2 CPU cores. ``python -m kit ceiling --run RUN_DIR`` computes the two
@@ -397,9 +400,30 @@ def run_pipeline(data_dir: str | Path, *, config: str | Path | None = None, over
             f.write(f"\n{margin}\n")
     with atomic_open(run_dir / "summary.json", "w") as f:
         json.dump(summary, f, indent=2, default=str)
+    summary["report"] = _report(run_dir, timer, workers)
+    if summary["report"]:  # the report's own time, in the summary it has just shown
+        summary["timings"]["report"] = timer.seconds["report"]
+        summary["timings"]["total"] = round(timings["total"] + timer.seconds["report"], 2)
+        with atomic_open(run_dir / "summary.json", "w") as f:
+            json.dump(summary, f, indent=2, default=str)
     summary["table"] = table
-    summary["written"] = _written(cfg, run_dir, sub_path, lb_path)
+    summary["written"] = _written(cfg, run_dir, sub_path, lb_path) | {"report": summary["report"] or "(failed)"}
     return summary
+
+
+def _report(run_dir: Path, timer: Timer, workers: int) -> str | None:
+    """Write the run's HTML report (kit.report); a failure is reported, never fatal: the
+    submission is already written."""
+    import traceback
+
+    from kit.report import write_report
+
+    with timer.stage("report"):
+        try:
+            return str(write_report(run_dir, workers=workers))
+        except Exception:  # noqa: BLE001 - a broken report must not lose the finished run
+            _log("report: failed (the run itself is complete):\n" + traceback.format_exc())
+            return None
 
 
 def _indent(text: str) -> str:
@@ -473,9 +497,11 @@ def print_summary(summary: dict, as_json: bool) -> None:
     print("\nwritten:")
     for k, v in summary["written"].items():
         print(f"  {k:<17} {v}")
+    if summary.get("report"):
+        print(f"\nreport: {summary['report']}")
     if as_json:
         keys = ("run", "submission", "timings", "image_only", "cell_only", "combined", "seg_ceiling", "cls_ceiling",
-                "oof", "combine")
+                "oof", "combine", "report")
         print(json.dumps({k: summary.get(k) for k in keys}, default=str))
 
 
