@@ -365,7 +365,7 @@ class Leaderboard:
                 f.write(text)
             return path
         if suffix not in (".csv", ".md", ".markdown"):
-            raise ConfigError(f"export {path}: the file must end in .csv, .md or .html")
+            raise ConfigError(f"export {path}: the file must end in .csv or .md (or .html)")
         table = self.rows() if all_rows else self.ranked()
         if all_rows:
             table = table.assign(extra=[json.dumps(e, sort_keys=True) for e in table["extra"]])
