@@ -39,6 +39,7 @@ All run inputs are read by `read_run` (the one function that knows the run folde
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -327,10 +328,13 @@ def image_level_oof(files: RunFiles) -> dict | None:
 # plots (matplotlib's object API on the Agg canvas: no display, no pyplot state)
 
 
-def _figure(width: float, height: float):
+def _figure(width: float, height: float, **margins):
+    """A figure with fixed margins (constrained layout costs seconds on the grids drawn here)."""
     from matplotlib.figure import Figure
 
-    return Figure(figsize=(width, height), dpi=100, layout="constrained")
+    fig = Figure(figsize=(width, height), dpi=100)
+    fig.subplots_adjust(**{"left": 0.06, "right": 0.98, "bottom": 0.08, "top": 0.92, **margins})
+    return fig
 
 
 def _save_fig(fig, path: Path) -> Path:
@@ -345,7 +349,7 @@ def plot_ap_bars(path: Path, series: Sequence[tuple[str, Sequence[float | None],
                  counts: Sequence[str], title: str) -> Path:
     """Horizontal bars per class, one bar per series (name, per-class values, colour)."""
     classes = list(range(NUM_CLASSES))
-    fig = _figure(10, 8)
+    fig = _figure(6.5, 7.5, left=0.42, bottom=0.07, top=0.93)
     ax = fig.add_subplot()
     y = np.arange(NUM_CLASSES, dtype=float)
     height = 0.8 / max(len(series), 1)
@@ -365,11 +369,15 @@ def plot_ap_bars(path: Path, series: Sequence[tuple[str, Sequence[float | None],
 
 
 def plot_pr_grid(path: Path, curves: dict[int, list[tuple[str, np.ndarray, np.ndarray, str]]], title: str) -> Path:
-    """One small precision-recall plot per class: {class: [(name, precision, recall, style)]}."""
+    """One small precision-recall plot per class: {class: [(name, precision, recall, style)]};
+    the title gives the AP of the first curve."""
+    from kit.metric import average_precision
+
     classes = sorted(curves)
     cols = 5
     rows = max(1, math.ceil(len(classes) / cols))
-    fig = _figure(14, 2.6 * rows + 0.4)
+    height = 2.6 * rows + 0.4
+    fig = _figure(14, height, left=0.04, bottom=0.45 / height, top=1 - 0.5 / height, hspace=0.35, wspace=0.18)
     axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False)).ravel()
     for ax, c in zip(axes, classes):
         for name, precision, recall, style in curves[c]:
@@ -377,7 +385,8 @@ def plot_pr_grid(path: Path, curves: dict[int, list[tuple[str, np.ndarray, np.nd
                     style, label=name, lw=1.2, drawstyle="steps-post")
         ax.set_xlim(0, 1.0)
         ax.set_ylim(0, 1.05)
-        ax.set_title(f"{c} {CLASS_NAMES[c][:24]}", fontsize=8)
+        ap = average_precision(curves[c][0][1], curves[c][0][2])
+        ax.set_title(f"{c} {CLASS_NAMES[c][:24]}: AP {ap:.3f}", fontsize=8)
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
     for ax in axes[len(classes):]:
@@ -395,7 +404,8 @@ def plot_epochs(path: Path, epochs: dict) -> Path | None:
     kinds = [k for k in ("cell", "image") if any(kind == k for kind, _ in epochs)]
     if not kinds:
         return None
-    fig = _figure(11, 3.2 * len(kinds))
+    fig = _figure(11, 3.2 * len(kinds), hspace=0.45, wspace=0.15, top=1 - 0.35 / (3.2 * len(kinds)),
+                  bottom=0.5 / (3.2 * len(kinds)))
     axes = fig.subplots(len(kinds), 2, squeeze=False)
     for r, kind in enumerate(kinds):
         for (k, fold), df in sorted(epochs.items()):
@@ -757,7 +767,7 @@ def section_per_class(files: RunFiles, cells: CellScores, image_oof: dict | None
                   for c in range(NUM_CLASSES)]
         series = [("test (cell AP, IoU 0.6)", numbers["test_ap"], "tab:blue"),
                   ("OOF (cell AP)", oof_per_class, "tab:orange")]
-        title = f"AP per class of {files.spec.name}; in brackets: true cells test / OOF"
+        title = f"AP per class of {files.spec.name}\n(in brackets: true cells in test / OOF)"
         rows = [(class_label(c), int(cells.n_pos[c]), numbers["test_ap"][c],
                  int(n_true_oof[c]) if n_true_oof is not None else None, oof_per_class[c],
                  image_oof["per_class"][c] if image_oof else None) for c in range(NUM_CLASSES)]
@@ -774,7 +784,7 @@ def section_per_class(files: RunFiles, cells: CellScores, image_oof: dict | None
         counts = [f"{int(img_counts[c])} images" for c in range(NUM_CLASSES)]
         series = [("OOF image model (image-level AP)", image_oof["per_class"] if image_oof else [None] * 19, "tab:green"),
                   ("OOF combination, image-level proxy", oof_per_class, "tab:orange")]
-        title = "image-level AP per class (no cell truth); in brackets: train images with the class"
+        title = "image-level AP per class (no cell truth)\n(in brackets: train images with the class)"
         rows = [(class_label(c), int(img_counts[c]), image_oof["per_class"][c] if image_oof else None,
                  oof_per_class[c]) for c in range(NUM_CLASSES)]
         head = ["class", "train images", "image model OOF AP", "combination OOF proxy AP"]
@@ -791,8 +801,8 @@ def section_per_class(files: RunFiles, cells: CellScores, image_oof: dict | None
                 "image model's OOF AP against the image labels and the combination's OOF proxy.</p>")
         numbers["image_oof_ap"] = image_oof["per_class"] if image_oof else None
     plot_ap_bars(out / "img" / "ap_per_class.png", series, counts, title)
-    html = [lead, '<img class="plot" src="img/ap_per_class.png" alt="AP per class">',
-            table(head, rows, numeric=[False] + [True] * (len(head) - 1), cls="perclass")]
+    html = [lead, '<div class="side"><img class="plot" src="img/ap_per_class.png" alt="AP per class">',
+            table(head, rows, numeric=[False] + [True] * (len(head) - 1), cls="perclass"), "</div>"]
     if curves:
         plot_pr_grid(out / "img" / "pr_curves.png", curves, pr_title)
         html.append(f'<h3 id="pr">PR curves</h3><img class="plot" src="img/pr_curves.png" alt="{esc(pr_title)}">')
@@ -840,18 +850,31 @@ def section_training(files: RunFiles, out: Path) -> str:
     return "".join(html) or '<p class="note">no training outputs found.</p>'
 
 
-def section_analysis(files: RunFiles, out: Path) -> tuple[str, float]:
-    """Run `kit analyze` on the dataset's labels into OUT/analysis and link its files."""
+def section_analysis(files: RunFiles, out: Path) -> str:
+    """`kit analyze` of the dataset's labels into OUT/analysis (redone only when train.csv
+    changed), linked."""
     from kit.analyze import analyze
+    from kit.folds import file_sha256
 
-    t0 = time.perf_counter()
+    folder = out / "analysis"
+    stamp = folder / "analysis.json"
+    labels = Path(files.cfg.data.labels_path)
+    digest = file_sha256(labels)
     try:
-        result = analyze(files.data_dir, out / "analysis")
-    except KitError as exc:
-        return f'<p class="warn">kit analyze failed: {esc(exc)}</p>', time.perf_counter() - t0
-    items = "".join(f"<li>{_link(p, out, name)}</li>" for name, p in result.files.items())
-    return (f"<p>`kit analyze {esc(files.data_dir)}` (labels of the train images):</p><ul>{items}</ul>",
-            time.perf_counter() - t0)
+        made = json.loads(stamp.read_text())
+    except (OSError, ValueError):
+        made = {}
+    listed = made.get("files") or {}
+    if made.get("labels_sha256") != digest or not all((folder / n).is_file() for n in listed.values()):
+        try:
+            result = analyze(files.data_dir, folder)
+        except KitError as exc:
+            return f'<p class="warn">kit analyze failed: {esc(exc)}</p>'
+        listed = {name: p.name for name, p in result.files.items()}
+        with atomic_open(stamp, "w") as f:
+            json.dump({"labels": str(labels), "labels_sha256": digest, "files": listed}, f, indent=2)
+    items = "".join(f"<li>{_link(folder / n, out, name)}</li>" for name, n in listed.items())
+    return f"<p><code>kit analyze {esc(files.data_dir)}</code> (the labels of the train images):</p><ul>{items}</ul>"
 
 
 EXTRA_CSS = """
@@ -872,6 +895,8 @@ table.cells td:first-child { white-space: nowrap; }
 .caps { display: flex; gap: 4px; }
 .cap { width: 80px; font-size: 10px; line-height: 1.15; color: #333; overflow-wrap: anywhere; }
 .legend span { margin-right: 14px; }
+.side { display: flex; gap: 16px; align-items: flex-start; }
+.side img { flex: none; }
 """
 
 
@@ -885,34 +910,40 @@ def _legend(has_truth: bool) -> str:
         f'<span><span class="swatch" style="background:rgb{c}"></span>{t}</span>' for t, c in items) + "</p>"
 
 
-def write_report(run_dir: str | Path, images: str | Path | None = None, out: str | Path | None = None, *,
-                 workers: int = 1, progress: bool = False) -> Path:
-    """Write the run's report (see the module doc); returns the path of ``index.html``."""
-    t0 = time.perf_counter()
-    files = read_run(run_dir, images, workers=workers, progress=progress)
-    out = Path(out) if out is not None else files.run_dir / REPORT_DIR
-    (out / "img").mkdir(parents=True, exist_ok=True)
-    cells = score_cells(files)
-    image_oof = image_level_oof(files)
-    pictures = FieldPictures(files, cells)
+class _Clock:
+    """Wall and CPU seconds of each part of the report (written to report.json)."""
 
-    sections: list[tuple[str, str, str]] = []
-    sections.append(("scores", "Scores", section_scores(files, cells)))
-    per_class_html, numbers = section_per_class(files, cells, image_oof, out)
-    sections.append(("perclass", "Per class", per_class_html))
-    sections.append(("combine", "Combination", section_combine(files)))
+    def __init__(self) -> None:
+        self.parts: dict[str, dict[str, float]] = {}
+        self._start = (time.perf_counter(), time.process_time())
 
+    @contextlib.contextmanager
+    def part(self, name: str):
+        wall, cpu = time.perf_counter(), time.process_time()
+        try:
+            yield
+        finally:
+            self.parts[name] = {"wall_s": round(time.perf_counter() - wall, 3), "cpu_s": round(time.process_time() - cpu, 3)}
+
+    def total(self) -> dict[str, float]:
+        return {"wall_s": round(time.perf_counter() - self._start[0], 3),
+                "cpu_s": round(time.process_time() - self._start[1], 3)}
+
+
+def _gallery(files: RunFiles, cells: CellScores, pictures: "FieldPictures", out: Path) -> tuple[str, list]:
     chosen = choose_fields(cells)
     fields_html = "".join(render_field(files, cells, pictures, i, cls, out) for i, cls in chosen)
     covered = sorted({c for _, cls in chosen for c in cls})
-    gallery = (_legend(cells.has_truth)
-               + f"<p>{len(chosen)} fields covering {len(covered)} classes: "
-               + esc(", ".join(SHORT_NAMES[c] for c in covered)) + ". Tags: the cell's two top classes and "
-               "combined confidences after the cell number (hover for the class names); the table lists the top three.</p>"
-               '<input type="checkbox" id="hidetags"> <label for="hidetags">hide tags</label>'
-               f'<div class="fields">{fields_html}</div>')
-    sections.append(("gallery", "Gallery", gallery))
+    html = (_legend(cells.has_truth)
+            + f"<p>{len(chosen)} fields covering {len(covered)} classes: "
+            + esc(", ".join(SHORT_NAMES[c] for c in covered)) + ". Tags: the cell number, then its two top "
+            "classes and combined confidences (hover for the class names); the table lists the top three.</p>"
+            '<input type="checkbox" id="hidetags"> <label for="hidetags">hide tags</label>'
+            f'<div class="fields">{fields_html}</div>')
+    return html, chosen
 
+
+def _errors(cells: CellScores, pictures: "FieldPictures", out: Path) -> str:
     if cells.has_truth:
         classes = [c for c in range(NUM_CLASSES) if cells.n_pos[c] > 0]
     else:
@@ -929,31 +960,57 @@ def write_report(run_dir: str | Path, images: str | Path | None = None, out: str
             blocks.append(f"<h3>{esc(class_label(c))}</h3><p>cells ranked highest for the class</p>{strips[f'top{c}']}")
     lead = ("<p>Per class: the predicted cells with the highest confidence for the class whose true cell lacks it "
             "(outline magenta; orange: no true cell), and the true cells with the class that got the lowest "
-            "confidence (outline orange: the true cell's mask).</p>" if cells.has_truth else
+            "confidence (outline orange: the true cell's mask). Captions: confidence for the class, rank among "
+            "the class's scored cells, the cell's true labels.</p>" if cells.has_truth else
             "<p>No cell truth: per class, the cells the model ranks highest (the top of the submission).</p>")
-    sections.append(("errors", "Errors" if cells.has_truth else "Top cells", lead + "".join(blocks)))
-    sections.append(("training", "Training", section_training(files, out)))
-    sections += [("data", "Data", section_data(files, cells)), ("folds", "Folds", section_folds(files, out)),
-                 ("timings", "Timings", section_timings(files)), ("settings", "Settings", section_settings(files, out))]
+    return lead + "".join(blocks)
 
-    analysis_html, _ = section_analysis(files, out)
-    sections.append(("analysis", "Dataset analysis", analysis_html))
+
+def write_report(run_dir: str | Path, images: str | Path | None = None, out: str | Path | None = None, *,
+                 workers: int = 1, progress: bool = False) -> Path:
+    """Write the run's report (see the module doc); returns the path of ``index.html``."""
+    clock = _Clock()
+    with clock.part("read"):
+        files = read_run(run_dir, images, workers=workers, progress=progress)
+        out = Path(out) if out is not None else files.run_dir / REPORT_DIR
+        (out / "img").mkdir(parents=True, exist_ok=True)
+    with clock.part("score"):
+        cells = score_cells(files)
+        image_oof = image_level_oof(files)
+    pictures = FieldPictures(files, cells)
+    sections: list[tuple[str, str, str]] = []
+    with clock.part("plots"):
+        sections.append(("scores", "Scores", section_scores(files, cells)))
+        per_class_html, numbers = section_per_class(files, cells, image_oof, out)
+        sections.append(("perclass", "Per class", per_class_html))
+        sections.append(("combine", "Combination", section_combine(files)))
+    with clock.part("gallery"):
+        gallery_html, chosen = _gallery(files, cells, pictures, out)
+        sections.append(("gallery", "Gallery", gallery_html))
+    with clock.part("tiles"):
+        sections.append(("errors", "Errors" if cells.has_truth else "Top cells", _errors(cells, pictures, out)))
+    with clock.part("training"):
+        sections.append(("training", "Training", section_training(files, out)))
+        sections += [("data", "Data", section_data(files, cells)), ("folds", "Folds", section_folds(files, out)),
+                     ("timings", "Timings", section_timings(files)), ("settings", "Settings", section_settings(files, out))]
+    with clock.part("analysis"):
+        sections.append(("analysis", "Dataset analysis", section_analysis(files, out)))
     s = files.summary
+    oof = s.get("oof") or {}
     headline = (f"combined test mAP {fmt(s.get('combined'))}, " if s.get("combined") is not None else "") + \
-        f"OOF {esc((s.get('oof') or {}).get('score_kind', files.combine.get('score_kind', '')))} " \
-        f"{fmt((s.get('oof') or {}).get('overall', files.combine.get('score')))}"
-    seconds = time.perf_counter() - t0
-    subtitle = (f"{esc(files.run_dir)} &middot; {esc(headline)} &middot; combination {esc(files.spec.name)} "
-                f"&middot; written {time.strftime('%Y-%m-%d %H:%M')} in {seconds:.1f} s")
+        f"OOF {esc(oof.get('score_kind', files.combine.get('score_kind', '')))} {fmt(oof.get('overall', files.combine.get('score')))}"
+    subtitle = (f"{esc(files.run_dir)} &middot; {headline} &middot; combination {esc(files.spec.name)} "
+                f"&middot; written {time.strftime('%Y-%m-%d %H:%M')} in {clock.total()['wall_s']:.1f} s")
     body = "".join(f'<section id="{a}"><h2>{esc(t)}</h2>{h}</section>' for a, t, h in sections)
     text = page(f"kit report: {files.run_dir.name}", body, subtitle=subtitle,
                 nav=[(a, t) for a, t, _ in sections], css=EXTRA_CSS)
     path = out / PAGE_NAME
     with atomic_open(path, "w", encoding="utf-8") as f:
         f.write(text)
+    covered = sorted({c for _, cls in chosen for c in cls})
     with atomic_open(out / "report.json", "w") as f:
         json.dump({"page": PAGE_NAME, "fields": [i for i, _ in chosen], "classes_covered": covered,
-                   "seconds": round(time.perf_counter() - t0, 2), **numbers}, f, indent=2)
+                   "time": clock.total(), "parts": clock.parts, **numbers}, f, indent=2)
     return path
 
 
