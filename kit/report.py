@@ -510,7 +510,10 @@ def render_field(files: RunFiles, cells: CellScores, pictures: FieldPictures, im
     """Write ``fields/<ID>.png`` (composite + outlines) and return the field's HTML block."""
     from kit.draw import draw_outlines, write_png
 
-    rgb, pred, _ = pictures.get(image_id)
+    try:
+        rgb, pred, _ = pictures.get(image_id)
+    except KitError as exc:  # e.g. a channel file that cannot be read: no picture, say why
+        return f'<p class="warn">field {esc(image_id)}: {esc(exc)}</p>'
     rows = cells.rows_of(image_id)
     colours, tags, body = {}, [], []
     h, w = pred.shape
@@ -577,7 +580,10 @@ def render_tiles(pictures: FieldPictures, requests: list[TileRequest], out: Path
 
     tiles: dict[tuple[str, int], np.ndarray] = {}
     for image_id in sorted({r.image_id for r in requests}):
-        rgb, pred, true = pictures.get(image_id)
+        try:
+            rgb, pred, true = pictures.get(image_id)
+        except KitError:  # the gallery says why; its tiles stay black
+            rgb, pred, true = np.zeros((1, 1, 3), np.uint8), np.zeros((1, 1), np.int32), np.zeros((1, 1), np.int32)
         for i, r in enumerate(requests):
             if r.image_id == image_id:
                 labels = pred if r.which == "pred" else true
