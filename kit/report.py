@@ -735,7 +735,12 @@ def section_scores(files: RunFiles, cells: CellScores) -> str:
         if key == "combined":
             label = f"{label}: {files.spec.name}"
         rows.append((label, s.get(key), oof_row.get(key)))
-    out = [table(["row", "test mAP", kind], rows, numeric=[False, True, True], cls="comparison")]
+    out = []
+    test_dir = files.data_dir / "test"
+    if files.images_dir.resolve() != test_dir.resolve():
+        out.append(f'<p class="warn">These are the run\'s scores on its test set {esc(test_dir)}; the sections '
+                   f"below show {esc(files.images_dir)}.</p>")
+    out.append(table(["row", "test mAP", kind], rows, numeric=[False, True, True], cls="comparison"))
     notes = list(s.get("notes") or [])
     out += [f'<p class="note">note: {esc(n)}</p>' for n in notes]
     if not s:
@@ -950,10 +955,9 @@ def _gallery(files: RunFiles, cells: CellScores, pictures: "FieldPictures", out:
 
 
 def _errors(cells: CellScores, pictures: "FieldPictures", out: Path) -> str:
-    if cells.has_truth:
-        classes = [c for c in range(NUM_CLASSES) if cells.n_pos[c] > 0]
-    else:
-        classes = sorted({int(c) for c in np.argmax(cells.scores, axis=1)}) if len(cells.scores) else []
+    # with truth: the classes with true cells; without: every class (the submission ranks them all)
+    classes = [c for c in range(NUM_CLASSES) if cells.n_pos[c] > 0] if cells.has_truth else \
+        (list(range(NUM_CLASSES)) if len(cells.scores) else [])
     strips = render_tiles(pictures, tile_requests(cells, classes), out)
     blocks = []
     for c in classes:
