@@ -53,11 +53,15 @@ def fmt(value: Any, digits: int = 4) -> str:
 def table(headers: Sequence[str], rows: Sequence[Sequence[Any]], *, numeric: Sequence[bool] | None = None,
           row_class: Sequence[str] | None = None, cell_class: Sequence[Sequence[str]] | None = None,
           raw: bool = False, cls: str = "", digits: int = 4) -> str:
-    """An HTML table; cells are formatted by `fmt` unless `raw` (cells already HTML)."""
-    numeric = numeric or [False] * len(headers)
-    out = [f'<table class="{esc(cls)}">' if cls else "<table>", "<thead><tr>"]
-    out += [f'<th class="num">{esc(h)}</th>' if n else f"<th>{esc(h)}</th>" for h, n in zip(headers, numeric)]
-    out.append("</tr></thead><tbody>")
+    """An HTML table (no header row when `headers` is empty); cells are formatted by `fmt` unless
+    `raw` (cells already HTML)."""
+    numeric = numeric or [False] * max(len(headers), max((len(r) for r in rows), default=0))
+    out = [f'<table class="{esc(cls)}">' if cls else "<table>"]
+    if headers:  # no headers: a table of label / value rows
+        out.append("<thead><tr>")
+        out += [f'<th class="num">{esc(h)}</th>' if n else f"<th>{esc(h)}</th>" for h, n in zip(headers, numeric)]
+        out.append("</tr></thead>")
+    out.append("<tbody>")
     for i, row in enumerate(rows):
         rc = row_class[i] if row_class and row_class[i] else ""
         out.append(f'<tr class="{rc}">' if rc else "<tr>")

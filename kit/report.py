@@ -30,9 +30,11 @@ with the run's tuned strategy (``combine.yaml``). Truth for a folder ``D/<name>`
 ``D/<name>_solution.csv`` (the submission format with one ``class 1 mask`` triple per true cell
 and label; `kit synth` writes it). Cells are matched to true cells at mask IoU >= 0.6 as the
 metric does, so the per-class test AP here is the competition's (their mean is the combined row
-of the comparison table). A cell is *right* when its top class is among the labels of the true
-cell it matches, *wrong* when not, *no true cell* when it matches none. False positives are
-counted as the metric counts them: cells of fields whose truth has the class.
+of the comparison table). The metric ranks each class over the cells of the fields whose truth has
+it and ignores it elsewhere, and so does the report: a cell is *right* when, of its field's true
+classes, the one it is most confident of is among the labels of the true cell it matches, *wrong*
+when not, *no true cell* when it matches none; false positives of a class are cells of fields
+whose truth has the class. The OOF curves come from `kit.combine.load_oof` (the cells tuned on).
 
 All run inputs are read by `read_run` (the one function that knows the run folder's files).
 """
@@ -122,6 +124,7 @@ class RunFiles:
     train_metrics: dict = field(default_factory=dict)
     folds_file: Path | None = None
     folds_info: dict = field(default_factory=dict)
+    oof: Any = None                     # kit.combine.OOFSet of the run (None when it cannot be read)
 
     def cells(self, image_id: str) -> np.ndarray:
         """The predicted label image of one image (the masks its predictions were made on)."""
@@ -202,6 +205,13 @@ def read_run(run_dir: str | Path, images: str | Path | None = None, *, workers: 
             folds_info = read_sidecar(folds_file)
         except KitError:
             folds_info = {}
+    try:
+        from kit.combine import load_oof
+
+        oof = load_oof(run_dir, cfg, progress=False)
+    except KitError as exc:
+        _log(f"report: no out-of-fold cells ({exc}): no OOF precision-recall curves")
+        oof = None
     train_metrics = summary.get("train") or (
         json.loads((run_dir / "train_metrics.json").read_text()) if (run_dir / "train_metrics.json").is_file() else {})
     return RunFiles(
@@ -212,7 +222,7 @@ def read_run(run_dir: str | Path, images: str | Path | None = None, *, workers: 
         solution=solution, solution_path=solution_path if solution is not None else None,
         train_labels=read_labels_csv(cfg.data.labels_path), train_solution_counts=counts,
         cell_oof=_read_oof(run_dir, "cell"), image_oof=_read_oof(run_dir, "image"), epochs=epochs,
-        train_metrics=train_metrics or {}, folds_file=folds_file, folds_info=folds_info,
+        train_metrics=train_metrics or {}, folds_file=folds_file, folds_info=folds_info, oof=oof,
     )
 
 
@@ -240,12 +250,15 @@ class CellScores:
         return np.flatnonzero(self.image_ids == image_id)
 
     def verdict(self, row: int) -> str:
-        """'right' / 'wrong' / 'no true cell' (with truth), '' without."""
+        """With truth: 'right' when, of the classes of the field's truth (the ones the metric
+        scores on this field), the cell's most confident is one of its own labels, else 'wrong';
+        'no true cell' when no true cell matches at IoU >= 0.6; '' without truth."""
         if not self.has_truth:
             return ""
         if self.matched[row] == 0:
             return "no true cell"
-        return "right" if self.truth[row, int(np.argmax(self.scores[row]))] else "wrong"
+        scored = np.flatnonzero(self.verified[row])
+        return "right" if self.truth[row, scored[int(np.argmax(self.scores[row, scored]))]] else "wrong"
 
     def per_class_ap(self) -> np.ndarray:
         from kit.combine import cell_ap_per_class
@@ -415,6 +428,9 @@ def plot_epochs(path: Path, epochs: dict) -> Path | None:
                 if col in df.columns:
                     ax.plot(df["epoch"], df[col], marker="o", ms=3, label=f"fold {fold}")
         for ax, col in zip(axes[r], ("validation macro AP", "validation loss")):
+            from matplotlib.ticker import MaxNLocator
+
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.set_title(f"{kind} model: {col}", fontsize=9)
             ax.set_xlabel("epoch", fontsize=8)
             ax.grid(alpha=0.3)
@@ -529,23 +545,27 @@ def render_field(files: RunFiles, cells: CellScores, pictures: FieldPictures, im
         top = _top(cells.scores[row])
         css = "rgb({},{},{})".format(*colours[k])
         if k < n and count[k]:
-            tag = " ".join(f"{TAG_NAMES[c]} {s:.2f}".replace("0.", ".") for c, s in top[:2])
-            title = "; ".join(f"{class_label(c)} {s:.3f}" for c, s in top)
+            tag = " ".join(f"{TAG_NAMES[c]} {v:.2f}".replace("0.", ".") for c, v in top[:2])
+            title = "; ".join(f"{class_label(c)} {v:.3f}" for c, v in top)
             left = min(max(100 * cx[k] / w, 6.0), 94.0)  # keep the tag inside the picture
             tags.append(f'<span class="tag" style="left:{left:.2f}%;top:{100 * cy[k] / h:.2f}%;'
                         f'border-color:{css}" title="cell {k}: {esc(title)}"><b>{k}</b> {esc(tag)}</span>')
-        truth = ""
+        truth = best = ""
         if cells.has_truth:
             j = int(cells.matched[row])
             truth = (_classes_text(cells.true_classes[image_id][j]) if j else "no true cell at IoU &ge; 0.6")
+            scored = np.flatnonzero(cells.verified[row])
+            c = int(scored[int(np.argmax(cells.scores[row, scored]))])
+            best = f"{_classes_text([c])} {cells.scores[row, c]:.2f}"
         row_html = [f'<span class="swatch" style="background:{css}"></span>{k}',
-                    ", ".join(f'<span title="{esc(class_label(c))}">{esc(SHORT_NAMES[c])}</span> {s:.2f}' for c, s in top)]
-        body.append(row_html + [truth, esc(verdict)] if cells.has_truth else row_html)
+                    ", ".join(f'<span title="{esc(class_label(c))}">{esc(SHORT_NAMES[c])}</span> {v:.2f}' for c, v in top)]
+        body.append(row_html + [best, truth, esc(verdict)] if cells.has_truth else row_html)
     picture = draw_outlines(rgb, pred, colours)
     name = f"fields/{image_id}.png"
     write_png(out / name, picture, keep=list(VERDICT_COLOUR.values()))
     r = files.results[image_id]
-    headers = ["cell", "top classes (combined confidence)"] + (["true labels", "verdict"] if cells.has_truth else [])
+    headers = ["cell", "top 3 (combined confidence)"] + (
+        ["best of the field's true classes", "true labels", "verdict"] if cells.has_truth else [])
     cell_table = table(headers, body, raw=True, cls="cells")
     info = [f"<b>{esc(image_id)}</b> ({r.width}&times;{r.height} px, {len(rows)} cells"
             + (f", shown at {w}&times;{h}" if (w, h) != (r.width, r.height) else "") + ")",
@@ -693,7 +713,7 @@ def section_data(files: RunFiles, cells: CellScores) -> str:
     if files.train_solution_counts is not None:
         rows.append(("train cell truth", f"{int(files.train_solution_counts.sum())} true (cell, class) pairs "
                      f"in {esc(files.data_dir / 'train_solution.csv')}"))
-    return table(["", ""], rows, raw=True)
+    return table([], rows, raw=True)
 
 
 def section_folds(files: RunFiles, out: Path) -> str:
@@ -784,7 +804,18 @@ def section_per_class(files: RunFiles, cells: CellScores, image_oof: dict | None
                  image_oof["per_class"][c] if image_oof else None) for c in range(NUM_CLASSES)]
         head = ["class", "true cells (test)", "test AP", "true cells (OOF)", "OOF AP", "image model OOF AP"]
         curves = {c: [("test", *cells.pr_curve(c), "-")] for c in range(NUM_CLASSES) if cells.n_pos[c] > 0}
-        pr_title = "test precision-recall per class (cells matched at IoU 0.6; classes with true cells)"
+        oof = files.oof
+        if oof is not None and oof.score_kind == "cell_mAP" and len(oof):
+            from kit.metric import precision_recall
+
+            oof_scores = np.asarray(oof.combined(files.spec), np.float32)
+            n_pos = oof.image_n_pos.sum(axis=0)
+            for c in curves:
+                if n_pos[c] > 0:
+                    sel = oof.verified[:, c]
+                    curves[c].append(("OOF", *precision_recall(oof_scores[sel, c], oof.truth[sel, c], int(n_pos[c])), "--"))
+        pr_title = ("precision-recall per class of the test cells (solid; AP in the title) and the out-of-fold "
+                    "cells (dashed); cells matched at IoU 0.6")
         lead = (f"<p>Mean over the {int(present.sum())} classes with true cells: <b class=\"testmap\">"
                 f"{fmt(numbers['test_mAP'])}</b> (the combined row of the comparison table).</p>")
     else:
@@ -915,10 +946,13 @@ def _legend(has_truth: bool) -> str:
     if not has_truth:
         return ('<p class="legend"><span><span class="swatch" style="background:rgb(255,255,255)"></span>'
                 'predicted cell (no truth to compare with)</span></p>')
-    items = [("right: top class among the true cell's labels", RIGHT), ("wrong: top class not among them", WRONG),
-             ("no true cell at IoU &ge; 0.6", NO_TRUE_CELL)]
-    return '<p class="legend">' + "".join(
-        f'<span><span class="swatch" style="background:rgb{c}"></span>{t}</span>' for t, c in items) + "</p>"
+    items = [("right: of the field's true classes, the cell's most confident is one of its labels", RIGHT),
+             ("wrong: it is not", WRONG), ("no true cell at IoU &ge; 0.6", NO_TRUE_CELL)]
+    return ('<p class="legend">' + "".join(f'<span><span class="swatch" style="background:rgb{c}"></span>{t}</span>'
+                                           for t, c in items) + "</p>"
+            '<p class="note">The metric ranks each class over the cells of the fields whose truth has it and '
+            "ignores it elsewhere, so a cell is judged on its field's true classes; the tags and the table show "
+            "its top classes over all 19.</p>")
 
 
 class _Clock:
@@ -947,8 +981,8 @@ def _gallery(files: RunFiles, cells: CellScores, pictures: "FieldPictures", out:
     covered = sorted({c for _, cls in chosen for c in cls})
     html = (_legend(cells.has_truth)
             + f"<p>{len(chosen)} fields covering {len(covered)} classes: "
-            + esc(", ".join(SHORT_NAMES[c] for c in covered)) + ". Tags: the cell number, then its two top "
-            "classes and combined confidences (hover for the class names); the table lists the top three.</p>"
+            + esc(", ".join(SHORT_NAMES[c] for c in covered)) + ". Tags: the cell number, then its two top classes and combined confidences "
+            "(hover for the class names); the table lists the top three.</p>"
             '<input type="checkbox" id="hidetags"> <label for="hidetags">hide tags</label>'
             f'<div class="fields">{fields_html}</div>')
     return html, chosen
