@@ -446,6 +446,8 @@ def _side_by_side(group, extras: dict, out_dir: Path) -> str:
         else:
             same.append((key, values[0]))
     classes = [[""] * (len(runs) + 1) for _ in rows]
+    # what was chosen first, where things are (paths differ between any two runs) last
+    differ.sort(key=lambda kv: any(isinstance(v, str) and "/" in v for v in kv[1]))
     for key, values in differ:
         rows.append([f"<b>{esc(key)}</b>"] + [esc(v) for v in values])
         classes.append([""] + ["diff" if i and values[i] != values[0] else "" for i in range(len(values))])
