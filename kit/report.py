@@ -124,7 +124,7 @@ class RunFiles:
     train_metrics: dict = field(default_factory=dict)
     folds_file: Path | None = None
     folds_info: dict = field(default_factory=dict)
-    oof: Any = None                     # kit.combine.OOFSet of the run (None when it cannot be read)
+    oof: Any = None                     # kit.combine.OOFSet with per-cell truth, else None
 
     def cells(self, image_id: str) -> np.ndarray:
         """The predicted label image of one image (the masks its predictions were made on)."""
@@ -205,13 +205,14 @@ def read_run(run_dir: str | Path, images: str | Path | None = None, *, workers: 
             folds_info = read_sidecar(folds_file)
         except KitError:
             folds_info = {}
-    try:
-        from kit.combine import load_oof
+    oof = None
+    if counts is not None:  # OOF cells matched to their truth (on real data only tuning needs them)
+        try:
+            from kit.combine import load_oof
 
-        oof = load_oof(run_dir, cfg, progress=False)
-    except KitError as exc:
-        _log(f"report: no out-of-fold cells ({exc}): no OOF precision-recall curves")
-        oof = None
+            oof = load_oof(run_dir, cfg, progress=False)
+        except KitError as exc:
+            _log(f"report: no out-of-fold cells ({exc}): no OOF precision-recall curves")
     train_metrics = summary.get("train") or (
         json.loads((run_dir / "train_metrics.json").read_text()) if (run_dir / "train_metrics.json").is_file() else {})
     return RunFiles(
