@@ -125,10 +125,21 @@ class RunFiles:
     folds_file: Path | None = None
     folds_info: dict = field(default_factory=dict)
     oof: Any = None                     # kit.combine.OOFSet with per-cell truth, else None
+    manifest: Any = None                # kit.manifest.RunManifest
 
-    def cells(self, image_id: str) -> np.ndarray:
-        """The predicted label image of one image (the masks its predictions were made on)."""
-        return self.masks.load(image_id, None)[1]
+    def cells(self, image_id: str, image: np.ndarray | None = None) -> np.ndarray:
+        """The predicted label image of one image (the masks its predictions were made on); an
+        entry the mask cache no longer holds is segmented again from `image` (read if not given)."""
+        from kit.errors import DataError
+
+        try:
+            return self.masks.load(image_id, image)[1]
+        except DataError:
+            if image is not None:
+                raise
+            from kit.images import read_sample
+
+            return self.masks.load(image_id, read_sample(self.images_dir, image_id))[1]
 
 
 def _read_yaml(path: Path) -> dict:
@@ -150,40 +161,43 @@ def _read_oof(run_dir: Path, kind: str):
 
 
 def _image_ids(images_dir: Path, data_dir: Path) -> list[str]:
-    from kit.predict import list_image_ids, read_ids_sizes
+    from kit.layout import list_image_ids, read_sample_submission
 
     sample = data_dir / "sample_submission.csv"
     if images_dir.resolve() == (data_dir / "test").resolve() and sample.is_file():
-        return read_ids_sizes(sample)[0]
+        return read_sample_submission(sample)[0]
     return list_image_ids(images_dir)
 
 
 def read_run(run_dir: str | Path, images: str | Path | None = None, *, workers: int = 1,
              progress: bool = False) -> RunFiles:
     """Read a run's files, its dataset's truth and the predictions of `images` (default the
-    dataset's ``test/``); images the predict cache lacks are predicted with the run's models."""
+    dataset's ``test/``); images the predict cache lacks are predicted with the run's models.
+    The run's inputs (dataset, labels, folds, mask cache) come from its manifest."""
     import pandas as pd
 
     from kit.combine import read_combine_spec
     from kit.config import load_config
     from kit.folds import read_sidecar
     from kit.labels import read_labels_csv
-    from kit.predict import MaskSource, Predictor
+    from kit.manifest import read_manifest
+    from kit.predict import Predictor
     from kit.submission import read_submission
 
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
         raise KitError(f"{run_dir / 'config.yaml'} not found: is {run_dir} a run folder?")
     cfg = load_config(run_dir / "config.yaml")
-    data_dir = Path(cfg.data.data_dir)
+    manifest = read_manifest(run_dir)
+    data_dir = Path(manifest.data_dir)
     images_dir = Path(images) if images is not None else data_dir / "test"
     if not images_dir.is_dir():
         raise KitError(f"images folder not found: {images_dir}")
     summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").is_file() else {}
     ids = _image_ids(images_dir, data_dir)
     predictor = Predictor(run_dir, cfg)
-    masks = MaskSource(cfg, images_dir, workers=workers)
-    results = predictor.predict_folder(images_dir, ids, masks, progress=progress)
+    masks = predictor.run_masks(images_dir, workers)
+    results = predictor.predict_folder(images_dir, ids, masks, progress=progress, workers=workers)
     solution_path = images_dir.parent / f"{images_dir.name}_solution.csv"
     solution = read_submission(solution_path) if solution_path.is_file() else None
     train_solution = data_dir / "train_solution.csv"
@@ -198,7 +212,7 @@ def read_run(run_dir: str | Path, images: str | Path | None = None, *, workers: 
         for path in sorted((run_dir / kind).glob("fold*/epochs.csv")):
             if path.parent.name[4:].isdigit():
                 epochs[(kind, int(path.parent.name[4:]))] = pd.read_csv(path)
-    folds_file = Path(cfg.data.folds_file) if cfg.data.folds_file else None
+    folds_file = Path(manifest.folds_file) if manifest.folds_file else None
     folds_info = {}
     if folds_file is not None and folds_file.is_file():
         try:
@@ -210,7 +224,7 @@ def read_run(run_dir: str | Path, images: str | Path | None = None, *, workers: 
         try:
             from kit.combine import load_oof
 
-            oof = load_oof(run_dir, cfg, progress=False)
+            oof = load_oof(run_dir, progress=False)
         except KitError as exc:
             _log(f"report: no out-of-fold cells ({exc}): no OOF precision-recall curves")
     train_metrics = summary.get("train") or (
@@ -221,9 +235,10 @@ def read_run(run_dir: str | Path, images: str | Path | None = None, *, workers: 
         comparison_md=(run_dir / "comparison.md").read_text() if (run_dir / "comparison.md").is_file() else "",
         spec=read_combine_spec(run_dir, cfg), results=results, masks=masks,
         solution=solution, solution_path=solution_path if solution is not None else None,
-        train_labels=read_labels_csv(cfg.data.labels_path), train_solution_counts=counts,
+        train_labels=read_labels_csv(manifest.labels_file), train_solution_counts=counts,
         cell_oof=_read_oof(run_dir, "cell"), image_oof=_read_oof(run_dir, "image"), epochs=epochs,
         train_metrics=train_metrics or {}, folds_file=folds_file, folds_info=folds_info, oof=oof,
+        manifest=manifest,
     )
 
 
@@ -275,7 +290,8 @@ class CellScores:
 
 def score_cells(files: RunFiles) -> CellScores:
     """Combine the run's scores and match every predicted cell to the truth (when there is one)."""
-    from kit.combine import match_cells, truth_from_solution
+    from kit.masks import truth_from_solution
+    from kit.matching import match_labels
     from kit.predict import combined_scores
 
     order = sorted(i for i in files.results if files.solution is None or i in files.solution)
@@ -305,7 +321,7 @@ def score_cells(files: RunFiles) -> CellScores:
         present = sorted({c for cls in classes.values() for c in cls})
         if present:
             out.verified[np.ix_(rows, present)] = True
-        match = match_cells(files.cells(image_id), true_labels) if len(rows) else {}
+        match = match_labels(files.cells(image_id), true_labels) if len(rows) else {}
         row_of = {int(k): int(row) for k, row in zip(r.cell_ids, rows)}
         match_of_true = {}
         for k, j in match.items():
@@ -496,12 +512,13 @@ class FieldPictures:
         if image_id in self._cache:
             self._cache.move_to_end(image_id)
             return self._cache[image_id]
-        rgb = display_field(read_sample(self.files.images_dir, image_id), self.max_side)
+        image = read_sample(self.files.images_dir, image_id)
+        rgb = display_field(image, self.max_side)
         shape = rgb.shape[:2]
-        pred = scale_labels(self.files.cells(image_id), shape)
+        pred = scale_labels(self.files.cells(image_id, image), shape)
         true = None
         if self.files.solution is not None and image_id in self.files.solution:
-            from kit.combine import truth_from_solution
+            from kit.masks import truth_from_solution
 
             true = scale_labels(truth_from_solution(self.files.solution[image_id])[0], shape)
         self._cache[image_id] = (rgb, pred, true)
@@ -689,8 +706,12 @@ def section_settings(files: RunFiles, out: Path) -> str:
         blocks.append(f"<div><h3>{esc(group)}</h3>" + table(["key", "value"], rows, raw=True) + "</div>")
     from kit import __version__
 
-    head = (f"<p>{_link(files.run_dir / 'config.yaml', out, 'config.yaml')} (resolved); kit {esc(__version__)}; "
-            f"config hash <code>{esc(files.summary.get('config_hash', ''))}</code></p>")
+    if files.manifest is not None:  # what the settings resolved to
+        rows = [(esc(k), esc(v) if v not in (None, "") else "&ndash;") for k, v in _flatten(files.manifest.to_dict())]
+        blocks.insert(0, "<div><h3>manifest</h3>" + table(["key", "value"], rows, raw=True) + "</div>")
+    head = (f"<p>{_link(files.run_dir / 'config.yaml', out, 'config.yaml')} (the settings as given), "
+            f"{_link(files.run_dir / 'manifest.json', out, 'manifest.json')} (what they resolved to); "
+            f"kit {esc(__version__)}; config hash <code>{esc(files.summary.get('config_hash', ''))}</code></p>")
     return head + '<div class="grid">' + "".join(blocks) + "</div>"
 
 
@@ -703,7 +724,7 @@ def section_data(files: RunFiles, cells: CellScores) -> str:
         ("scored images", f"{esc(files.images_dir)}: {len(files.results)}"),
         ("image sizes (w&times;h)", ", ".join(f"{w}&times;{h}" for w, h in sizes) or "&ndash;"),
         ("predicted cells", f"{n_cells} ({n_cells / max(len(files.results), 1):.1f} per image)"),
-        ("segmentation", esc(f"{files.cfg.data.segment_backend} (mask cache {getattr(files.masks.cache, 'dir', '')})")),
+        ("segmentation", esc(f"{files.manifest.mask_backend} (mask cache {files.manifest.mask_cache})")),
     ]
     if cells.has_truth:
         rows.append(("true cells", f"{len(cells.true_cells)} in {esc(files.solution_path)}; "
@@ -901,7 +922,7 @@ def section_analysis(files: RunFiles, out: Path) -> str:
 
     folder = out / "analysis"
     stamp = folder / "analysis.json"
-    labels = Path(files.cfg.data.labels_path)
+    labels = Path(files.manifest.labels_file)
     digest = file_sha256(labels)
     try:
         made = json.loads(stamp.read_text())

@@ -169,11 +169,11 @@ def test_page_renders_in_chromium_with_every_image_and_the_runs_numbers(run, tmp
 def test_gallery_covers_every_class_present(run):
     from kit.submission import read_submission
 
-    from kit.config import load_config
+    from kit.manifest import read_manifest
 
     run_dir, _ = run
     report = json.loads((run_dir / "report" / "report.json").read_text())
-    data = Path(load_config(run_dir / "config.yaml").data.data_dir)
+    data = Path(read_manifest(run_dir).data_dir)
     solution = read_submission(data / "test_solution.csv")
     present = sorted({c for p in solution.values() for c, _, _ in p.triples})
     assert report["classes_covered"] == present
@@ -186,13 +186,12 @@ def test_outlines_drawn_are_the_cell_masks(run):
     import cv2
     from skimage.segmentation import find_boundaries
 
-    from kit.config import load_config
-    from kit.predict import open_mask_cache
+    from kit.manifest import read_manifest
     from kit.report import VERDICT_COLOUR
 
     run_dir, _ = run
     out = run_dir / "report"
-    cache = open_mask_cache(load_config(run_dir / "config.yaml"))
+    cache = read_manifest(run_dir).masks()
     page = _parse((out / "index.html").read_text())
     verdicts = {}  # (field, cell) -> verdict, from the cell tables in page order
     fields = json.loads((out / "report.json").read_text())["fields"]
@@ -222,10 +221,10 @@ def test_outlines_drawn_are_the_cell_masks(run):
 def test_report_without_cell_truth_shows_image_level_ap_and_top_cells(run, tmp_path):
     from kit.report import write_report
 
-    run_dir, _ = run
-    from kit.config import load_config
+    from kit.manifest import read_manifest
 
-    test_dir = Path(load_config(run_dir / "config.yaml").data.data_dir) / "test"
+    run_dir, _ = run
+    test_dir = Path(read_manifest(run_dir).data_dir) / "test"
     images = tmp_path / "fields"  # the same images where no truth lies beside them
     shutil.copytree(test_dir, images)
     page_path = write_report(run_dir, images=images, out=tmp_path / "report")
