@@ -31,6 +31,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "ceiling": ("kit.ceilings", "Segmentation and classification ceilings of a run (needs true masks)."),
     "evaluate": ("kit.metric", "Score a submission against a solution file (competition mAP, IoU 0.6)."),
     "validate-submission": ("kit.submission", "Check a submission file and report every problem at once."),
+    "report": ("kit.report", "Write a run's report: one static HTML page with scores, per-class AP, fields and cells."),
     "leaderboard": ("kit.leaderboard", "Show, record or export the local cross-validation leaderboard."),
     "kernel": ("kit.kaggle", "Build or push offline Kaggle kernels and their datasets."),
     "bench": ("kit.bench", "Throughput of every inference/training path vs the plain baseline, and the FLOP bound."),

@@ -23,6 +23,8 @@ evaluate when ``DIR/test_solution.csv`` exists: the submission's mAP, the image-
          rows, and the ceilings (`kit.ceilings`; true cells from ``DIR/truth/`` cell masks or the
          solution file)
 record   one row per fold on the leaderboard (`kit.leaderboard`)
+report   ``RUN/report/index.html``: one static page with the scores, per-class AP, fields and
+         cells (`kit.report`); its path is printed last
 ======== ==================================================================================
 
 The timings also give the seconds the prepare pass spent decoding, segmenting, cutting tiles and
@@ -37,7 +39,8 @@ as JSON) and ``comparison.md`` (the table).
 With ``--json`` the last line of stdout is one JSON object: ``run`` (run folder), ``submission``,
 ``timings`` (seconds per stage), ``image_only``, ``cell_only``, ``combined``, ``seg_ceiling``,
 ``cls_ceiling`` (test mAP of each row of the comparison table; null without test truth), plus
-``oof`` (OOF score, its kind, per fold) and ``combine`` (the chosen strategy).
+``oof`` (OOF score, its kind, per fold), ``combine`` (the chosen strategy) and ``report`` (the
+path of the HTML report, null if writing it failed).
 
 ``python -m kit demo`` = ``synth`` (into ``--out``, default ``demo/``) + ``run``, with defaults that
 finish in about 10 minutes on 2 CPU cores. ``configs/cpu.yaml`` is a CPU-sized preset for any
@@ -325,9 +328,28 @@ def run_pipeline(data_dir: str | Path, *, config: str | Path | None = None, over
             f.write(f"\n{margin}\n")
     with atomic_open(run_dir / "summary.json", "w") as f:
         json.dump(summary, f, indent=2, default=str)
+    summary["report"] = _report(run_dir, timer, workers, errors)
+    summary["timings"]["report"] = timer.seconds["report"]
+    summary["timings"]["total"] = round(timings["total"] + timer.seconds["report"], 2)
+    with atomic_open(run_dir / "summary.json", "w") as f:  # again, with the report's time (or failure)
+        json.dump(summary, f, indent=2, default=str)
     summary["table"] = table
-    summary["written"] = _written(inputs, run_dir, sub_path, lb_path)
+    summary["written"] = _written(inputs, run_dir, sub_path, lb_path) | {
+        "report": summary["report"] or "(failed: see the errors)"}
     return summary
+
+
+def _report(run_dir: Path, timer: Timer, workers: int, errors: list[str]) -> str | None:
+    """Write the run's HTML report (`kit.report`), last; a failure joins `errors` (exit 2), the
+    finished run and its summary stay."""
+    from kit.report import write_report
+
+    with timer.stage("report"):
+        try:
+            return str(write_report(run_dir, workers=workers))
+        except Exception as exc:  # noqa: BLE001 - reported with the other late failures
+            errors.append(_failure("report", exc))
+            return None
 
 
 def _failure(stage: str, exc: Exception) -> str:
@@ -422,9 +444,11 @@ def print_summary(summary: dict, as_json: bool) -> None:
     print("\nwritten:")
     for k, v in summary["written"].items():
         print(f"  {k:<17} {v}")
+    if summary.get("report"):
+        print(f"\nreport: {summary['report']}")
     if as_json:
         keys = ("run", "submission", "timings", "image_only", "cell_only", "combined", "seg_ceiling", "cls_ceiling",
-                "oof", "combine", "errors")
+                "oof", "combine", "errors", "report")
         print(json.dumps({k: summary.get(k) for k in keys}, default=str))
 
 
