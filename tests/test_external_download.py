@@ -107,12 +107,14 @@ def server(monkeypatch):
     for var in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
         monkeypatch.delenv(var, raising=False)
     connections: list = []
+    blocked: list = []
     real_connect = socket.socket.connect
 
     def guarded_connect(sock, address):
-        connections.append(address)
         if not (isinstance(address, tuple) and address[0] == "127.0.0.1"):
+            blocked.append(address)
             raise AssertionError(f"the downloader tried to contact {address!r}")
+        connections.append(address)
         return real_connect(sock, address)
 
     monkeypatch.setattr(socket.socket, "connect", guarded_connect)
@@ -121,11 +123,12 @@ def server(monkeypatch):
     httpd.daemon_threads = True
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     try:
-        yield f"http://127.0.0.1:{httpd.server_address[1]}", requests
+        yield f"http://127.0.0.1:{httpd.server_address[1]}", requests, blocked
     finally:
         httpd.shutdown()
         httpd.server_close()
-    assert connections and all(a[0] == "127.0.0.1" for a in connections), connections
+    assert connections, "the test made no connection at all"
+    assert not blocked, f"addresses other than 127.0.0.1 were contacted: {blocked}"
 
 
 def write_list(path: Path, ids) -> Path:
@@ -142,7 +145,7 @@ def test_url_pattern():
 
 
 def test_failure_cases_retries_and_the_one_failure_list(server, tmp_path):
-    base, requests = server
+    base, requests, _ = server
     ids = GOOD + [f"{ab}_1_A1_1" for ab in (BUSY_ONCE, SLOW_ONCE, DROP_ONCE, NOT_FOUND, CORRUPT, DROP_ALWAYS)]
     ids.append("5c27f04c-bb99-11e8-b2b9-ac1f6b6435d0")  # a Kaggle UUID: not on the website
     out = tmp_path / "ext"
@@ -182,7 +185,7 @@ def test_failure_cases_retries_and_the_one_failure_list(server, tmp_path):
 
 
 def test_rerun_skips_finished_files_and_resumes(server, tmp_path):
-    base, requests = server
+    base, requests, _ = server
     out = tmp_path / "ext"
     first = dl.download(GOOD[:2], out, base_url=base, workers=2, retries=0, timeout=5, backoff=0.01)
     assert all(o.status == "downloaded" for o in first)
@@ -200,7 +203,7 @@ def test_rerun_skips_finished_files_and_resumes(server, tmp_path):
 
 
 def test_resize_on_the_fly_and_tif_gz(server, tmp_path):
-    base, _ = server
+    base, _, _ = server
     out = tmp_path / "small"
     outcomes = dl.download(GOOD[:1], out, base_url=base, size=24, workers=2, retries=0, timeout=5)
     assert all(o.status == "downloaded" for o in outcomes)
@@ -222,7 +225,7 @@ def test_resize_on_the_fly_and_tif_gz(server, tmp_path):
 
 
 def test_command_exit_status_and_summary(server, tmp_path, capsys):
-    base, _ = server
+    base, _, _ = server
     lst = write_list(tmp_path / "external.csv", GOOD + [f"{NOT_FOUND}_2_B2_2"])
     out = tmp_path / "dl"
     code = kit_main(["external", "download", "--list", str(lst), "--out", str(out), "--base-url", base,
@@ -247,7 +250,9 @@ def test_command_exit_status_and_summary(server, tmp_path, capsys):
 
 def test_the_guard_would_catch_another_address(server, tmp_path):
     """The connection guard of these tests is live: a non-loopback base URL is stopped before any packet."""
+    base, _, blocked = server
     with pytest.raises(AssertionError, match="tried to contact"):
         dl.download(GOOD[:1], tmp_path / "x", base_url="http://192.0.2.1", workers=1, retries=0, timeout=1)
-    base, _ = server
+    assert blocked == [("192.0.2.1", 80)]
+    blocked.clear()
     dl.download(GOOD[:1], tmp_path / "y", base_url=base, workers=1, retries=0, timeout=5)  # the fixture wants one
