@@ -253,6 +253,6 @@ def test_the_guard_would_catch_another_address(server, tmp_path):
     base, _, blocked = server
     with pytest.raises(AssertionError, match="tried to contact"):
         dl.download(GOOD[:1], tmp_path / "x", base_url="http://192.0.2.1", workers=1, retries=0, timeout=1)
-    assert blocked == [("192.0.2.1", 80)]
+    assert blocked and set(blocked) == {("192.0.2.1", 80)}
     blocked.clear()
     dl.download(GOOD[:1], tmp_path / "y", base_url=base, workers=1, retries=0, timeout=5)  # the fixture wants one
