@@ -20,9 +20,9 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "labels": ("kit.external.labels", "Map a public label list (2019 scheme or HPA names) into the 2021 classes."),
     "download": ("kit.external.download", "Download the four channels of listed HPA website fields (resumable)."),
     "table": ("kit.external.table", "Merge Kaggle train and external labels into one table with source and group."),
-    #"shard-done": ("kit.external.cluster", "Record that shard I/N of a stage finished (run at the end of an array job)."),
-    #"merge-shards": ("kit.external.cluster", "Check that every shard of a stage finished and write the merged index."),
-    #"cluster-script": ("kit.external.cluster", "Write a SLURM array script or a Kubernetes indexed Job for a stage."),
+    "shard-done": ("kit.external.cluster", "Record that shard I/N of a stage finished (run at the end of an array job)."),
+    "merge-shards": ("kit.external.cluster", "Check that every shard of a stage finished and write the merged index."),
+    "cluster-script": ("kit.external.cluster", "Write a SLURM array script or a Kubernetes indexed Job for a stage."),
 }
 
 

@@ -31,8 +31,9 @@ files otherwise). Errors: HTTP 404/403/410 are final; connection errors, timeout
 that drops mid-file (fewer bytes than Content-Length), HTTP 429/5xx and a file that does not
 decode are retried ``--retries`` times with exponential back-off (``backoff * 2**attempt``, with
 jitter, at most 60 s, or the server's Retry-After). The failures are listed once, at the end, and
-in ``DIR/download_failures.csv`` (``ID,channel,url,reason,attempts``); the exit status is 1 when
-any file failed.
+in ``DIR/download_failures.csv`` (``ID,channel,url,reason,attempts``; with ``--shard I/N``
+``download_failures-I-of-N.csv``, so array tasks sharing DIR never overwrite each other's); the
+exit status is 1 when any file failed.
 """
 from __future__ import annotations
 
@@ -65,6 +66,7 @@ from kit.images import CHANNELS
 DEFAULT_BASE_URL = "https://images.proteinatlas.org"
 FORMATS = ("jpg", "tif.gz")
 FAILURES_FILE = "download_failures.csv"
+SHARD_FAILURES_FILE = "download_failures-{i}-of-{n}.csv"
 SETTINGS_FILE = "download.json"
 MAX_BACKOFF_S = 60.0
 _WEBSITE_ID = re.compile(r"^(?P<antibody>\d+)_(?P<rest>\d+_[A-Za-z]+\d+_\d+(?:_\w+)?)$")
@@ -246,10 +248,11 @@ def _check_settings(out_dir: Path, settings: dict) -> None:
 def download(image_ids: Iterable[str], out_dir: str | Path, *, base_url: str = DEFAULT_BASE_URL, fmt: str = "jpg",
              size: int | None = None, channels: Sequence[str] = CHANNELS, workers: int = 8, retries: int = 5,
              timeout: float = 60.0, backoff: float = 1.0, progress: bool = False,
-             opener: Callable | None = None) -> list[Outcome]:
+             opener: Callable | None = None, failures_file: str = FAILURES_FILE) -> list[Outcome]:
     """Download every channel of every field into `out_dir`, skipping finished files.
 
-    Returns one Outcome per file (downloaded, skipped or failed) and writes the failure list.
+    Returns one Outcome per file (downloaded, skipped or failed) and writes the failure list
+    `out_dir/failures_file` (array tasks sharing a folder each name their own).
     `opener`: a replacement for `urllib.request.urlopen` (tests, proxies).
     """
     if fmt not in FORMATS:
@@ -292,7 +295,7 @@ def download(image_ids: Iterable[str], out_dir: str | Path, *, base_url: str = D
     if bar is not None:
         bar.close()
     _field_shapes(outcomes)
-    write_failures(out_dir / FAILURES_FILE, outcomes)
+    write_failures(out_dir / failures_file, outcomes)
     return outcomes
 
 
@@ -319,7 +322,15 @@ def write_failures(path: Path, outcomes: Sequence[Outcome]) -> None:
             w.writerow([o.image_id, o.channel, o.url, o.reason, o.attempts])
 
 
-def summarize(outcomes: Sequence[Outcome], out_dir: Path, limit: int = 20) -> str:
+def failures_name(shard=None) -> str:
+    """The failure list's file name: one per shard, so array tasks in one folder never collide."""
+    from kit.segment.cache import parse_shard
+
+    sh = parse_shard(shard)
+    return FAILURES_FILE if sh is None else SHARD_FAILURES_FILE.format(i=sh[0], n=sh[1])
+
+
+def summarize(outcomes: Sequence[Outcome], out_dir: Path, limit: int = 20, failures_file: str = FAILURES_FILE) -> str:
     counts = {s: sum(o.status == s for o in outcomes) for s in ("downloaded", "skipped", "failed")}
     failed = sorted((o for o in outcomes if o.status == "failed"), key=lambda o: (o.image_id, o.channel))
     fields = {o.image_id for o in outcomes}
@@ -327,7 +338,7 @@ def summarize(outcomes: Sequence[Outcome], out_dir: Path, limit: int = 20) -> st
     lines = [f"{len(fields) - len(bad_fields)}/{len(fields)} fields complete in {out_dir}: "
              f"{counts['downloaded']} files downloaded, {counts['skipped']} already there, {counts['failed']} failed"]
     if failed:
-        lines.append(f"failures ({len(failed)} files, all in {out_dir / FAILURES_FILE}; rerun to retry):")
+        lines.append(f"failures ({len(failed)} files, all in {out_dir / failures_file}; rerun to retry):")
         for o in failed[:limit]:
             lines.append(f"  {o.image_id} {o.channel}: {o.reason} ({o.attempts} attempt{'s' * (o.attempts != 1)}) {o.url}")
         if len(failed) > limit:
@@ -362,10 +373,11 @@ def _run_download(args: argparse.Namespace) -> int:
     if args.shard:
         ids = shard_ids(ids, args.shard)
     t0 = time.time()
+    name = failures_name(args.shard)
     outcomes = download(ids, args.out, base_url=args.base_url, fmt=args.format, size=args.size,
                         workers=args.workers, retries=args.retries, timeout=args.timeout,
-                        backoff=args.backoff, progress=not args.quiet)
-    print(summarize(outcomes, args.out), end="")
+                        backoff=args.backoff, progress=not args.quiet, failures_file=name)
+    print(summarize(outcomes, args.out, failures_file=name), end="")
     print(f"({time.time() - t0:.1f} s)")
     return 1 if any(o.status == "failed" for o in outcomes) else 0
 
