@@ -60,6 +60,7 @@ def test_map_tokens_merges_removes_and_flags_unknown():
 def test_antibody_prefix():
     assert xl.antibody_of("10580_1610_C1_1") == "10580"
     assert xl.antibody_of("11651_1732_F3_13_cr580610dc203b9") == "11651"
+    assert xl.antibody_of("63683_si35_H1_11") == "63683"  # siRNA plates
     assert xl.antibody_of("5c27f04c-bb99-11e8-b2b9-ac1f6b6435d0") == ""
 
 

@@ -44,7 +44,6 @@ import http.client
 import json
 import os
 import random
-import re
 import socket
 import sys
 import threading
@@ -61,6 +60,7 @@ import numpy as np
 from kit import __version__
 from kit.atomic import atomic_open, atomic_path
 from kit.errors import ConfigError, DataError
+from kit.external.labels import HPA_ID
 from kit.images import CHANNELS
 
 DEFAULT_BASE_URL = "https://images.proteinatlas.org"
@@ -69,7 +69,6 @@ FAILURES_FILE = "download_failures.csv"
 SHARD_FAILURES_FILE = "download_failures-{i}-of-{n}.csv"
 SETTINGS_FILE = "download.json"
 MAX_BACKOFF_S = 60.0
-_WEBSITE_ID = re.compile(r"^(?P<antibody>\d+)_(?P<rest>\d+_[A-Za-z]+\d+_\d+(?:_\w+)?)$")
 _FINAL_HTTP = {400, 401, 403, 404, 410}
 
 
@@ -98,7 +97,7 @@ class Outcome:
 
 def channel_url(image_id: str, channel: str, base_url: str = DEFAULT_BASE_URL, fmt: str = "jpg") -> str:
     """The website URL of one channel of a field; PermanentError for an ID of another form."""
-    m = _WEBSITE_ID.match(str(image_id))
+    m = HPA_ID.match(str(image_id))
     if not m:
         raise PermanentError(f"{image_id!r} is not an HPA website ID (<antibody>_<plate>_<well>_<field>)")
     return f"{base_url.rstrip('/')}/{m.group('antibody')}/{m.group('rest')}_{channel}.{fmt}"

@@ -64,7 +64,8 @@ COMPETITION_CELL_LINES = (
     "A-431", "A549", "EFO-21", "HAP1", "HEK 293", "HUVEC TERT2", "HaCaT", "HeLa", "PC-3", "RH-30",
     "RPTEC TERT1", "SH-SY5Y", "SK-MEL-30", "SiHa", "U-2 OS", "U-251 MG", "hTCEpi",
 )
-HPA_ID = re.compile(r"^(\d+)_\d+_[A-Za-z]+\d+_\d+")  # <antibody>_<plate>_<well>_<field>[_suffix]
+# <antibody>_<plate>_<well>_<field>[_suffix]; plates are numbers or e.g. "si35" (siRNA plates)
+HPA_ID = re.compile(r"^(?P<antibody>\d+)_(?P<rest>[A-Za-z]*\d+_[A-Za-z]+\d+_\d+(?:_\w+)?)$")
 
 
 @dataclass(frozen=True)
@@ -132,7 +133,7 @@ def map_tokens(tokens: Sequence[str], scheme: str) -> tuple[list[int], list[str]
 def antibody_of(image_id: str) -> str:
     """The antibody of an HPA website ID (``10580_1610_C1_1`` -> ``10580``); '' for other IDs."""
     m = HPA_ID.match(str(image_id))
-    return m.group(1) if m else ""
+    return m.group("antibody") if m else ""
 
 
 # ----------------------------------------------------------------------------------------- input
