@@ -15,20 +15,16 @@ from __future__ import annotations
 import argparse
 import importlib
 
-# subcommand -> (module, one-line help)
-SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "labels": ("kit.external.labels", "Map a public label list (2019 scheme or HPA names) into the 2021 classes."),
-    "download": ("kit.external.download", "Download the four channels of listed HPA website fields (resumable)."),
-    "table": ("kit.external.table", "Merge Kaggle train and external labels into one table with source and group."),
-    "shard-done": ("kit.external.cluster", "Record that shard I/N of a stage finished (run at the end of an array job)."),
-    "merge-shards": ("kit.external.cluster", "Check that every shard of a stage finished and write the merged index."),
-    "cluster-script": ("kit.external.cluster", "Write a SLURM array script or a Kubernetes indexed Job for a stage."),
+# subcommand -> module; the help line is the docstring of the module's configure_<subcommand>
+SUBCOMMANDS: dict[str, str] = {
+    "labels": "kit.external.labels", "download": "kit.external.download", "table": "kit.external.table",
+    "shard-done": "kit.external.cluster", "merge-shards": "kit.external.cluster", "cluster-script": "kit.external.cluster",
 }
 
 
 def configure_external(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="subcommand", metavar="SUBCOMMAND", required=True)
-    for name, (module_name, help_line) in SUBCOMMANDS.items():
-        p = sub.add_parser(name, help=help_line, description=help_line)
-        module = importlib.import_module(module_name)
-        getattr(module, "configure_" + name.replace("-", "_"))(p)
+    for name, module_name in SUBCOMMANDS.items():
+        configure = getattr(importlib.import_module(module_name), "configure_" + name.replace("-", "_"))
+        help_line = (configure.__doc__ or "").strip().splitlines()[0]
+        configure(sub.add_parser(name, help=help_line, description=help_line))

@@ -301,6 +301,7 @@ def merge_path(out: Path) -> Path:
 
 
 def configure_shard_done(parser: argparse.ArgumentParser) -> None:
+    """Record that shard I/N of a stage finished, once every image of it has its outputs."""
     parser.add_argument("--list", required=True, type=Path, help="the ID list the stage ran over")
     parser.add_argument("--shard", required=True, help="I/N of this task")
     parser.add_argument("--stage", required=True, help="a name for the stage (segment, download, ...)")
@@ -323,6 +324,7 @@ def _run_shard_done(args: argparse.Namespace) -> int:
 
 
 def configure_merge_shards(parser: argparse.ArgumentParser) -> None:
+    """Check that every shard of a stage finished and write the merged index."""
     parser.add_argument("--list", required=True, type=Path, help="the ID list the stage ran over")
     parser.add_argument("--shards", required=True, type=int, help="N, the number of shards")
     parser.add_argument("--stage", required=True, help="the stage name given to shard-done")
@@ -340,6 +342,7 @@ def _run_merge_shards(args: argparse.Namespace) -> int:
 
 
 def configure_cluster_script(parser: argparse.ArgumentParser) -> None:
+    """Write a SLURM array script or a Kubernetes indexed Job (and its merge step) for a stage."""
     parser.add_argument("--scheduler", required=True, choices=SCHEDULERS)
     parser.add_argument("--stage", required=True, choices=STAGES)
     parser.add_argument("--shards", required=True, type=int, help="N array tasks")

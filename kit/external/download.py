@@ -349,6 +349,7 @@ def summarize(outcomes: Sequence[Outcome], out_dir: Path, limit: int = 20, failu
 
 
 def configure_download(parser: argparse.ArgumentParser) -> None:
+    """Download the four channels of listed HPA website fields (parallel, retried, resumable)."""
     parser.add_argument("--list", required=True, type=Path, help="CSV with an ID column (e.g. external.csv)")
     parser.add_argument("--out", required=True, type=Path, help="folder for <ID>_<channel> files")
     parser.add_argument("--workers", type=int, default=8, help="parallel downloads (threads; default 8)")

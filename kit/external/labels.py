@@ -347,6 +347,7 @@ def side_paths(out: Path) -> dict[str, Path]:
 
 
 def configure_labels(parser: argparse.ArgumentParser) -> None:
+    """Map a public label list (2019 scheme or HPA names) into the 2021 classes."""
     parser.add_argument("--in", dest="inp", required=True, type=Path, help="the public list (CSV or TSV)")
     parser.add_argument("--scheme", required=True, choices=SCHEMES, help="2019 (28 class ids) or hpa-names")
     parser.add_argument("--out", required=True, type=Path, help="external.csv to write (ID,Label,...)")

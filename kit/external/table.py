@@ -122,6 +122,7 @@ def format_report(report: dict) -> str:
 
 
 def configure_table(parser: argparse.ArgumentParser) -> None:
+    """Merge the Kaggle train set and external lists into one labels table with source and groups."""
     parser.add_argument("--kaggle", required=True, type=Path, help="the Kaggle train.csv (ID,Label)")
     parser.add_argument("--external", nargs="+", required=True, type=Path,
                         help="external lists in the 2021 scheme (from `kit external labels`)")
