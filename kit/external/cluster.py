@@ -284,7 +284,8 @@ def k8s_manifest(args: argparse.Namespace) -> tuple[str, str]:
     head = (f"# {args.stage} of {args.list} in {n} shards (written by `kit external cluster-script`).\n"
             f"# Kubernetes sets JOB_COMPLETION_INDEX to I. Run:\n"
             f"#   kubectl apply -f {args.out.name}\n"
-            f"#   kubectl wait --for=jsonpath='{{.status.active}}'=0 job/kit-{args.stage} --timeout=72h\n"
+            f"#   until kubectl get job kit-{args.stage} -o jsonpath='{{.status.conditions[*].type}}' | grep -qE 'Complete|Failed';"
+            f" do sleep 60; done\n"
             f"#   kubectl apply -f {merge_file.name}   # fails and names the indices to rerun unless all finished\n")
     merge = (f"# the merge step of {args.out.name}\n"
              + yaml.safe_dump(job(f"kit-{args.stage}-merge", merge_command(args.stage, n, args, outputs), False),
