@@ -123,7 +123,7 @@ def test_command_outputs_exclude_test_resume_and_shards(planted, tmp_path, monke
     pngs = sorted((tmp_path / "groups_pairs").glob("*.png"))
     assert 3 <= len(pngs) <= 6
     img = cv2.imread(str(pngs[0]), cv2.IMREAD_GRAYSCALE)
-    assert img.shape == (256 + 28, 2 * 256 + 8)
+    assert img.shape == (256 + 40, 2 * 256 + 8)
     pairs = pd.read_csv(tmp_path / "groups.pairs.csv")
     assert pairs.similarity.is_monotonic_decreasing and (pairs.similarity >= 0.9).sum() >= len(truth) - 2
 

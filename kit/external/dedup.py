@@ -397,16 +397,18 @@ def side_paths(out: Path) -> dict[str, Path]:
             "png": Path(f"{stem}_pairs"), "features": Path(f"{stem}.features")}
 
 
-def _pair_png(path: Path, ta: np.ndarray, tb: np.ndarray, title: str) -> None:
+def _pair_png(path: Path, ta: np.ndarray, tb: np.ndarray, lines: Sequence[str]) -> None:
+    """The two thumbnails side by side (the first in the orientation that matched), a caption above."""
     import cv2
 
-    big = 256
+    big, head = 256, 16 * len(lines) + 8
     a = cv2.resize(ta, (big, big), interpolation=cv2.INTER_NEAREST)
     b = cv2.resize(tb, (big, big), interpolation=cv2.INTER_NEAREST)
-    canvas = np.full((big + 28, 2 * big + 8), 255, np.uint8)
-    canvas[28:, :big] = a
-    canvas[28:, big + 8:] = b
-    cv2.putText(canvas, title[:80], (4, 19), cv2.FONT_HERSHEY_SIMPLEX, 0.45, 0, 1, cv2.LINE_AA)
+    canvas = np.full((big + head, 2 * big + 8), 255, np.uint8)
+    canvas[head:, :big] = a
+    canvas[head:, big + 8:] = b
+    for k, line in enumerate(lines):
+        cv2.putText(canvas, line[:90], (4, 14 + 16 * k), cv2.FONT_HERSHEY_SIMPLEX, 0.4, 0, 1, cv2.LINE_AA)
     with atomic_path(path) as tmp:
         cv2.imwrite(str(tmp), canvas)
 
@@ -431,11 +433,13 @@ def write_outputs(result: DedupResult, out: Path, threshold: float, n_png: int =
     written = []
     for rank, k in enumerate(sorted(chosen, key=lambda k: -pairs.similarity.iloc[k])):
         r = pairs.iloc[k]
-        ta = result.thumbs[index[(r.folder_a, r.ID_a)]]
+        orientation = D4_NAMES.index(r["transform"].split(",")[0])
+        ta = np.ascontiguousarray(d4(result.thumbs[index[(r.folder_a, r.ID_a)]], orientation))
         tb = result.thumbs[index[(r.folder_b, r.ID_b)]]
         tag = "dup" if r.similarity >= threshold else "not"
         name = f"{rank:03d}_{r.similarity:.3f}_{tag}_{r.ID_a}__{r.ID_b}.png"
-        _pair_png(png_dir / name, ta, tb, f"{r.similarity:.3f} ({r.transform}) {r.ID_a} | {r.ID_b}")
+        _pair_png(png_dir / name, ta, tb, [f"similarity {r.similarity:.3f} ({'duplicate' if tag == 'dup' else 'below'} "
+                                           f"{threshold}); left {r['transform']}", f"{r.ID_a}  |  {r.ID_b}"])
         written.append(name)
     text = format_report(result, threshold, out, written)
     with atomic_open(paths["report"], "w", encoding="utf-8") as f:
