@@ -124,6 +124,8 @@ def test_command_outputs_exclude_test_resume_and_shards(planted, tmp_path, monke
     assert 3 <= len(pngs) <= 6
     img = cv2.imread(str(pngs[0]), cv2.IMREAD_GRAYSCALE)
     assert img.shape == (256 + 40, 2 * 256 + 8)
+    left, right = img[40:, :256].astype(float).ravel(), img[40:, 264:].astype(float).ravel()
+    assert np.corrcoef(left, right)[0, 1] > 0.9  # the most similar pair, shown in the orientation that matched
     pairs = pd.read_csv(tmp_path / "groups.pairs.csv")
     assert pairs.similarity.is_monotonic_decreasing and (pairs.similarity >= 0.9).sum() >= len(truth) - 2
 
