@@ -3,7 +3,7 @@
 1. Cell-model inference on tiles: `kit.predict.FoldEnsemble` (torch.inference_mode, channels_last
    weights and inputs) vs the plain loop (torch.no_grad, contiguous NCHW), same models and tiles.
 2. Whole images: `Predictor.predict_folder` with the read-ahead thread (the next image is decoded,
-   tiled and its masks RLE-encoded while the CNN runs) vs without it (the CPU default; the thread
+   tiled and its masks RLE-encoded while the CNN runs; `kit.prepare.prepare_image`) vs without it (the CPU default; the thread
    is the default on CUDA, where the CPU work then overlaps the GPU).
 3. Combination + submission triples for the predicted images (kit.combine + build_predictions).
 
@@ -89,7 +89,9 @@ def main() -> int:
 
     from kit.combine import CombineSpec
     from kit.models import load_fold_models
-    from kit.predict import FoldEnsemble, MaskSource, Predictor, build_predictions, list_image_ids
+    from kit.layout import list_image_ids
+    from kit.predict import FoldEnsemble, Predictor, build_predictions
+    from kit.prepare import Plan, prepare_folder
     from kit.synth import generate_dataset
 
     root = Path(tempfile.mkdtemp(prefix="bench_predict_"))
@@ -99,8 +101,8 @@ def main() -> int:
         test_dir = data / "test"
         ids = list_image_ids(test_dir)
         predictor = Predictor(run, batch_size=args.batch_size, device="cpu")
-        masks = MaskSource(predictor.cfg, test_dir)
-        masks.prepare(ids, progress=False)  # segmentation is not what is measured here
+        masks = predictor.run_masks(test_dir)
+        prepare_folder(test_dir, ids, Plan(masks=masks.cache), progress=False)  # segmentation is not measured here
 
         print(f"machine: {torch.get_num_threads()} torch threads; {args.images} images of {args.size} px, "
               f"{args.backbone}, {args.folds} folds, tiles {args.tile_size} px, fields {args.field_size} px")

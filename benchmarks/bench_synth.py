@@ -85,7 +85,7 @@ def main() -> None:
         print(f"  generate_dataset, {args.workers} workers     : {med(pool):7.2f} images/s   "
               f"({med(pool) / med(one):.2f}x one core; spawn start-up included)")
 
-    f = synth.make_field(np.random.default_rng(0), args.size)
+    f = synth.draw_field(np.random.default_rng(0), args.size)
     ids = list(range(1, int(f.cells.max()) + 1))
     t_one, t_off = [], []
     for _ in range(args.repeat):

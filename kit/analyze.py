@@ -323,7 +323,7 @@ def _resolve_input(source: Path, images: Path | None) -> tuple[Path, Path | None
 
 
 def _first_complete_sample(folder: Path, ids: list[str]) -> str | None:
-    from kit.dataset import scan_split
+    from kit.layout import scan_split
 
     samples = scan_split(folder).samples
     return next((i for i in ids if len(samples.get(i, {})) == len(CHANNELS)), None)

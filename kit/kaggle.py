@@ -16,7 +16,7 @@ Command ``python -m kit kernel build|push|estimate``.
       weights/                  dataset <user>/<prefix>-weights
         dataset-metadata.json
         kit-weights.json        manifest: run id, folds, sha256 of every file
-        run/config.yaml, run/combine.yaml, run/summary.json, run/train_metrics.json, run/{cell,image}/fold<k>/best.pt
+        run/config.yaml, run/manifest.json, run/combine.yaml, run/summary.json, run/train_metrics.json, run/{cell,image}/fold<k>/best.pt
       kernel/                   kernel <user>/<prefix>-infer: kernel-metadata.json + infer.py
       kernel-train/             kernel <user>/<prefix>-train (only with --train-kernel)
 
@@ -712,7 +712,7 @@ def slim_checkpoint(src: Path, dst: Path) -> None:
 def copy_run(run_dir: Path, dest: Path, *, include_last: bool = False, full_checkpoints: bool = False) -> dict:
     """Copy what inference needs from a run folder into `dest`; returns the weights manifest.
 
-    Copies config.yaml (required), combine.yaml, summary.json, train_metrics.json and every ``<model>/fold<k>/best.pt``
+    Copies config.yaml (required), manifest.json, combine.yaml, summary.json, train_metrics.json and every ``<model>/fold<k>/best.pt``
     (``last.pt``, which also holds the optimizer state, only with `include_last`). best.pt is slimmed to
     what inference reads (`slim_checkpoint`) unless `full_checkpoints`.
     """
@@ -725,8 +725,8 @@ def copy_run(run_dir: Path, dest: Path, *, include_last: bool = False, full_chec
         raise ConfigError(f"--run {run_dir}: no <model>/fold<k>/best.pt checkpoint; has the run finished a fold?")
     if dest.exists():
         shutil.rmtree(dest)
-    files = [run_dir / "config.yaml"] + [run_dir / n for n in ("combine.yaml", "summary.json", "train_metrics.json")
-                                       if (run_dir / n).is_file()]
+    files = [run_dir / "config.yaml"] + [run_dir / n for n in ("manifest.json", "combine.yaml", "summary.json",
+                                                               "train_metrics.json") if (run_dir / n).is_file()]
     files += checkpoints
     manifest: dict[str, Any] = {"run_id": run_dir.resolve().name, "run_dir": "run", "folds": {}, "files": {},
                                 "slim_checkpoints": not full_checkpoints}

@@ -751,7 +751,7 @@ def _finish(rng: np.random.Generator, size: int, channels, negative: bool = Fals
     return out
 
 
-def make_field(rng: np.random.Generator | int, size: int = 512, labels: list[int] | None = None,
+def draw_field(rng: np.random.Generator | int, size: int = 512, labels: list[int] | None = None,
                n_cells: int | None = None, heterogeneity: bool = True,
                n_mitotic: int | None = None) -> SynthField:
     """Draw one synthetic field of `size` x `size` pixels.
@@ -993,7 +993,7 @@ def _generate_one(job: tuple) -> tuple:
         return split, iid, r["label"], r["pred"], [tuple(x) for x in r["rows"]], r["size"]
     cv2.setNumThreads(0)
     rng = np.random.default_rng([int(seed), SPLITS[split], int(index)])
-    f = make_field(rng, size)
+    f = draw_field(rng, size)
     q = quantise(f.image, bit_depth)
     folder = Path(out) / split
     for k, ch in enumerate(("red", "green", "blue", "yellow")):

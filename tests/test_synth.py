@@ -122,9 +122,9 @@ def test_different_seed_different_data(tmp_path):
     assert green(a) != green(b)
 
 
-def test_make_field_deterministic():
-    f1 = synth.make_field(np.random.default_rng([5, 0, 1]), 128)
-    f2 = synth.make_field(np.random.default_rng([5, 0, 1]), 128)
+def test_draw_field_deterministic():
+    f1 = synth.draw_field(np.random.default_rng([5, 0, 1]), 128)
+    f2 = synth.draw_field(np.random.default_rng([5, 0, 1]), 128)
     assert np.array_equal(f1.image, f2.image) and np.array_equal(f1.cells, f2.cells)
     assert f1.cell_labels == f2.cell_labels
 
@@ -179,13 +179,13 @@ def test_truth_consistent(tiny_dataset):
 
 
 def test_negative_image_has_only_negative_cells():
-    f = synth.make_field(np.random.default_rng(0), 128, labels=[NEGATIVE])
+    f = synth.draw_field(np.random.default_rng(0), 128, labels=[NEGATIVE])
     assert f.image_labels == [NEGATIVE] and all(ls == [NEGATIVE] for ls in f.cell_labels)
 
 
 def test_mitotic_spindle_only_in_mitotic_cells():
     for seed in range(4):
-        f = synth.make_field(np.random.default_rng(seed), 128, labels=[0, 11])
+        f = synth.draw_field(np.random.default_rng(seed), 128, labels=[0, 11])
         assert 11 in f.image_labels and any(f.mitotic)
         for ls, mit in zip(f.cell_labels, f.mitotic):
             assert (11 in ls) == mit
@@ -220,8 +220,8 @@ NUCLEAR = {0, 1, 2, 3, 4, 5}
 def test_every_class_pattern_renders(cls):
     """Same geometry, one class at a time: the class adds green where it belongs."""
     kw = dict(size=192, n_cells=8, heterogeneity=False, n_mitotic=2 if cls == 11 else 0)
-    f = synth.make_field(np.random.default_rng(11), labels=[cls], **kw)
-    neg = synth.make_field(np.random.default_rng(11), labels=[NEGATIVE], **kw)
+    f = synth.draw_field(np.random.default_rng(11), labels=[cls], **kw)
+    neg = synth.draw_field(np.random.default_rng(11), labels=[NEGATIVE], **kw)
     assert np.array_equal(f.cells, neg.cells)
     shown = np.isin(f.cells, [k + 1 for k, ls in enumerate(f.cell_labels) if cls in ls])
     assert shown.any()
@@ -241,7 +241,7 @@ def test_every_class_pattern_renders(cls):
 def test_classes_differ_from_each_other():
     """Green of class a vs b on the same geometry differ clearly (patterns are not one fill)."""
     kw = dict(size=160, n_cells=6, heterogeneity=False, n_mitotic=0)
-    greens = {c: synth.make_field(np.random.default_rng(2), labels=[c], **kw).clean[..., 1]
+    greens = {c: synth.draw_field(np.random.default_rng(2), labels=[c], **kw).clean[..., 1]
               for c in (0, 1, 2, 6, 9, 13, 14, 16, 17)}
     unit = {c: (g - g.mean()) / (g.std() + 1e-9) for c, g in greens.items()}
     for a in unit:
@@ -268,7 +268,7 @@ def test_16bit_matches_8bit(tmp_path):
 def test_scale_invariant_geometry(size):
     counts, fracs = [], []
     for seed in range(3):
-        f = synth.make_field(np.random.default_rng([seed, size]), size)
+        f = synth.draw_field(np.random.default_rng([seed, size]), size)
         n = int(f.cells.max())
         counts.append(n)
         fracs.append(np.median(np.bincount(f.cells.ravel())[1:]) / size ** 2)
@@ -281,7 +281,7 @@ def test_some_nuclei_touch_and_truth_stays_exact():
     near = total = 0
     k = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (5, 5))
     for seed in range(3):
-        f = synth.make_field(np.random.default_rng([seed, 42]), 512, n_cells=30)
+        f = synth.draw_field(np.random.default_rng([seed, 42]), 512, n_cells=30)
         n = int(f.nuclei.max())
         total += n
         for i in range(1, n + 1):
@@ -294,7 +294,7 @@ def test_some_nuclei_touch_and_truth_stays_exact():
 
 
 def test_large_field():
-    f = synth.make_field(np.random.default_rng(1), 1728, n_cells=18)
+    f = synth.draw_field(np.random.default_rng(1), 1728, n_cells=18)
     n = int(f.cells.max())
     assert 12 <= n <= 18
     assert 0.3 < (f.cells > 0).mean() < 0.98

@@ -9,10 +9,12 @@ What it does, in order (every step prints what it found and how long it took):
    ``requirements.txt`` under a constraints file that pins the image's torch, torchvision and
    everything they require to the installed versions, so the image's CUDA torch is never replaced
    (the bundle holds no torch at all);
-3. runs ``python -m kit predict`` on the test images with the weights dataset's run folder (mirrored,
-   files symlinked, into a scratch folder: /kaggle/input is read-only and predict caches per image;
-   env ``KIT_SCRATCH_DIR``, default /kaggle/tmp or the system temp folder), on the GPU when there is
-   one, writing ``submission.csv`` in the working folder (``/kaggle/working``; env ``KAGGLE_WORKING_DIR``);
+3. reads the run's inputs from its manifest (`kit.manifest.read_manifest`: folds, segmentation backend
+   and options, sizes) and runs ``python -m kit predict`` on the test images with the weights dataset's
+   run folder (mirrored, files symlinked, into a scratch folder: /kaggle/input is read-only and predict
+   caches per image; the test masks go to the scratch folder with ``--mask-cache``; env
+   ``KIT_SCRATCH_DIR``, default /kaggle/tmp or the system temp folder), on the GPU when there is one,
+   writing ``submission.csv`` in the working folder (``/kaggle/working``; env ``KAGGLE_WORKING_DIR``);
 4. validates it with ``python -m kit validate-submission``; a failed check fails the kernel.
 
 Only the standard library is imported before step 2. ``kit kernel build`` fills the settings block
@@ -180,7 +182,6 @@ def writable_run(run_dir: Path) -> Path:
     """A writable mirror of the read-only run folder: real folders, symlinked files.
 
     `kit predict` caches per-image results under RUN_DIR/predict/, and /kaggle/input is read-only.
-    The config is copied (not linked) with the cache roots moved into the scratch folder.
     """
     mirror = scratch_dir() / "run"
     if mirror.exists():
@@ -189,16 +190,9 @@ def writable_run(run_dir: Path) -> Path:
         dst = mirror / src.relative_to(run_dir)
         if src.is_dir():
             dst.mkdir(parents=True, exist_ok=True)
-        elif src.name != "config.yaml" or src.parent != run_dir:
+        else:
             dst.parent.mkdir(parents=True, exist_ok=True)
             os.symlink(src.resolve(), dst)
-    import yaml  # installed from the bundle a moment ago
-
-    cfg = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
-    data = cfg.setdefault("data", {})
-    for key in ("mask_cache", "tile_cache", "field_cache"):
-        data[key] = str(scratch_dir() / "cache" / key.split("_")[0])
-    (mirror / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
     return mirror
 
 
@@ -216,6 +210,11 @@ def main() -> int:
     install(code)
     importlib.invalidate_caches()
     run_dir = writable_run(unpacked(weights, json.loads((weights / "kit-weights.json").read_text()).get("run_dir", "run")))
+    from kit.manifest import read_manifest  # installed from the bundle a moment ago
+
+    manifest = read_manifest(run_dir)
+    log(f"run trained by kit {manifest.kit_version}: folds {manifest.folds}, segmentation {manifest.mask_backend}, "
+        f"tiles {manifest.tile_size} px, fields {manifest.field_size} px")
     out = working_dir() / "submission.csv"
     n_images = len({p.name.rsplit("_", 1)[0] for p in (comp / "test").glob("*_green.*")})
     extra = list(SETTINGS.get("predict_args", []))
@@ -225,7 +224,7 @@ def main() -> int:
         extra += ["--workers", str(max(1, min(4, os.cpu_count() or 1)))]
     t = time.time()
     kit("predict", "--run", str(run_dir), "--images", str(comp / "test"), "--out", str(out),
-        "--ids-from", str(comp / "sample_submission.csv"), *extra)
+        "--ids-from", str(comp / "sample_submission.csv"), "--mask-cache", str(scratch_dir() / "cache" / "masks"), *extra)
     took = time.time() - t
     log(f"predict: {n_images} images in {took:.1f} s ({took / max(n_images, 1):.2f} s/image)")
     kit("validate-submission", str(out), "--sample", str(comp / "sample_submission.csv"))

@@ -7,9 +7,10 @@ and repeat per fold. Steps (each prints its time):
    under the input root (``/kaggle/input``; env ``KAGGLE_INPUT_ROOT``);
 2. installs the kit from the bundled wheels exactly as kernels/infer/infer.py does (the image's torch
    stack pinned, nothing downloaded);
-3. ``kit folds`` (the config's seed; same labels + seed = the same folds as at home), ``kit segment``
-   with ``--tiles`` (mask and tile caches in a scratch folder, not in the saved output), then
-   ``kit train --fold K`` from the bundled config, with the data paths pointed at this machine;
+3. ``kit folds`` (the config's seed; same labels + seed = the same folds as at home), then
+   ``kit train --fold K`` from the bundled config, with the data paths pointed at this machine: it
+   segments, tiles and downscales every train image from one decode (mask, tile and field caches in
+   a scratch folder, not in the saved output) and writes the run's manifest;
 4. leaves the run folder in ``/kaggle/working/run`` (env ``KAGGLE_WORKING_DIR``): attach this kernel's
    output as a dataset to collect the folds, then build the inference kernel from them.
 
@@ -145,18 +146,12 @@ def main() -> int:
 
     config = code / "configs" / "train.yaml"
     cfg = yaml.safe_load(config.read_text()) or {}
-    data = cfg.get("data") or {}
     seed = int((cfg.get("train") or {}).get("seed", 42))
     cache = scratch_dir() / "cache"
     folds = scratch_dir() / "folds" / "train.csv"
     run("-m", "kit", "folds", "--labels", str(comp / "train.csv"), "--n-splits", str(SETTINGS["n_splits"]),
         "--seed", str(seed), "--out", str(folds))
-    backend = str(data.get("segment_backend", "classical"))
-    tile = int(data.get("tile_size", 128))
-    workers = str(max(1, min(4, os.cpu_count() or 1)))
-    run("-m", "kit", "segment", "--images", str(comp / "train"), "--out", str(cache / "masks"), "--backend", backend,
-        "--ids", str(comp / "train.csv"), "--workers", workers, "--tiles", str(tile), "--tile-out", str(cache / "tiles"))
-    overrides = [
+    overrides = [  # `kit train` makes the masks, tiles and fields from one decode of each image (kit.prepare)
         f"data.data_dir={comp}", f"data.train_csv={comp / 'train.csv'}", "data.images_subdir=train",
         f"data.folds_file={folds}", f"data.mask_cache={cache / 'masks'}", f"data.tile_cache={cache / 'tiles'}",
         f"data.field_cache={cache / 'fields'}", "train.device=auto",
@@ -167,7 +162,10 @@ def main() -> int:
     run_dir = working_dir() / "run"
     run("-m", "kit", "train", "--config", str(config), "--fold", str(SETTINGS["fold"]), "--run-dir", str(run_dir),
         *overrides, *SETTINGS.get("train_args", []))
-    log(f"done: {run_dir}")
+    from kit.manifest import read_manifest
+
+    manifest = read_manifest(run_dir)
+    log(f"done: {run_dir} (folds {manifest.folds}; masks {manifest.mask_cache}, tiles {manifest.tile_dir})")
     return 0
 
 

@@ -1,13 +1,10 @@
-"""torch Datasets for the two classifiers, their augmentations and samplers, and the field cache.
+"""torch Datasets for the two classifiers, their augmentation and sampling, and the DataLoader worker init.
 
-Inputs read here:
-- Tile cache (written by kit.cells): ``<tile_dir>/<ID>.npy`` (N x 4 x S x S uint8, read memory-mapped)
-  and ``<tile_dir>/<ID>.csv`` (the cell table, column ``cell_id``, same row order). The tile dir is
-  ``<data.tile_cache>/tiles-<size>-<hash>/`` (found by `resolve_tile_dir`) or ``data.tile_cache``
-  itself when it holds the .npy files.
-- Field cache (written here by `build_field_cache`): ``<data.field_cache>/fields-<S>-<hash>/<ID>.npy``,
-  one 4 x S x S uint8 array per image: kit.images.read_sample -> to_uint8 -> cv2.resize(INTER_AREA),
-  channels first; hash = the images folder's absolute path, so two datasets never share a cache.
+Inputs read here (written by `kit.prepare`):
+- Tile cache folder (`kit.cells`): ``<tile_dir>/<ID>.npy`` (N x 4 x S x S uint8, read memory-mapped)
+  and ``<tile_dir>/<ID>.csv`` (the cell table, column ``cell_id``, same row order).
+- Field cache folder (`kit.fields`): ``<field_dir>/<ID>.npy``, one 4 x S x S uint8 array per image.
+The folders of a run are in its manifest (`kit.manifest`).
 
 Items are ``(uint8 tensor 4 x S x S, float32 target of 19)``; normalisation happens on the device
 (kit.models.preprocess). A cell's target is its image's labels (weak labels).
@@ -19,25 +16,24 @@ its checkpoint sees exactly the batches it would have seen.
 """
 from __future__ import annotations
 
-import hashlib
 import math
 from collections import OrderedDict
 from pathlib import Path
 from typing import Iterator, Sequence
 
-import cv2
 import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
 from kit.errors import DataError
-from kit.workers import pool_map
+from kit.workers import init_worker
+
+__all__ = ["CellTileDataset", "FieldDataset", "EpochSampler", "augment", "balancing_weights", "worker_init_fn"]
 
 
 def worker_init_fn(worker_id: int) -> None:
-    """DataLoader worker setup: one thread each (OpenCV and torch), so workers never oversubscribe."""
-    cv2.setNumThreads(0)
-    torch.set_num_threads(1)
+    """DataLoader worker setup: the kit's one worker init (`kit.workers.init_worker`: one thread each)."""
+    init_worker()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -132,66 +128,7 @@ def balancing_weights(targets: np.ndarray, power: float = 0.5) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------------
-# Cell tiles
-
-
-def expected_tile_dir(data_cfg) -> Path | None:
-    """The folder kit.cells writes for this config (tile size, mask cache, backend with default
-    options), or None when kit.cells / the backend is unavailable."""
-    try:
-        from kit.cells import tile_cache_dir
-        from kit.segment.cache import MaskCache
-
-        return tile_cache_dir(data_cfg.tile_cache, data_cfg.tile_size, MaskCache(data_cfg.mask_cache, data_cfg.segment_backend))
-    except Exception:  # e.g. a backend not installed here while its tiles are: fall back to the glob
-        return None
-
-
-def resolve_tile_dir(data_cfg) -> Path:
-    """The folder of ``<ID>.npy`` tiles for data_cfg (see module doc).
-
-    Order: data.tile_cache itself when it holds .npy files; kit.cells' folder for this tile size,
-    mask cache and backend; the only ``tiles-<tile_size>-*`` folder under data.tile_cache.
-    """
-    root = Path(data_cfg.tile_cache)
-    if root.is_dir() and next(root.glob("*.npy"), None) is not None:
-        return root
-    expected = expected_tile_dir(data_cfg)
-    if expected is not None and expected.is_dir():
-        return expected
-    candidates = sorted(p for p in root.glob(f"tiles-{data_cfg.tile_size}-*") if p.is_dir()) if root.is_dir() else []
-    if len(candidates) == 1:
-        return candidates[0]
-    if not candidates:
-        raise DataError(
-            f"no tiles-{data_cfg.tile_size}-* folder under tile cache {root}: build tiles of "
-            f"{data_cfg.tile_size} px with kit.cells first, or set data.tile_cache/data.tile_size"
-        )
-    raise DataError(
-        f"several tile caches of {data_cfg.tile_size} px under {root} "
-        f"({', '.join(p.name for p in candidates)}): set data.tile_cache to one of them"
-    )
-
-
-def ensure_tiles(data_cfg, ids: Sequence[str], workers: int = 1, progress: bool = True) -> Path:
-    """The tile folder for `ids`, building missing images' tiles with kit.cells (which segments
-    into the mask cache what is not there yet) when the folder is kit.cells' own for this config."""
-    expected = expected_tile_dir(data_cfg)
-    try:
-        tile_dir = resolve_tile_dir(data_cfg)
-    except DataError:
-        if expected is None:
-            raise
-        tile_dir = expected
-    if expected is not None and tile_dir == expected:
-        missing = [i for i in ids if not (tile_dir / f"{i}.csv").is_file()]
-        if missing:
-            from kit.cells import build_tile_cache
-            from kit.segment.cache import MaskCache
-
-            build_tile_cache(data_cfg.images_dir, missing, MaskCache(data_cfg.mask_cache, data_cfg.segment_backend),
-                             data_cfg.tile_cache, data_cfg.tile_size, workers=workers, progress=progress)
-    return tile_dir
+# Datasets
 
 
 class CellTileDataset(Dataset):
@@ -278,55 +215,6 @@ class CellTileDataset(Dataset):
         return torch.from_numpy(x), torch.from_numpy(self.targets[i])
 
 
-# ---------------------------------------------------------------------------------------------
-# Whole fields (image model)
-
-
-def field_cache_dir(data_cfg) -> Path:
-    images = str(Path(data_cfg.images_dir).resolve())
-    key = hashlib.sha256(images.encode()).hexdigest()[:8]
-    return Path(data_cfg.field_cache) / f"fields-{data_cfg.field_size}-{key}"
-
-
-def make_field(image: np.ndarray, size: int) -> np.ndarray:
-    """H x W x 4 (uint8/uint16) -> 4 x size x size uint8 (to_uint8, then INTER_AREA resize)."""
-    from kit.images import to_uint8
-
-    img = to_uint8(image)
-    if img.shape[0] != size or img.shape[1] != size:
-        interp = cv2.INTER_AREA if min(img.shape[:2]) >= size else cv2.INTER_LINEAR
-        img = cv2.resize(img, (size, size), interpolation=interp)
-    return np.ascontiguousarray(img.transpose(2, 0, 1))
-
-
-def _field_job(args) -> str:
-    images_dir, image_id, size, out = args
-    from kit.atomic import atomic_path
-    from kit.images import read_sample
-
-    field = make_field(read_sample(images_dir, image_id), size)
-    with atomic_path(out) as tmp:
-        np.save(tmp, field)
-    return image_id
-
-
-def build_field_cache(data_cfg, ids: Sequence[str], workers: int = 1, progress: bool = True) -> Path:
-    """Write the missing downscaled fields of `ids`; returns the cache folder. Resumable."""
-    from tqdm import tqdm
-
-    out_dir = field_cache_dir(data_cfg)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    todo = [i for i in ids if not (out_dir / f"{i}.npy").is_file()]
-    if not todo:
-        return out_dir
-    jobs = [(str(data_cfg.images_dir), i, data_cfg.field_size, str(out_dir / f"{i}.npy")) for i in todo]
-    bar = tqdm(total=len(jobs), desc=f"fields {data_cfg.field_size}px", disable=not progress, unit="img")
-    for _ in pool_map(_field_job, jobs, workers, ordered=False, chunksize=4):
-        bar.update()
-    bar.close()
-    return out_dir
-
-
 class FieldDataset(Dataset):
     """Whole downscaled fields from the field cache; target = the image's multi-hot labels."""
 
@@ -355,24 +243,3 @@ class FieldDataset(Dataset):
         if self.augment and aug_seed is not None:
             x = augment(x, np.random.default_rng(aug_seed))
         return torch.from_numpy(x), torch.from_numpy(self.targets[index])
-
-
-def write_random_tiles(tile_dir: str | Path, ids: Sequence[str], targets: np.ndarray, size: int = 32,
-                       cells: tuple[int, int] = (2, 5), seed: int = 0) -> Path:
-    """Test/benchmark helper: a tile cache of random tiles whose green channel carries a per-class
-    pattern (so a model can learn something). Writes ``<ID>.npy`` and ``<ID>.csv`` like kit.cells."""
-    import pandas as pd
-
-    tile_dir = Path(tile_dir)
-    tile_dir.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:size, 0:size]
-    patterns = np.stack([np.sin((xx * (1 + c % 5) + yy * (1 + c // 5)) * np.pi / size) for c in range(19)])
-    for image_id, t in zip(ids, np.asarray(targets)):
-        n = int(rng.integers(cells[0], cells[1] + 1))
-        x = rng.integers(0, 60, size=(n, 4, size, size)).astype(np.float32)
-        sig = (patterns[np.flatnonzero(t)].sum(0) if t.any() else np.zeros((size, size))) * 80
-        x[:, 1] += np.clip(sig, 0, None)
-        np.save(tile_dir / f"{image_id}.npy", np.clip(x, 0, 255).astype(np.uint8))
-        pd.DataFrame({"cell_id": np.arange(1, n + 1)}).to_csv(tile_dir / f"{image_id}.csv", index=False)
-    return tile_dir

@@ -1,21 +1,10 @@
-"""The dataset in the Kaggle layout: an index over it and `check-data`, which reports every problem.
-
-Layout (the HPA 2021 competition's, also written by `kit synth`)::
-
-    DIR/train/<ID>_<channel>.<ext>     channel: red, green, blue, yellow; ext: png, tif, tiff, jpg, jpeg
-    DIR/test/<ID>_<channel>.<ext>
-    DIR/train.csv                      ID,Label              (Label: class ids joined by '|', e.g. 8|5|0)
-    DIR/sample_submission.csv          ID,ImageWidth,ImageHeight,PredictionString
-
-An ID may itself contain underscores (HPA website IDs such as ``10580_1610_C1_1``): the channel is
-the text after the last underscore. Real data mixes image sizes (1728, 2048, 3072 and 4096 px
-squares) and, outside Kaggle, 8- and 16-bit files; both are normal and reported as information.
+"""`check-data`: every problem of a dataset in the Kaggle layout (`kit.layout`), in one pass.
 
 `check_data` returns a list of `Problem` records (severity, kind, message, and where known the
-file, the 1-based CSV line and the ID). By default it reads only file headers and ends (PNG IHDR
-and IEND, TIFF IFD and strip extents, JPEG SOF and EOI), which finds missing, empty, truncated and
-non-image files and shape mismatches in seconds for the full 87k-file train set; ``decode=True``
-decodes every file as well, in a worker pool.
+file, the 1-based CSV line and the ID). By default it reads only file headers and ends
+(`kit.images.read_image_info`: PNG IHDR and IEND, TIFF IFD and strip extents, JPEG SOF and EOI),
+which finds missing, empty, truncated and non-image files and shape mismatches in seconds for the
+full 87k-file train set; ``decode=True`` decodes every file as well, in a worker pool.
 
 Severities: ``error`` (training or prediction would fail or be wrong; `check-data` exits 1),
 ``warning`` (ignored files, ambiguity), ``info`` (counts: images, sizes, bit depths).
@@ -25,21 +14,18 @@ from __future__ import annotations
 import csv
 import json
 import os
-import struct
 import sys
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass
-from functools import cached_property
 from pathlib import Path
 
 import numpy as np
 
 from kit.errors import ConfigError, DataError
-from kit.images import CHANNELS, EXTENSIONS, ImageReadError, read_channel, read_sample
-from kit.labels import LabelError, parse_label, read_labels_csv
+from kit.images import CHANNELS, ImageReadError, read_channel, read_image_info
+from kit.labels import LabelError, parse_label
+from kit.layout import SPLITS, DatasetIndex
 from kit.workers import pool_map
-
-SPLITS: tuple[str, ...] = ("train", "test")
 
 # kind -> (severity, heading used in the grouped summary). The order is the summary's order.
 KINDS: dict[str, tuple[str, str]] = {
@@ -85,288 +71,6 @@ def _problem(kind: str, message: str, **where) -> Problem:
     return Problem(KINDS[kind][0], kind, message, **where)
 
 
-# --------------------------------------------------------------------------------------------
-# Image headers: size, depth and integrity without decoding the pixels
-# --------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class ImageInfo:
-    """What a file's header says: size, bits per sample, samples per pixel, container format."""
-
-    width: int
-    height: int
-    bit_depth: int
-    samples: int
-    format: str  # "png", "tiff", "jpeg", or "decoded" when the header was not parsed
-
-
-_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-_PNG_IEND = b"\x00\x00\x00\x00IEND\xaeB`\x82"
-_PNG_SAMPLES = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}
-_TIFF_TYPE_SIZE = {1: 1, 3: 2, 4: 4, 16: 8}
-_TIFF_TYPE_CODE = {1: "B", 3: "H", 4: "I", 16: "Q"}
-_JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
-
-
-def read_image_info(path: str | Path, check_end: bool = True) -> ImageInfo:
-    """Read an image file's header (and with `check_end`, check the file is complete).
-
-    Parses PNG, classic TIFF and JPEG headers directly (a few hundred bytes read); any other file
-    is decoded with cv2. Raises ImageReadError naming the file when it is missing, empty, not an
-    image, or truncated (PNG without IEND, TIFF strips beyond the end, JPEG without EOI).
-    """
-    path = Path(path)
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            if size == 0:
-                raise ImageReadError(f"empty file: {path}")
-            head = f.read(64)
-            if head.startswith(_PNG_SIGNATURE):
-                return _png_info(path, f, head, size, check_end)
-            if head[:4] in (b"II*\x00", b"MM\x00*"):
-                return _tiff_info(path, f, head, size, check_end)
-            if head[:2] == b"\xff\xd8":
-                return _jpeg_info(path, f, size, check_end)
-    except FileNotFoundError:
-        raise ImageReadError(f"missing file: {path}") from None
-    except (struct.error, OSError, ValueError) as exc:
-        raise ImageReadError(f"unreadable image header ({exc}): {path}") from None
-    # Anything else (BigTIFF, other formats, or a non-image): let cv2 decide.
-    img = read_channel(path)
-    return ImageInfo(img.shape[1], img.shape[0], 16 if img.dtype == np.uint16 else 8, 1, "decoded")
-
-
-def _png_info(path: Path, f, head: bytes, size: int, check_end: bool) -> ImageInfo:
-    if len(head) < 33 or head[12:16] != b"IHDR":
-        raise ImageReadError(f"truncated PNG file (no IHDR header): {path}")
-    width, height, depth, colour = struct.unpack(">IIBB", head[16:26])
-    if width == 0 or height == 0 or colour not in _PNG_SAMPLES:
-        raise ImageReadError(f"invalid PNG header ({width}x{height}, colour type {colour}): {path}")
-    if check_end:
-        f.seek(max(size - 12, 0))
-        if f.read(12) != _PNG_IEND:
-            raise ImageReadError(f"truncated PNG file (no IEND chunk): {path}")
-    return ImageInfo(width, height, depth, _PNG_SAMPLES[colour], "png")
-
-
-def _tiff_info(path: Path, f, head: bytes, size: int, check_end: bool) -> ImageInfo:
-    order = "<" if head[:2] == b"II" else ">"
-    (ifd,) = struct.unpack(order + "I", head[4:8])
-    if ifd + 2 > size:
-        raise ImageReadError(f"truncated TIFF file (first IFD beyond the end): {path}")
-    f.seek(ifd)
-    (n,) = struct.unpack(order + "H", f.read(2))
-    entries = f.read(12 * n)
-    if len(entries) < 12 * n:
-        raise ImageReadError(f"truncated TIFF file (IFD cut short): {path}")
-    tags: dict[int, list[int]] = {}
-    for i in range(n):
-        tag, typ, count = struct.unpack(order + "HHI", entries[12 * i : 12 * i + 8])
-        if typ not in _TIFF_TYPE_SIZE or tag not in (256, 257, 258, 277, 273, 279, 324, 325):
-            continue
-        nbytes = _TIFF_TYPE_SIZE[typ] * count
-        raw = entries[12 * i + 8 : 12 * i + 12]
-        if nbytes > 4:
-            (offset,) = struct.unpack(order + "I", raw)
-            if offset + nbytes > size:
-                raise ImageReadError(f"truncated TIFF file (tag {tag} beyond the end): {path}")
-            f.seek(offset)
-            raw = f.read(nbytes)
-        tags[tag] = list(struct.unpack(f"{order}{count}{_TIFF_TYPE_CODE[typ]}", raw[:nbytes]))
-    if 256 not in tags or 257 not in tags:
-        raise ImageReadError(f"invalid TIFF header (no image width/height): {path}")
-    width, height = tags[256][0], tags[257][0]
-    depth = tags.get(258, [1])[0]
-    samples = tags.get(277, [1])[0]
-    if check_end:
-        for off_tag, len_tag in ((273, 279), (324, 325)):
-            offsets, lengths = tags.get(off_tag, []), tags.get(len_tag, [])
-            if offsets and lengths and max(o + c for o, c in zip(offsets, lengths)) > size:
-                raise ImageReadError(f"truncated TIFF file (image data beyond the end): {path}")
-    return ImageInfo(width, height, depth, samples, "tiff")
-
-
-def _jpeg_info(path: Path, f, size: int, check_end: bool) -> ImageInfo:
-    f.seek(2)
-    info = None
-    while info is None:
-        marker = f.read(2)
-        if len(marker) < 2 or marker[0] != 0xFF:
-            raise ImageReadError(f"truncated or invalid JPEG file (no frame header): {path}")
-        code = marker[1]
-        if code == 0xFF:  # fill byte
-            f.seek(-1, os.SEEK_CUR)
-            continue
-        if code == 0x01 or 0xD0 <= code <= 0xD7:
-            continue
-        (length,) = struct.unpack(">H", f.read(2))
-        if code in _JPEG_SOF:
-            precision, height, width, samples = struct.unpack(">BHHB", f.read(6))
-            info = ImageInfo(width, height, precision, samples, "jpeg")
-        else:
-            f.seek(length - 2, os.SEEK_CUR)
-    if check_end:
-        f.seek(max(size - 64, 0))
-        if not f.read(64).rstrip(b"\x00").endswith(b"\xff\xd9"):
-            raise ImageReadError(f"truncated JPEG file (no end-of-image marker): {path}")
-    return info
-
-
-# --------------------------------------------------------------------------------------------
-# The index
-# --------------------------------------------------------------------------------------------
-@dataclass
-class SplitFiles:
-    """The channel files of one split folder, grouped by ID."""
-
-    samples: dict[str, dict[str, list[Path]]]  # ID -> channel -> paths (extension preference order)
-    stray: list[Path]  # entries that are not <ID>_<channel>.<ext>
-
-
-def scan_split(folder: str | Path) -> SplitFiles:
-    """List `folder` once and group its channel files by ID (an absent folder gives no files)."""
-    folder = Path(folder)
-    samples: dict[str, dict[str, list[Path]]] = {}
-    stray: list[Path] = []
-    if not folder.is_dir():
-        return SplitFiles(samples, stray)
-    ext_rank = {e: i for i, e in enumerate(EXTENSIONS)}
-    with os.scandir(folder) as it:
-        entries = sorted(it, key=lambda e: e.name)
-    for entry in entries:
-        name = entry.name
-        stem, dot, ext = name.rpartition(".")
-        image_id, _, channel = stem.rpartition("_")
-        if (
-            not dot
-            or "." + ext not in ext_rank
-            or not image_id
-            or channel not in CHANNELS
-            or name.startswith(".")
-            or not entry.is_file()
-        ):
-            stray.append(folder / name)
-            continue
-        samples.setdefault(image_id, {}).setdefault(channel, []).append(folder / name)
-    for channels in samples.values():
-        for paths in channels.values():
-            paths.sort(key=lambda p: ext_rank[p.suffix])  # the order images.channel_path tries
-    return SplitFiles(samples, stray)
-
-
-class DatasetIndex:
-    """Index over a dataset folder in the Kaggle layout (see the module docstring).
-
-    Listings and CSVs are read once, on first use. `labels` is strict (the first bad row raises
-    a DataError): run `check_data` to see every problem at once.
-    """
-
-    def __init__(self, root: str | Path):
-        self.root = Path(root)
-        self._scans: dict[str, SplitFiles] = {}
-
-    @classmethod
-    def open(cls, root: str | Path) -> "DatasetIndex":
-        """Open a dataset folder; raises DataError if it is not a folder in the Kaggle layout."""
-        root = Path(root)
-        if not root.is_dir():
-            raise DataError(f"dataset folder not found: {root}")
-        if not any((root / n).exists() for n in ("train", "test", "train.csv")):
-            raise DataError(f"{root}: not a dataset in the Kaggle layout (no train/, test/ or train.csv)")
-        return cls(root)
-
-    @property
-    def train_csv(self) -> Path:
-        return self.root / "train.csv"
-
-    @property
-    def sample_submission_csv(self) -> Path:
-        return self.root / "sample_submission.csv"
-
-    def image_dir(self, split: str) -> Path:
-        """The folder of `split` ('train' or 'test')."""
-        if split not in SPLITS:
-            raise ConfigError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
-        return self.root / split
-
-    def scan(self, split: str) -> SplitFiles:
-        """The grouped channel files of a split (listed once, then cached)."""
-        if split not in self._scans:
-            self._scans[split] = scan_split(self.image_dir(split))
-        return self._scans[split]
-
-    def files(self, split: str) -> dict[str, dict[str, Path]]:
-        """ID -> channel -> path for every ID with at least one channel file in `split`."""
-        return {i: {c: p[0] for c, p in ch.items()} for i, ch in self.scan(split).samples.items()}
-
-    @cached_property
-    def labels(self):
-        """train.csv as `kit.labels.read_labels_csv` returns it (columns ID, Label, labels)."""
-        return read_labels_csv(self.train_csv)
-
-    @cached_property
-    def train_ids(self) -> list[str]:
-        """IDs of train.csv in file order; without train.csv, the IDs found in train/ (sorted)."""
-        if self.train_csv.is_file():
-            return self.labels["ID"].tolist()
-        return sorted(self.scan("train").samples)
-
-    @cached_property
-    def sample_submission(self):
-        """sample_submission.csv as a DataFrame of strings, or None when the file is absent."""
-        import pandas as pd
-
-        if not self.sample_submission_csv.is_file():
-            return None
-        try:
-            df = pd.read_csv(self.sample_submission_csv, dtype=str, keep_default_na=False)
-        except Exception as exc:  # pandas raises many types for a malformed CSV
-            raise DataError(f"{self.sample_submission_csv}: cannot read as CSV: {exc}") from exc
-        if "ID" not in df.columns:
-            raise DataError(f"{self.sample_submission_csv}: missing column ID (found {list(df.columns)})")
-        return df
-
-    @cached_property
-    def test_ids(self) -> list[str]:
-        """IDs of sample_submission.csv in file order; without it, the IDs found in test/ (sorted)."""
-        if self.sample_submission is not None:
-            return self.sample_submission["ID"].tolist()
-        return sorted(self.scan("test").samples)
-
-    def split_of(self, image_id: str) -> str:
-        """'train' or 'test': the split whose folder holds files of `image_id`."""
-        for split in SPLITS:
-            if image_id in self.scan(split).samples:
-                return split
-        raise DataError(f"{self.root}: no image files for ID {image_id!r} in train/ or test/")
-
-    def channel_paths(self, image_id: str, split: str | None = None) -> dict[str, Path]:
-        """channel -> path of one sample; raises ImageReadError naming the first missing file."""
-        split = split or self.split_of(image_id)
-        found = self.scan(split).samples.get(image_id, {})
-        for c in CHANNELS:
-            if c not in found:
-                raise ImageReadError(f"missing channel file: {self.image_dir(split) / f'{image_id}_{c}.png'}")
-        return {c: found[c][0] for c in CHANNELS}
-
-    def image_info(self, image_id: str, split: str | None = None) -> ImageInfo:
-        """Header of the sample's red channel (size and depth without decoding)."""
-        return read_image_info(self.channel_paths(image_id, split)["red"], check_end=False)
-
-    def image_size(self, image_id: str, split: str | None = None) -> tuple[int, int]:
-        """(width, height) of a sample, from its red channel's header."""
-        info = self.image_info(image_id, split)
-        return info.width, info.height
-
-    def read(self, image_id: str, split: str | None = None) -> np.ndarray:
-        """The sample as `kit.images.read_sample` returns it: (H, W, 4) RGBY, uint8 or uint16."""
-        split = split or self.split_of(image_id)
-        return read_sample(self.image_dir(split), image_id)
-
-
-# --------------------------------------------------------------------------------------------
-# check_data
-# --------------------------------------------------------------------------------------------
 def _read_csv(path: Path, required: tuple[str, ...], problems: list[Problem],
               allow_empty: bool = False) -> list[tuple[int, dict]] | None:
     """[(line, row dict)] of the data rows, or None when the file or its header is unusable.

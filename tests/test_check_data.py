@@ -1,4 +1,4 @@
-"""kit.dataset: header reading, the dataset index, and check_data finding every planted problem."""
+"""kit.check_data: check_data finding every planted problem in one pass, and the command."""
 from __future__ import annotations
 
 import json
@@ -9,147 +9,15 @@ import cv2
 import numpy as np
 import pytest
 
+from kit.check_data import Problem, check_data, summarize
 from kit.cli import main
-from kit.dataset import DatasetIndex, Problem, check_data, read_image_info, scan_split, summarize
-from kit.errors import ConfigError, DataError
-from kit.images import CHANNELS, ImageReadError
-
-SIZE = 24
-
-
-def write_sample(folder: Path, image_id: str, size=(SIZE, SIZE), dtype=np.uint8, ext=".png", channels=CHANNELS,
-                 seed=0) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    high = 256 if dtype == np.uint8 else 65536
-    for c in channels:
-        h, w = size
-        assert cv2.imwrite(str(folder / f"{image_id}_{c}{ext}"), rng.integers(0, high, (h, w)).astype(dtype))
-
-
-def make_clean(root: Path, n_train=4, n_test=2) -> Path:
-    for i in range(n_train):
-        write_sample(root / "train", f"tr{i}", seed=i)
-    for i in range(n_test):
-        write_sample(root / "test", f"te{i}", seed=10 + i)
-    labels = ["0|5", "13|13", "16", "18"]
-    (root / "train.csv").write_text("ID,Label\n" + "".join(f"tr{i},{labels[i % 4]}\n" for i in range(n_train)))
-    (root / "sample_submission.csv").write_text(
-        "ID,ImageWidth,ImageHeight,PredictionString\n" + "".join(f"te{i},{SIZE},{SIZE},\n" for i in range(n_test))
-    )
-    return root
+from kit.errors import DataError
+from kit.layout import DatasetIndex
+from test_layout import SIZE, make_clean, write_sample
 
 
 def kinds(problems: list[Problem]) -> Counter:
     return Counter(p.kind for p in problems if p.severity != "info")
-
-
-# ---------------------------------------------------------------------------------- headers
-@pytest.mark.parametrize("ext, dtype", [
-    (".png", np.uint8), (".png", np.uint16), (".tif", np.uint8), (".tif", np.uint16), (".jpg", np.uint8),
-])
-def test_read_image_info_matches_decoded(tmp_path, ext, dtype):
-    path = tmp_path / f"x_red{ext}"
-    cv2.imwrite(str(path), np.zeros((30, 50), dtype))
-    info = read_image_info(path)
-    assert (info.width, info.height) == (50, 30)
-    assert info.bit_depth == (8 if dtype == np.uint8 else 16)
-    assert info.samples == 1
-    assert info.format == {".png": "png", ".tif": "tiff", ".jpg": "jpeg"}[ext]
-
-
-def test_read_image_info_tiff_with_ifd_first(tmp_path):
-    from PIL import Image  # PIL writes the IFD before the strips, cv2 after: both layouts are parsed
-
-    path = tmp_path / "p_red.tif"
-    Image.fromarray(np.arange(40 * 20, dtype=np.uint16).reshape(20, 40)).save(path)
-    info = read_image_info(path)
-    assert (info.width, info.height, info.bit_depth) == (40, 20, 16)
-    path.write_bytes(path.read_bytes()[:-50])
-    with pytest.raises(ImageReadError, match="truncated TIFF.*p_red.tif"):
-        read_image_info(path)
-
-
-@pytest.mark.parametrize("ext, cut, words", [
-    (".png", 0.5, "truncated PNG"),
-    (".png", 20, "truncated PNG"),
-    (".tif", 0.5, "truncated TIFF"),
-    (".jpg", 0.5, "truncated JPEG"),
-    (".png", 0, "empty file"),
-])
-def test_read_image_info_detects_truncation(tmp_path, ext, cut, words):
-    path = tmp_path / f"x_red{ext}"
-    cv2.imwrite(str(path), np.random.default_rng(0).integers(0, 255, (64, 64)).astype(np.uint8))
-    data = path.read_bytes()
-    path.write_bytes(data[: int(len(data) * cut)] if isinstance(cut, float) else data[:cut])
-    with pytest.raises(ImageReadError) as info:
-        read_image_info(path)
-    assert words in str(info.value) and str(path) in str(info.value)
-
-
-def test_read_image_info_non_image(tmp_path):
-    path = tmp_path / "x_red.png"
-    path.write_text("not an image at all")
-    with pytest.raises(ImageReadError, match="x_red.png"):
-        read_image_info(path)
-    with pytest.raises(ImageReadError, match="missing"):
-        read_image_info(tmp_path / "absent.png")
-
-
-# ---------------------------------------------------------------------------------- index
-def test_scan_split_groups_ids_with_underscores(tmp_path):
-    write_sample(tmp_path, "10580_1610_C1_1")
-    write_sample(tmp_path, "b", ext=".tif")
-    (tmp_path / "notes.txt").write_text("x")
-    (tmp_path / "c_purple.png").write_bytes(b"x")
-    (tmp_path / ".hidden_red.png").write_bytes(b"x")
-    (tmp_path / "sub").mkdir()
-    scan = scan_split(tmp_path)
-    assert sorted(scan.samples) == ["10580_1610_C1_1", "b"]
-    assert set(scan.samples["b"]) == set(CHANNELS)
-    assert sorted(p.name for p in scan.stray) == [".hidden_red.png", "c_purple.png", "notes.txt", "sub"]
-
-
-def test_dataset_index(tmp_path):
-    root = make_clean(tmp_path)
-    write_sample(root / "train", "big", size=(20, 36))
-    index = DatasetIndex.open(root)
-    assert index.train_ids == ["tr0", "tr1", "tr2", "tr3"]  # from train.csv, in file order
-    assert index.test_ids == ["te0", "te1"]
-    assert index.labels["Label"].tolist() == ["0|5", "13", "16", "18"]
-    assert index.image_dir("train") == root / "train"
-    assert index.split_of("te1") == "test"
-    assert index.image_size("big") == (36, 20)
-    assert index.image_info("tr0").bit_depth == 8
-    assert index.read("tr1").shape == (SIZE, SIZE, 4)
-    assert index.channel_paths("tr0")["yellow"] == root / "train" / "tr0_yellow.png"
-    with pytest.raises(ConfigError):
-        index.image_dir("valid")
-    with pytest.raises(DataError, match="nope"):
-        index.split_of("nope")
-
-
-def test_dataset_index_test_ids_from_files_without_sample_submission(tmp_path):
-    root = make_clean(tmp_path, n_test=3)
-    (root / "sample_submission.csv").unlink()
-    (root / "train.csv").unlink()
-    index = DatasetIndex.open(root)
-    assert index.test_ids == ["te0", "te1", "te2"]
-    assert index.train_ids == ["tr0", "tr1", "tr2", "tr3"]  # from the files
-
-
-def test_dataset_index_missing_channel_names_file(tmp_path):
-    root = make_clean(tmp_path)
-    (root / "train" / "tr2_blue.png").unlink()
-    with pytest.raises(ImageReadError, match="tr2_blue"):
-        DatasetIndex.open(root).channel_paths("tr2")
-
-
-def test_dataset_index_open_errors(tmp_path):
-    with pytest.raises(DataError, match="not found"):
-        DatasetIndex.open(tmp_path / "absent")
-    with pytest.raises(DataError, match="Kaggle layout"):
-        DatasetIndex.open(tmp_path)
 
 
 # ---------------------------------------------------------------------------------- check_data
