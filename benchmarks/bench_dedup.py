@@ -42,10 +42,9 @@ REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "hpa_real"
 
 
 def synth_field(seed: int, size: int, labels=None):
-    from kit import synth
+    from kit.synth import draw_field
 
-    draw = getattr(synth, "draw_field", None) or synth.make_field
-    return draw(seed, size=size, labels=labels)
+    return draw_field(seed, size=size, labels=labels)
 
 
 def real_greens(size: int) -> list[tuple[str, np.ndarray]]:

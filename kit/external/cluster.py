@@ -51,9 +51,9 @@ SCHEDULERS = ("slurm", "k8s")
 
 
 def _ids(list_path: Path) -> list[str]:
-    from kit.external.download import read_id_list
+    from kit.layout import read_id_list
 
-    return read_id_list(list_path)
+    return list(dict.fromkeys(read_id_list(list_path)))
 
 
 def _ids_sha(ids: Sequence[str]) -> str:

@@ -131,8 +131,8 @@ class Item:
 
 
 def list_items(folders: Sequence[str | Path], test_folders: Sequence[str | Path] = ()) -> list[Item]:
-    """Every image of the folders (an ``<ID>_green.<ext>`` file), sorted by folder then ID."""
-    from kit.images import EXTENSIONS
+    """Every image of the folders with a green channel file, sorted by folder then ID."""
+    from kit.layout import scan_split
 
     items: list[Item] = []
     seen: set[Path] = set()
@@ -144,13 +144,8 @@ def list_items(folders: Sequence[str | Path], test_folders: Sequence[str | Path]
             if folder.resolve() in seen:
                 raise ConfigError(f"{folder} is given twice (as --images and --exclude-test?)")
             seen.add(folder.resolve())
-            found = {}
-            for p in folder.iterdir():
-                name = p.name
-                for ext in EXTENSIONS:
-                    if name.lower().endswith("_green" + ext) and not name.startswith("."):
-                        found.setdefault(name[: -len("_green" + ext)], p)
-            items += [Item(str(folder), i, found[i], is_test) for i in sorted(found)]
+            samples = scan_split(folder).samples
+            items += [Item(str(folder), i, ch["green"][0], is_test) for i, ch in sorted(samples.items()) if "green" in ch]
     return items
 
 

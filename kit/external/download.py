@@ -212,23 +212,6 @@ def download_one(job: Job, fmt: str, size: int | None, *, retries: int, timeout:
 # ------------------------------------------------------------------------------------ many files
 
 
-def read_id_list(path: str | Path) -> list[str]:
-    """IDs of a CSV with an ``ID`` (or ``Id``) column, in file order, de-duplicated."""
-    import pandas as pd
-
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"list not found: {path}")
-    try:
-        df = pd.read_csv(path, dtype=str, keep_default_na=False)
-    except Exception as exc:
-        raise DataError(f"{path}: cannot read as CSV: {exc}") from exc
-    col = next((c for c in ("ID", "Id") if c in df.columns), None)
-    if col is None:
-        raise DataError(f"{path}: no ID column (found {list(df.columns)})")
-    return list(dict.fromkeys(i.strip() for i in df[col] if i.strip()))
-
-
 def _check_settings(out_dir: Path, settings: dict) -> None:
     path = out_dir / SETTINGS_FILE
     if path.is_file():
@@ -367,6 +350,7 @@ def configure_download(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_download(args: argparse.Namespace) -> int:
+    from kit.layout import read_id_list
     from kit.segment.cache import shard_ids
 
     ids = read_id_list(args.list)
@@ -383,4 +367,4 @@ def _run_download(args: argparse.Namespace) -> int:
 
 
 __all__ = ["channel_url", "output_path", "download", "download_one", "decode", "resize_max", "Outcome",
-           "PermanentError", "summarize", "read_id_list", "configure_download"]
+           "PermanentError", "summarize", "configure_download"]
