@@ -34,12 +34,12 @@ KINDS: dict[str, tuple[str, str]] = {
     "bad_csv": ("error", "CSV files that cannot be read, or bad rows/fields in them"),
     "bad_label": ("error", "bad Label values in train.csv"),
     "duplicate_id": ("error", "IDs listed more than once"),
-    "image_in_two_folders": ("error", "train IDs with files in more than one train folder (--extra-images)"),
 
     "missing_channel": ("error", "channel files missing"),
     "unreadable_image": ("error", "empty, truncated or unreadable image files"),
     "shape_mismatch": ("error", "samples whose channels differ in shape"),
     "label_without_images": ("error", "train.csv IDs without images in train/"),
+    "image_in_two_folders": ("error", "train IDs with files in more than one train folder (--extra-images)"),
     "submission_without_images": ("error", "sample_submission.csv IDs without images in test/"),
     "size_mismatch": ("error", "sample_submission.csv sizes that differ from the images"),
     "unlabeled_image": ("warning", "images in train/ not listed in train.csv (ignored)"),
