@@ -23,6 +23,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "check-data": ("kit.check_data", "Check a dataset in the Kaggle layout and report every problem at once."),
     "analyze": ("kit.analyze", "Label statistics and channel plots for a dataset or a train.csv."),
     "folds": ("kit.folds", "Multi-label stratified (optionally grouped) folds over image labels."),
+    "external": ("kit.external", "External data: map public HPA label lists, download, merge tables, cluster shards."),
+    "dedup": ("kit.external.dedup", "Find duplicate fields across folders (green thumbnails); groups, pairs, leaks."),
     "segment": ("kit.segment.cache", "Segment nuclei and cells into a resumable mask cache."),
     "train": ("kit.train", "Train per-fold cell and image classifiers from a YAML config."),
     "lr-find": ("kit.train", "Learning-rate range test: plots loss vs learning rate, suggests a rate."),

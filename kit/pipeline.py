@@ -8,7 +8,8 @@ stage    what it does (every stage reuses what a previous run of the same settin
 ======== ==================================================================================
 check    the whole config, before anything runs: folds, backbones, weights files, segmentation
          backend and options, device (one error line for the first problem)
-folds    multi-label stratified folds -> ``WORK/folds/<dataset>-k<K>-s<seed>.csv``
+folds    multi-label stratified folds -> ``WORK/folds/<dataset>-k<K>-s<seed>.csv`` (grouped by the
+         labels table's ``group`` column when it has one: `kit external table`)
 prepare  one decode of every train image (`kit.prepare`, ``--workers`` processes) writes what is
          missing of: its masks and cell table -> the mask cache ``WORK/cache/<dataset>/masks/``,
          its cell tiles -> ``WORK/cache/<dataset>/tiles/tiles-<S>-<key>/``, its downscaled field
@@ -41,6 +42,10 @@ With ``--json`` the last line of stdout is one JSON object: ``run`` (run folder)
 ``cls_ceiling`` (test mAP of each row of the comparison table; null without test truth), plus
 ``oof`` (OOF score, its kind, per fold), ``combine`` (the chosen strategy) and ``report`` (the
 path of the HTML report, null if writing it failed).
+
+External data: ``data.train_csv=ext/train_all.csv data.extra_images=[ext/images]`` trains on the
+Kaggle train images and the images of the extra folders, labelled by that table (`kit.external`);
+each image is read from the one folder that holds it (`kit.layout.ImageFolders`).
 
 ``python -m kit demo`` = ``synth`` (into ``--out``, default ``demo/``) + ``run``, with defaults that
 finish in about 10 minutes on 2 CPU cores. ``configs/cpu.yaml`` is a CPU-sized preset for any
@@ -169,6 +174,8 @@ def check_run(cfg, n_splits: int, n_labels: int) -> None:
 
 
 def stage_folds(cfg, n_splits: int, seed: int) -> Path:
+    import pandas as pd
+
     from kit import folds as kfolds
     from kit.labels import read_labels_csv
 
@@ -182,10 +189,14 @@ def stage_folds(cfg, n_splits: int, seed: int) -> Path:
         except KitError as exc:
             _log(f"folds: {path} is stale ({exc}); rebuilding")
     labels = read_labels_csv(labels_path)
-    folds = kfolds.make_folds(labels, n_splits, seed)
-    report = kfolds.fold_report(labels, folds)
+    # a labels table with a group column (`kit external table`: antibodies, duplicates) keeps groups together
+    groups = desc = None
+    if "group" in pd.read_csv(labels_path, nrows=0).columns:
+        groups, desc, _ = kfolds.read_groups(labels, "group", labels_path)
+    folds = kfolds.make_folds(labels, n_splits, seed, groups=groups)
+    report = kfolds.fold_report(labels, folds, groups)
     kfolds.save_folds(path, labels["ID"].tolist(), folds, labels_path, report, n_splits=n_splits, seed=seed,
-                      labels_df=labels)
+                      groups=desc, labels_df=labels)
     _log(f"folds: wrote {path}")
     return path
 
@@ -228,11 +239,15 @@ def run_pipeline(data_dir: str | Path, *, config: str | Path | None = None, over
         raise DataError(f"data folder not found: {data_dir}")
     timer = timer or Timer()
     t_start = time.perf_counter()
-    index = DatasetIndex.open(data_dir)
-    if not index.train_csv.is_file():
-        raise DataError(f"{index.train_csv} not found: --data must be a dataset in the Kaggle layout")
     cfg = build_config(data_dir, work, config, overrides, n_splits, fold_seed)
-    train_ids = list(index.train_ids)
+    # train images may also live in data.extra_images (external data), labelled by data.train_csv
+    index = DatasetIndex.open(data_dir, extra_train_dirs=cfg.data.extra_images)
+    if not cfg.data.labels_path.is_file():
+        raise DataError(f"{cfg.data.labels_path} not found: --data must be a dataset in the Kaggle layout"
+                        + (" (data.train_csv names the labels file)" if cfg.data.train_csv else ""))
+    from kit.labels import read_labels_csv
+
+    train_ids = read_labels_csv(cfg.data.labels_path)["ID"].tolist()
     check_run(cfg, n_splits, len(train_ids))
     run_dir = Path(cfg.run_dir)
     sample = data_dir / "sample_submission.csv"
