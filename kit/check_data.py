@@ -18,6 +18,7 @@ import sys
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
@@ -38,6 +39,7 @@ KINDS: dict[str, tuple[str, str]] = {
     "unreadable_image": ("error", "empty, truncated or unreadable image files"),
     "shape_mismatch": ("error", "samples whose channels differ in shape"),
     "label_without_images": ("error", "train.csv IDs without images in train/"),
+    "image_in_two_folders": ("error", "train IDs with files in more than one train folder (--extra-images)"),
     "submission_without_images": ("error", "sample_submission.csv IDs without images in test/"),
     "size_mismatch": ("error", "sample_submission.csv sizes that differ from the images"),
     "unlabeled_image": ("warning", "images in train/ not listed in train.csv (ignored)"),
@@ -187,20 +189,27 @@ def _run_sample_checks(jobs: list, decode: bool, workers: int, progress: bool):
 
 
 def check_data(
-    root: str | Path, *, decode: bool = False, workers: int | None = None, progress: bool = False
+    root: str | Path, *, decode: bool = False, workers: int | None = None, progress: bool = False,
+    extra_train_dirs: Sequence[str | Path] = (), labels: str | Path | None = None,
 ) -> list[Problem]:
     """Check a dataset in the Kaggle layout and return every problem found, in one pass.
 
-    Raises DataError only when `root` is not a folder. With `decode`, every channel file is fully
-    decoded in `workers` spawn processes (default: CPU count, at most 8) besides the header checks.
+    Raises DataError only when `root` (or an extra train folder) is not a folder. With `decode`,
+    every channel file is fully decoded in `workers` spawn processes (default: CPU count, at most
+    8) besides the header checks. `extra_train_dirs`: more folders of train images (external data),
+    checked as train images; `labels`: the labels table to check instead of ``train.csv`` (e.g. the
+    merged table of `kit external table`).
     """
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"dataset folder not found: {root}")
-    index = DatasetIndex(root)
+    for extra in extra_train_dirs:
+        if not Path(extra).is_dir():
+            raise DataError(f"extra train image folder not found: {extra}")
+    index = DatasetIndex(root, extra_train_dirs)
     problems: list[Problem] = []
     train_dir, test_dir = root / "train", root / "test"
-    train_csv, sub_csv = index.train_csv, index.sample_submission_csv
+    train_csv, sub_csv = (Path(labels) if labels else index.train_csv), index.sample_submission_csv
     has_train, has_test = train_dir.is_dir(), test_dir.is_dir()
 
     # Structure.
@@ -258,8 +267,15 @@ def check_data(
             problems.append(_problem("stray_file", f"{split}/{path.name}: not a channel image name", path=str(path)))
         if (root / split).is_dir() and not scans[split].samples:
             problems.append(_problem("no_images", f"{root / split}/ holds no channel images", path=str(root / split)))
+    twins = index.train_folders.ambiguous()
+    for image_id, where in twins.items():
+        problems.append(_problem("image_in_two_folders", f"ID {image_id} has files in {', '.join(map(str, where))}; "
+                                 f"{where[0]} is used (keep one copy)", path=str(where[1]), image_id=image_id))
+    where_train = {i: str(ws[0]) for i, ws in twins.items()}
     jobs = [
-        (split, str(root / split), image_id, {c: [str(p) for p in ps] for c, ps in channels.items()}, decode)
+        (split, where_train.get(image_id) or (str(index.train_folders.folder_of(image_id)) if split == "train"
+                                              else str(root / split)),
+         image_id, {c: [str(p) for p in ps] for c, ps in channels.items()}, decode)
         for split in SPLITS
         for image_id, channels in scans[split].samples.items()
     ]
@@ -368,13 +384,17 @@ def configure_check_data(parser) -> None:
     parser.add_argument("--workers", type=int, default=None, help="processes for --decode (default: CPUs, max 8)")
     parser.add_argument("--examples", type=int, default=5, help="examples shown per problem kind (0: all)")
     parser.add_argument("--json", action="store_true", help="print the problems as JSON instead of the summary")
+    parser.add_argument("--extra-images", nargs="+", default=[], type=Path, metavar="DIR",
+                        help="more folders of train images (external data), checked as train images")
+    parser.add_argument("--labels", type=Path, help="labels table to check instead of DIR/train.csv (e.g. train_all.csv)")
     parser.set_defaults(func=_run_check_data)
 
 
 def _run_check_data(args) -> int:
     if args.workers is not None and args.workers < 1:
         raise ConfigError(f"--workers must be at least 1, got {args.workers}")
-    problems = check_data(args.dir, decode=args.decode, workers=args.workers, progress=True)
+    problems = check_data(args.dir, decode=args.decode, workers=args.workers, progress=True,
+                          extra_train_dirs=args.extra_images, labels=args.labels)
     n_err = sum(p.severity == "error" for p in problems)
     if args.json:
         report = {

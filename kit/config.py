@@ -2,7 +2,8 @@
 
 File format (YAML, every section and key optional; unknown keys are an error naming the key)::
 
-    data:        {data_dir: data/synth, folds_file: folds/synth.csv, tile_size: 96, field_size: 256}
+    data:        {data_dir: data/synth, folds_file: folds/synth.csv, tile_size: 96, field_size: 256,
+                  train_csv: ext/train_all.csv, extra_images: [ext/images]}   # Kaggle + external images
     model:       {backbone: resnet18}          # shorthand: applied to cell_model AND image_model
     cell_model:  {backbone: resnet50, pretrained: weights/resnet50-0676ba61.pth, dropout: 0.2}
     image_model: {batch_size: 8}               # per-model overrides of train.batch_size/epochs/lr
@@ -47,6 +48,7 @@ class DataConfig:
     data_dir: str = "data"
     train_csv: str = ""  # "" -> <data_dir>/train.csv
     images_subdir: str = "train"
+    extra_images: list[str] = field(default_factory=list)  # more train image folders (e.g. external images)
     folds_file: str = ""  # folds/<name>.csv (ID,fold); required by `train`
     mask_cache: str = "cache/masks"
     tile_cache: str = "cache/tiles"  # root of the tile cache: holds tiles-<size>-<key>/ folders (kit.cells)
@@ -63,6 +65,11 @@ class DataConfig:
     @property
     def images_dir(self) -> Path:
         return Path(self.data_dir) / self.images_subdir
+
+    @property
+    def image_folders(self) -> list[Path]:
+        """The train images' folders: ``images_dir`` first, then ``extra_images``."""
+        return [self.images_dir, *map(Path, self.extra_images)]
 
 
 @dataclass

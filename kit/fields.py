@@ -14,6 +14,7 @@ once for every stage.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Sequence
 
 import cv2
 import numpy as np
@@ -37,9 +38,12 @@ def downscale_field(image: np.ndarray, size: int) -> np.ndarray:
     return np.ascontiguousarray(img.transpose(2, 0, 1))
 
 
-def field_cache_dir(root: str | Path, size: int, images_dir: str | Path) -> Path:
-    """``<root>/fields-<size>-<key>`` for fields of `size` px of the images in `images_dir`."""
-    key = cache_key("fields", FIELD_CACHE_VERSION, {"size": int(size), "images": str(Path(images_dir).resolve())})
+def field_cache_dir(root: str | Path, size: int, images_dir: str | Path | Sequence[str | Path]) -> Path:
+    """``<root>/fields-<size>-<key>`` for fields of `size` px of the images in `images_dir` (one
+    folder, or the list of a run's train folders: the key then covers every folder)."""
+    folders = [images_dir] if isinstance(images_dir, (str, Path)) else list(images_dir)
+    images = [str(Path(f).resolve()) for f in folders]
+    key = cache_key("fields", FIELD_CACHE_VERSION, {"size": int(size), "images": images[0] if len(images) == 1 else images})
     return Path(root) / f"fields-{int(size)}-{key}"
 
 

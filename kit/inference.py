@@ -1,4 +1,5 @@
-"""Batched inference for predict: the fold ensemble and TTA on one batch, cells batched across images.
+"""Batched inference for predict: the fold ensemble and TTA on one batch (`kit.predict` packs the
+cells of several images into those batches).
 
 * `EnsembleRunner(models, device, tta=...)`: uint8 tiles ``N x 4 x S x S`` -> float32 ``N x C``,
   the mean over folds and over the first `tta` dihedral transforms (0 identity, 1 h-flip, 2 v-flip,
@@ -6,15 +7,9 @@
   `batch_size` inputs: the TTA copies of ``batch_size // tta`` tiles stacked, all folds run on that
   one batch (`kit.engines`), the path (engine, layout, mode, batch size, threads) chosen by
   measurement (`kit.throughput.inference_path`) unless given.
-* `CellBatcher(predict, batch)`: tiles of successive images are queued until a batch is full, so
-  a field of 10-50 cells does not run a half-empty batch; `add(key, tiles)` returns the images
-  whose every tile has been predicted, `flush()` the rest. Results equal per-image prediction to
-  ~1e-7 (eval mode; on CPU a conv's float sums depend on the batch size and a tile's position in
-  it), so `kit.predict` batches across images on GPU only and keeps CPU runs bitwise repeatable.
 """
 from __future__ import annotations
 
-from collections import deque
 from typing import Callable, Sequence
 
 import numpy as np
@@ -81,55 +76,3 @@ class EnsembleRunner:
                 probs = self._run(np.ascontiguousarray(batch))
                 out.append(probs.reshape(self.tta, len(chunk), -1).mean(axis=0))
         return np.concatenate(out).astype(np.float32, copy=False)
-
-
-class CellBatcher:
-    """Queue tiles of successive images and predict them in full batches (module doc)."""
-
-    def __init__(self, predict: Callable[[np.ndarray], np.ndarray], batch: int):
-        self.predict = predict
-        self.batch = max(1, int(batch))
-        self._items: deque = deque()  # [key, tiles, results list, tiles already predicted]
-        self._pending = 0  # tiles queued but not yet predicted
-
-    def add(self, key, tiles: np.ndarray) -> list[tuple[object, np.ndarray]]:
-        """Queue one image's tiles; returns [(key, probs)] of the images now complete, in order."""
-        self._items.append([key, tiles, [], 0])
-        self._pending += len(tiles)
-        if self._pending >= self.batch:
-            self._run((self._pending // self.batch) * self.batch)
-        return self._pop_done()
-
-    def flush(self) -> list[tuple[object, np.ndarray]]:
-        """Predict whatever is queued; returns every remaining image."""
-        if self._pending:
-            self._run(self._pending)
-        return self._pop_done(final=True)
-
-    def _run(self, n: int) -> None:
-        parts, owners = [], []
-        need = n
-        for item in self._items:
-            if need == 0:
-                break
-            left = len(item[1]) - item[3]
-            if left == 0:
-                continue
-            take = min(left, need)
-            parts.append(item[1][item[3]:item[3] + take])
-            owners.append((item, take))
-            need -= take
-        probs = self.predict(np.concatenate(parts))
-        pos = 0
-        for item, take in owners:
-            item[2].append(probs[pos:pos + take])
-            item[3] += take
-            pos += take
-        self._pending -= n
-
-    def _pop_done(self, final: bool = False) -> list[tuple[object, np.ndarray]]:
-        done = []
-        while self._items and (self._items[0][3] == len(self._items[0][1]) or final):
-            key, tiles, results, _ = self._items.popleft()
-            done.append((key, np.concatenate(results) if results else np.zeros((0, NUM_CLASSES), np.float32)))
-        return done

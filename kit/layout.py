@@ -19,6 +19,10 @@ The ID lists every command reads come from here:
 - `read_sample_submission(path)`: the IDs, their order and their sizes from a sample submission
   (``ID,ImageWidth,ImageHeight``); a duplicated ID or a bad size names the file and the line.
 
+Training images may live in several folders (the Kaggle ``train/`` plus downloaded public HPA
+images, `kit.external`): `ImageFolders` finds the one folder that holds each ID, and
+``DatasetIndex(root, extra_train_dirs=[...])`` looks train IDs up in all of them.
+
 `kit.check_data` reports every problem of a dataset at once; `DatasetIndex` is strict instead.
 """
 from __future__ import annotations
@@ -28,12 +32,13 @@ import os
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
+from typing import Sequence
 
 from kit.errors import ConfigError, DataError
 from kit.images import CHANNELS, EXTENSIONS, ImageInfo, ImageReadError, image_size, read_image_info, read_sample
 from kit.labels import read_labels_csv
 
-__all__ = ["SPLITS", "SplitFiles", "scan_split", "DatasetIndex", "list_image_ids", "read_id_list",
+__all__ = ["SPLITS", "SplitFiles", "scan_split", "ImageFolders", "DatasetIndex", "list_image_ids", "read_id_list",
            "read_sample_submission"]
 
 SPLITS: tuple[str, ...] = ("train", "test")
@@ -78,6 +83,70 @@ def scan_split(folder: str | Path) -> SplitFiles:
     return SplitFiles(samples, stray)
 
 
+class ImageFolders:
+    """The images of one split spread over several folders, e.g. ``data/train`` + ``external/images``.
+
+    Each folder is listed once, on first use. `folder_of(id)` is the folder holding the ID's channel
+    files; an ID with files in two folders is ambiguous, a DataError naming both (the same field
+    twice: keep one copy, see `kit dedup`). The first folder is the primary one: an ID found nowhere
+    is looked for there, so a missing file is reported under it.
+    """
+
+    def __init__(self, folders: "str | Path | Sequence[str | Path]"):
+        if isinstance(folders, (str, Path)):
+            folders = [folders]
+        self.folders = [Path(f) for f in folders]
+        if not self.folders:
+            raise ConfigError("ImageFolders needs at least one folder")
+        self._where: dict[str, Path] | None = None
+        self._twice: dict[str, list[Path]] = {}
+
+    def __repr__(self) -> str:
+        return f"ImageFolders({[str(f) for f in self.folders]!r})"
+
+    def _index(self) -> dict[str, Path]:
+        if self._where is None:
+            where: dict[str, Path] = {}
+            for folder in self.folders:
+                for image_id in scan_split(folder).samples:
+                    if image_id in where:
+                        self._twice.setdefault(image_id, [where[image_id]]).append(folder)
+                    else:
+                        where[image_id] = folder
+            self._where = where
+        return self._where
+
+    def ids(self) -> list[str]:
+        """Every ID with files in any of the folders, sorted."""
+        return sorted(self._index())
+
+    def ambiguous(self) -> dict[str, list[Path]]:
+        """ID -> the folders holding its files, for every ID found in more than one folder."""
+        self._index()
+        return dict(self._twice)
+
+    def folder_of(self, image_id: str) -> Path:
+        """The folder holding `image_id` (the primary folder when none does); DataError if two do."""
+        folder = self._index().get(image_id, self.folders[0])
+        if image_id in self._twice:
+            raise DataError(f"image {image_id} has files in more than one folder: "
+                            f"{', '.join(map(str, self._twice[image_id]))}; keep one copy")
+        return folder
+
+    def by_folder(self, image_ids: Sequence[str]) -> dict[Path, list[str]]:
+        """`image_ids` grouped by their folder (order kept within a folder); DataError for ambiguous IDs."""
+        self._index()
+        twice = [i for i in image_ids if i in self._twice]
+        if twice:
+            raise DataError(f"{len(twice)} image(s) have files in more than one of "
+                            f"{', '.join(map(str, self.folders))}, e.g. {twice[0]} in "
+                            f"{', '.join(map(str, self._twice[twice[0]]))}; keep one copy")
+        out: dict[Path, list[str]] = {}
+        for image_id in image_ids:
+            out.setdefault(self.folder_of(image_id), []).append(image_id)
+        return out
+
+
 class DatasetIndex:
     """Index over a dataset folder in the Kaggle layout (see the module docstring).
 
@@ -85,19 +154,34 @@ class DatasetIndex:
     a DataError): run `check_data` to see every problem at once.
     """
 
-    def __init__(self, root: str | Path):
+    def __init__(self, root: str | Path, extra_train_dirs: Sequence[str | Path] = ()):
         self.root = Path(root)
+        self.extra_train_dirs = [Path(d) for d in extra_train_dirs]
         self._scans: dict[str, SplitFiles] = {}
 
     @classmethod
-    def open(cls, root: str | Path) -> "DatasetIndex":
-        """Open a dataset folder; raises DataError if it is not a folder in the Kaggle layout."""
+    def open(cls, root: str | Path, extra_train_dirs: Sequence[str | Path] = ()) -> "DatasetIndex":
+        """Open a dataset folder; raises DataError if it is not a folder in the Kaggle layout (or an
+        extra train folder does not exist)."""
         root = Path(root)
         if not root.is_dir():
             raise DataError(f"dataset folder not found: {root}")
         if not any((root / n).exists() for n in ("train", "test", "train.csv")):
             raise DataError(f"{root}: not a dataset in the Kaggle layout (no train/, test/ or train.csv)")
-        return cls(root)
+        for extra in extra_train_dirs:
+            if not Path(extra).is_dir():
+                raise DataError(f"extra train image folder not found: {extra}")
+        return cls(root, extra_train_dirs)
+
+    @cached_property
+    def train_folders(self) -> ImageFolders:
+        """``train/`` and the extra train folders, as one lookup."""
+        return ImageFolders([self.image_dir("train"), *self.extra_train_dirs])
+
+    def folder_of(self, image_id: str, split: str | None = None) -> Path:
+        """The folder holding an image's files (train IDs may be in an extra folder)."""
+        split = split or self.split_of(image_id)
+        return self.train_folders.folder_of(image_id) if split == "train" else self.image_dir(split)
 
     @property
     def train_csv(self) -> Path:
@@ -114,9 +198,16 @@ class DatasetIndex:
         return self.root / split
 
     def scan(self, split: str) -> SplitFiles:
-        """The grouped channel files of a split (listed once, then cached)."""
+        """The grouped channel files of a split (listed once, then cached; train: all its folders)."""
         if split not in self._scans:
-            self._scans[split] = scan_split(self.image_dir(split))
+            scans = [scan_split(self.image_dir(split))]
+            if split == "train":
+                scans += [scan_split(d) for d in self.extra_train_dirs]
+            samples: dict[str, dict[str, list[Path]]] = {}
+            for sc in scans:
+                for image_id, channels in sc.samples.items():
+                    samples.setdefault(image_id, channels)  # the first folder wins; folder_of reports a twin
+            self._scans[split] = SplitFiles(samples, [p for sc in scans for p in sc.stray])
         return self._scans[split]
 
     def files(self, split: str) -> dict[str, dict[str, Path]]:
@@ -154,7 +245,8 @@ class DatasetIndex:
         for split in SPLITS:
             if image_id in self.scan(split).samples:
                 return split
-        raise DataError(f"{self.root}: no image files for ID {image_id!r} in train/ or test/")
+        extra = "".join(f", {d}" for d in self.extra_train_dirs)
+        raise DataError(f"{self.root}: no image files for ID {image_id!r} in train/{extra} or test/")
 
     def channel_paths(self, image_id: str, split: str | None = None) -> dict[str, Path]:
         """channel -> path of one sample; raises ImageReadError naming the first missing file."""
@@ -162,7 +254,7 @@ class DatasetIndex:
         found = self.scan(split).samples.get(image_id, {})
         for c in CHANNELS:
             if c not in found:
-                raise ImageReadError(f"missing channel file: {self.image_dir(split) / f'{image_id}_{c}.png'}")
+                raise ImageReadError(f"missing channel file: {self.folder_of(image_id, split) / f'{image_id}_{c}.png'}")
         return {c: found[c][0] for c in CHANNELS}
 
     def image_info(self, image_id: str, split: str | None = None) -> ImageInfo:
@@ -171,12 +263,11 @@ class DatasetIndex:
 
     def image_size(self, image_id: str, split: str | None = None) -> tuple[int, int]:
         """(width, height) of a sample, from a channel file's header (`kit.images.image_size`)."""
-        return image_size(self.image_dir(split or self.split_of(image_id)), image_id)
+        return image_size(self.folder_of(image_id, split), image_id)
 
     def read(self, image_id: str, split: str | None = None) -> np.ndarray:
         """The sample as `kit.images.read_sample` returns it: (H, W, 4) RGBY, uint8 or uint16."""
-        split = split or self.split_of(image_id)
-        return read_sample(self.image_dir(split), image_id)
+        return read_sample(self.folder_of(image_id, split), image_id)
 
 
 # --------------------------------------------------------------------------------------------

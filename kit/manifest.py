@@ -5,6 +5,7 @@
     kit_version   the kit that trained the run
     created       UTC time of writing
     data_dir      the dataset (Kaggle layout); images_dir its train images; labels_file train.csv
+    extra_images_dirs  more folders of train images (external data); `image_folders()` = all of them
     folds_file    ID,fold table; folds_sha256 its sha256; folds the folds the run trains
     mask_cache    the mask cache folder the models' cells come from (<root>/<backend>-<key>),
                   mask_backend and mask_params (the backend's resolved options)
@@ -54,6 +55,7 @@ class RunManifest:
     field_dir: str
     field_size: int
     mask_others: bool = True
+    extra_images_dirs: list[str] = field(default_factory=list)
     kit_version: str = ""
     created: str = ""
     legacy: bool = field(default=False, compare=False)
@@ -66,6 +68,12 @@ class RunManifest:
         if root is not None:
             return MaskCache(root, self.mask_backend, self.mask_params)
         return MaskCache(Path(self.mask_cache).parent, self.mask_backend, self.mask_params, folder=self.mask_cache)
+
+    def image_folders(self):
+        """The train images' folders as one lookup (`kit.layout.ImageFolders`): images_dir first."""
+        from kit.layout import ImageFolders
+
+        return ImageFolders([self.images_dir, *self.extra_images_dirs])
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -117,8 +125,9 @@ def resolve_inputs(cfg, *, folds: bool = True) -> RunManifest:
         labels_file=str(d.labels_path.resolve()), folds_file=str(folds_file.resolve()) if folds_file else "",
         folds_sha256=digest, folds=run_folds, mask_cache=str(masks.dir.resolve()), mask_backend=masks.backend,
         mask_params=json.loads(json.dumps(masks.params, default=str)), tile_dir=str(tile_dir.resolve()),
-        tile_size=int(d.tile_size), field_dir=str(field_cache_dir(d.field_cache, d.field_size, d.images_dir).resolve()),
-        field_size=int(d.field_size), kit_version=__version__,
+        tile_size=int(d.tile_size), field_dir=str(field_cache_dir(d.field_cache, d.field_size, d.image_folders).resolve()),
+        field_size=int(d.field_size), extra_images_dirs=[str(Path(p).resolve()) for p in d.extra_images],
+        kit_version=__version__,
     )
 
 

@@ -8,7 +8,8 @@ stage    what it does (every stage reuses what a previous run of the same settin
 ======== ==================================================================================
 check    the whole config, before anything runs: folds, backbones, weights files, segmentation
          backend and options, device (one error line for the first problem)
-folds    multi-label stratified folds -> ``WORK/folds/<dataset>-k<K>-s<seed>.csv``
+folds    multi-label stratified folds -> ``WORK/folds/<dataset>-k<K>-s<seed>.csv`` (grouped by the
+         labels table's ``group`` column when it has one: `kit external table`)
 prepare  one decode of every train image (`kit.prepare`, ``--workers`` processes) writes what is
          missing of: its masks and cell table -> the mask cache ``WORK/cache/<dataset>/masks/``,
          its cell tiles -> ``WORK/cache/<dataset>/tiles/tiles-<S>-<key>/``, its downscaled field
@@ -23,6 +24,8 @@ evaluate when ``DIR/test_solution.csv`` exists: the submission's mAP, the image-
          rows, and the ceilings (`kit.ceilings`; true cells from ``DIR/truth/`` cell masks or the
          solution file)
 record   one row per fold on the leaderboard (`kit.leaderboard`)
+report   ``RUN/report/index.html``: one static page with the scores, per-class AP, fields and
+         cells (`kit.report`); its path is printed last
 ======== ==================================================================================
 
 The timings also give the seconds the prepare pass spent decoding, segmenting, cutting tiles and
@@ -37,7 +40,12 @@ as JSON) and ``comparison.md`` (the table).
 With ``--json`` the last line of stdout is one JSON object: ``run`` (run folder), ``submission``,
 ``timings`` (seconds per stage), ``image_only``, ``cell_only``, ``combined``, ``seg_ceiling``,
 ``cls_ceiling`` (test mAP of each row of the comparison table; null without test truth), plus
-``oof`` (OOF score, its kind, per fold) and ``combine`` (the chosen strategy).
+``oof`` (OOF score, its kind, per fold), ``combine`` (the chosen strategy) and ``report`` (the
+path of the HTML report, null if writing it failed).
+
+External data: ``data.train_csv=ext/train_all.csv data.extra_images=[ext/images]`` trains on the
+Kaggle train images and the images of the extra folders, labelled by that table (`kit.external`);
+each image is read from the one folder that holds it (`kit.layout.ImageFolders`).
 
 ``python -m kit demo`` = ``synth`` (into ``--out``, default ``demo/``) + ``run``, with defaults that
 finish in about 10 minutes on 2 CPU cores. ``configs/cpu.yaml`` is a CPU-sized preset for any
@@ -173,6 +181,8 @@ def check_run(cfg, n_splits: int, n_labels: int) -> None:
 
 
 def stage_folds(cfg, n_splits: int, seed: int) -> Path:
+    import pandas as pd
+
     from kit import folds as kfolds
     from kit.labels import read_labels_csv
 
@@ -186,10 +196,14 @@ def stage_folds(cfg, n_splits: int, seed: int) -> Path:
         except KitError as exc:
             _log(f"folds: {path} is stale ({exc}); rebuilding")
     labels = read_labels_csv(labels_path)
-    folds = kfolds.make_folds(labels, n_splits, seed)
-    report = kfolds.fold_report(labels, folds)
+    # a labels table with a group column (`kit external table`: antibodies, duplicates) keeps groups together
+    groups = desc = None
+    if "group" in pd.read_csv(labels_path, nrows=0).columns:
+        groups, desc, _ = kfolds.read_groups(labels, "group", labels_path)
+    folds = kfolds.make_folds(labels, n_splits, seed, groups=groups)
+    report = kfolds.fold_report(labels, folds, groups)
     kfolds.save_folds(path, labels["ID"].tolist(), folds, labels_path, report, n_splits=n_splits, seed=seed,
-                      labels_df=labels)
+                      groups=desc, labels_df=labels)
     _log(f"folds: wrote {path}")
     return path
 
@@ -246,11 +260,15 @@ def run_pipeline(data_dir: str | Path, *, config: str | Path | None = None, over
         raise DataError(f"data folder not found: {data_dir}")
     timer = timer or Timer()
     t_start = time.perf_counter()
-    index = DatasetIndex.open(data_dir)
-    if not index.train_csv.is_file():
-        raise DataError(f"{index.train_csv} not found: --data must be a dataset in the Kaggle layout")
     cfg = build_config(data_dir, work, config, overrides, n_splits, fold_seed)
-    train_ids = list(index.train_ids)
+    # train images may also live in data.extra_images (external data), labelled by data.train_csv
+    index = DatasetIndex.open(data_dir, extra_train_dirs=cfg.data.extra_images)
+    if not cfg.data.labels_path.is_file():
+        raise DataError(f"{cfg.data.labels_path} not found: --data must be a dataset in the Kaggle layout"
+                        + (" (data.train_csv names the labels file)" if cfg.data.train_csv else ""))
+    from kit.labels import read_labels_csv
+
+    train_ids = read_labels_csv(cfg.data.labels_path)["ID"].tolist()
     check_run(cfg, n_splits, len(train_ids))
     run_dir = Path(cfg.run_dir)
     sample = data_dir / "sample_submission.csv"
@@ -347,9 +365,28 @@ def run_pipeline(data_dir: str | Path, *, config: str | Path | None = None, over
             f.write(f"\n{margin}\n")
     with atomic_open(run_dir / "summary.json", "w") as f:
         json.dump(summary, f, indent=2, default=str)
+    summary["report"] = _report(run_dir, timer, workers, errors)
+    summary["timings"]["report"] = timer.seconds["report"]
+    summary["timings"]["total"] = round(timings["total"] + timer.seconds["report"], 2)
+    with atomic_open(run_dir / "summary.json", "w") as f:  # again, with the report's time (or failure)
+        json.dump(summary, f, indent=2, default=str)
     summary["table"] = table
-    summary["written"] = _written(inputs, run_dir, sub_path, lb_path)
+    summary["written"] = _written(inputs, run_dir, sub_path, lb_path) | {
+        "report": summary["report"] or "(failed: see the errors)"}
     return summary
+
+
+def _report(run_dir: Path, timer: Timer, workers: int, errors: list[str]) -> str | None:
+    """Write the run's HTML report (`kit.report`), last; a failure joins `errors` (exit 2), the
+    finished run and its summary stay."""
+    from kit.report import write_report
+
+    with timer.stage("report"):
+        try:
+            return str(write_report(run_dir, workers=workers))
+        except Exception as exc:  # noqa: BLE001 - reported with the other late failures
+            errors.append(_failure("report", exc))
+            return None
 
 
 def _failure(stage: str, exc: Exception) -> str:
@@ -444,9 +481,11 @@ def print_summary(summary: dict, as_json: bool) -> None:
     print("\nwritten:")
     for k, v in summary["written"].items():
         print(f"  {k:<17} {v}")
+    if summary.get("report"):
+        print(f"\nreport: {summary['report']}")
     if as_json:
         keys = ("run", "submission", "timings", "image_only", "cell_only", "combined", "seg_ceiling", "cls_ceiling",
-                "oof", "combine", "errors")
+                "oof", "combine", "errors", "report")
         print(json.dumps({k: summary.get(k) for k in keys}, default=str))
 
 

@@ -276,66 +276,57 @@ def _read_ahead(items: Iterator) -> Iterator:
             yield item
 
 
+PACK_IMAGES = 8  # images whose cells share batches; a field has 10-50 cells, a batch should be full
+
+
+def packs_of(ids: Sequence[str], size: int = PACK_IMAGES) -> dict[str, int]:
+    """{ID: pack number}: consecutive groups of `size` IDs in the order given (the sample
+    submission's). Cells are batched within a pack, never across packs, so an image's batches
+    (and its float sums) depend on its pack alone: a resumed predict redoes a pack that is partly
+    cached and writes the bytes of an uninterrupted run."""
+    return {image_id: k // size for k, image_id in enumerate(dict.fromkeys(ids))}
+
+
 def _batched(items: Iterator[dict], cell_ens: FoldEnsemble, image_ens: FoldEnsemble | None,
-             across_images: bool = False) -> Iterator[list]:
-    """Per prepared image, in order: [(mask source key, ImageResult)].
+             pack_of: dict[str, int]) -> Iterator[list]:
+    """Per prepared image, in order: [(mask source key, ImageResult)]. The cells of a pack's images
+    (per mask source) and their fields are predicted together, in full batches but the last
+    (`kit.inference.EnsembleRunner`); on CPU a conv's output for a tile moves by ~1e-7 with the
+    batch size and the tile's place in it, hence packs that resumes reproduce (`packs_of`).
 
-    With `across_images` the cells of successive images (and their fields) are predicted in full
-    batches (`kit.inference.CellBatcher`): a field has 10-50 cells, and a GPU wants full batches.
-    Without it (CPU) every image runs on its own, so its batches are a function of the image alone:
-    on CPU a conv's output for a tile moves by ~1e-7 with the batch size and the tile's position in
-    it, and a resumed predict (which batches other neighbours) must write the bytes of an
-    uninterrupted one. An image is yielded once its cells and field are done.
-
-    A MIL cell ensemble (``cell_ens.has_bag``) predicts each field's cells together, always: its
-    bag head pools all of one field's cells (`FoldEnsemble.predict_with_bag`). Without an image
-    model (`image_ens` None) the image probabilities are NaN (the bag score stands in)."""
-    from collections import deque
-
-    from kit.inference import CellBatcher
-
-    no_field = np.full(NUM_CLASSES, np.nan, np.float32)
-
-    def result(item, key, cell_and_bag, image_probs):
-        """The ImageResult of one image and mask source from (cell probs, bag probs or None)."""
-        cell_ids, _, visible, masks_text, scale = item["cells"][key]
-        probs, bag_probs = cell_and_bag
-        return ImageResult(item["id"], cell_ids, probs, image_probs, visible, masks_text, item["width"],
-                           item["height"], bag_probs, scale)
-
-    if not across_images:
-        for item in items:
-            image_probs = image_ens.predict(item["field"][None])[0] if image_ens is not None else no_field
-            yield [(key, result(item, key, cell_ens.predict_with_bag(cell[1]), image_probs))
-                   for key, cell in item["cells"].items()]
-        return
-    cells = None if cell_ens.has_bag else CellBatcher(cell_ens.predict, cell_ens.tiles_per_call)
-    fields = CellBatcher(image_ens.predict, image_ens.tiles_per_call) if image_ens is not None else None
-    waiting: deque = deque()  # [item, {source key: (cell probs, bag probs)}, image probs or None]
-    by_id: dict = {}
-
-    def ready(cell_done, field_done):
-        for (image_id, key), probs in cell_done:
-            by_id[image_id][1][key] = (probs, None)
-        for image_id, probs in field_done:
-            by_id[image_id][2] = probs[0]
-        while waiting and waiting[0][2] is not None and len(waiting[0][1]) == len(waiting[0][0]["cells"]):
-            item, probs, image_probs = waiting.popleft()
-            del by_id[item["id"]]
-            yield [(key, result(item, key, probs[key], image_probs)) for key in item["cells"]]
-
+    A MIL cell ensemble (``cell_ens.has_bag``) predicts each field's cells on their own: its bag
+    head pools all of one field's cells (`FoldEnsemble.predict_with_bag`). Without an image model
+    (`image_ens` None) the image probabilities are NaN (the bag score stands in)."""
+    pending: list[dict] = []
     for item in items:
-        entry = [item, {}, None if fields is not None else no_field]
-        waiting.append(entry)
-        by_id[item["id"]] = entry
-        cell_done = []
-        for key, (_, tiles, _, _, _) in item["cells"].items():
-            if cells is None:  # MIL: the field's cells in one pass, for the bag head
-                entry[1][key] = cell_ens.predict_with_bag(tiles)
-            else:
-                cell_done += cells.add((item["id"], key), tiles)
-        yield from ready(cell_done, fields.add(item["id"], item["field"][None]) if fields is not None else [])
-    yield from ready(cells.flush() if cells is not None else [], fields.flush() if fields is not None else [])
+        if pending and pack_of[item["id"]] != pack_of[pending[0]["id"]]:
+            yield from _predict_pack(pending, cell_ens, image_ens)
+            pending = []
+        pending.append(item)
+    if pending:
+        yield from _predict_pack(pending, cell_ens, image_ens)
+
+
+def _predict_pack(pack: list[dict], cell_ens: FoldEnsemble, image_ens: FoldEnsemble | None) -> Iterator[list]:
+    if image_ens is not None:
+        image_probs = image_ens.predict(np.stack([item["field"] for item in pack]))
+    else:
+        image_probs = np.full((len(pack), NUM_CLASSES), np.nan, np.float32)
+    cell_probs: list[dict] = [{} for _ in pack]  # {source key: (cell probs, bag probs or None)}
+    for key in dict.fromkeys(k for item in pack for k in item["cells"]):
+        owners = [n for n, item in enumerate(pack) if key in item["cells"]]
+        tiles = [pack[n]["cells"][key][1] for n in owners]
+        if cell_ens.has_bag:  # MIL: each field's cells in one pass, for the bag head
+            for n, t in zip(owners, tiles):
+                cell_probs[n][key] = cell_ens.predict_with_bag(t)
+            continue
+        probs = cell_ens.predict(np.concatenate(tiles)) if sum(map(len, tiles)) else np.zeros((0, NUM_CLASSES))
+        for n, part in zip(owners, np.split(probs, np.cumsum([len(t) for t in tiles])[:-1])):
+            cell_probs[n][key] = (part.astype(np.float32, copy=False), None)
+    for n, item in enumerate(pack):
+        yield [(key, ImageResult(item["id"], cell_ids, cell_probs[n][key][0], image_probs[n], visible, masks_text,
+                                 item["width"], item["height"], cell_probs[n][key][1], scale))
+               for key, (cell_ids, _, visible, masks_text, scale) in item["cells"].items()]
 
 
 class Predictor:
@@ -457,6 +448,8 @@ class Predictor:
         ``(ID, message)`` (the first source, the submission's, always raises).
 
         `stop_after` stops after that many newly predicted images (tests simulate a kill with it).
+        Images are predicted in packs of `PACK_IMAGES` (`packs_of`): a pack that is partly cached is
+        predicted whole again, so a resumed run writes what an uninterrupted one does.
         `workers` > 1 decodes and cuts images in that many processes; with one, `prefetch` does it
         in a thread while the models run (default on CUDA only: on a CPU the thread competes with
         torch's own threads for the same cores, benchmarks/bench_predict.py measured it slower).
@@ -469,10 +462,14 @@ class Predictor:
         if prefetch is None:
             prefetch = self.device.type == "cuda"
         caches = [self.cache_dir(images_dir, s) for s in sources]
-        wanted = [{i for i in ids if not (c / f"{i}.npz").is_file()} for c in caches]
-        todo = [i for i in dict.fromkeys(ids) if any(i in w for w in wanted)]
-        if stop_after is not None:
-            todo = todo[:stop_after]
+        pack_of = packs_of(ids)
+        missing = [{i for i in pack_of if not (c / f"{i}.npz").is_file()} for c in caches]
+        if stop_after is not None:  # the first `stop_after` images that are missing, as a kill would leave
+            first = [i for i in pack_of if any(i in m for m in missing)][:stop_after]
+            missing = [{i for i in m if i in first} for m in missing]
+        # a pack with a missing image is predicted whole (its cached images are not written again)
+        wanted = [{i for i in pack_of if pack_of[i] in {pack_of[j] for j in m}} for m in missing]
+        todo = [i for i in pack_of if any(i in w for w in wanted)]
         if todo:
             out_dir = {s.key: c for s, c in zip(sources, caches)}
             optional = [failures is not None and k > 0 for k in range(len(sources))]
@@ -501,16 +498,17 @@ class Predictor:
                 if prefetch:
                     items = _read_ahead(items)
             bar = tqdm(total=len(todo), desc="predict", unit="img", disable=not progress, file=sys.stderr)
+            missing_of = {s.key: m for s, m in zip(sources, missing)}
             def noted(items):  # a mask source that failed for an image is reported, never stops the rest
                 for item in items:
                     for key, message in item["failed"].items():
                         failures.setdefault(key, []).append((item["id"], message))
                     yield item
 
-            across = self.device.type == "cuda"  # CPU: bitwise the same bytes when resumed (`_batched`)
-            for done in _batched(noted(items), cell_ens, image_ens, across_images=across):
+            for done in _batched(noted(items), cell_ens, image_ens, pack_of):
                 for key, result in done:
-                    result.save(out_dir[key] / f"{result.image_id}.npz")
+                    if result.image_id in missing_of[key]:
+                        result.save(out_dir[key] / f"{result.image_id}.npz")
                 bar.update(1)
             bar.close()
         return [{i: ImageResult.load(c / f"{i}.npz", i) for i in ids if (c / f"{i}.npz").is_file()} for c in caches]

@@ -72,6 +72,14 @@ class PrepareReport:
     def failures(self) -> list[tuple[str, str]]:
         return self.missing + self.unreadable
 
+    def merge(self, other: "PrepareReport") -> None:
+        """Add another pass's counts, failures and seconds (one pass per image folder)."""
+        self.images += other.images
+        self.prepared += other.prepared
+        self.missing += other.missing
+        self.unreadable += other.unreadable
+        _add_seconds(self.seconds, other.seconds)
+
     def message(self) -> str:
         bad = self.failures()
         shown = "; ".join(f"{i}: {e}" for i, e in bad[:5])
@@ -295,8 +303,12 @@ def prepare_run(manifest, image_ids: Sequence[str], kinds: Sequence[str] = ("cel
     plan = Plan(masks=masks if cell else None, tile_dir=tile_dir if cell else None, tile_size=manifest.tile_size,
                 mask_others=manifest.mask_others,
                 field_dir=Path(manifest.field_dir) if "image" in kinds else None, field_size=manifest.field_size)
-    report = prepare_folder(manifest.images_dir, image_ids, plan, workers=workers, progress=progress,
-                            desc="prepare " + " + ".join(p for p, on in (("masks + tiles", cell),
-                                                                          ("fields", "image" in kinds)) if on))
-    report.raise_failures(f"training inputs from {manifest.images_dir}")
+    desc = "prepare " + " + ".join(p for p, on in (("masks + tiles", cell), ("fields", "image" in kinds)) if on)
+    folders = manifest.image_folders()
+    report = PrepareReport(images=0)
+    for folder, ids in folders.by_folder(list(dict.fromkeys(map(str, image_ids)))).items():  # one pass per folder
+        part = prepare_folder(folder, ids, plan, workers=workers, progress=progress,
+                              desc=desc + (f" ({folder.name})" if len(folders.folders) > 1 else ""))
+        report.merge(part)
+    report.raise_failures("training inputs from " + ", ".join(map(str, folders.folders)))
     return report

@@ -408,7 +408,7 @@ def test_mil_bag_score_comes_from_the_predict_loop(tiny_dataset, tmp_path):
     # the bag score is the bag head over all of the field's cells, as trained (one model, no TTA)
     from kit.images import read_sample
     from kit.models import preprocess
-    from kit.predict import _batched, _predict_inputs
+    from kit.predict import _batched, _predict_inputs, packs_of
 
     jobs = [(str(test), i, [(predictor.run_masks(test), False)], predictor.tile_size, None, cfg.cells) for i in ids]
     items = [_predict_inputs(job) for job in jobs]
@@ -420,12 +420,13 @@ def test_mil_bag_score_comes_from_the_predict_loop(tiny_dataset, tmp_path):
     np.testing.assert_allclose(r.bag_probs, want_bag, atol=1e-5)
     np.testing.assert_allclose(r.cell_probs, torch.sigmoid(logits).numpy(), atol=1e-5)
     assert read_sample(test, ids[0]).shape[:2] == (r.height, r.width)
-    # GPU batching across images keeps each field's cells together for the bag head: same results
+    # packs batch cells across images; a MIL field's cells stay together for the bag head: a pack
+    # of every image gives what one image per pack gives
     ens = predictor.ensemble("cell")
-    per_image = [dict(done) for done in _batched(iter(items), ens, None, across_images=False)]
-    across = [dict(done) for done in _batched(iter(items), ens, None, across_images=True)]
-    assert len(per_image) == len(across) == len(ids)
-    for a, b, i in zip(per_image, across, ids):
+    per_image = [dict(done) for done in _batched(iter(items), ens, None, packs_of(ids, 1))]
+    packed = [dict(done) for done in _batched(iter(items), ens, None, packs_of(ids, len(ids)))]
+    assert len(per_image) == len(packed) == len(ids)
+    for a, b, i in zip(per_image, packed, ids):
         (ra,), (rb,) = a.values(), b.values()
         assert ra.image_id == rb.image_id == i and np.isnan(rb.image_probs).all()
         np.testing.assert_array_equal(ra.bag_probs, rb.bag_probs)

@@ -6,6 +6,7 @@ import math
 from pathlib import Path
 
 import pytest
+from unittest import mock
 
 torch = pytest.importorskip("torch")
 nn = torch.nn
@@ -175,28 +176,41 @@ def fresh_run(tmp_path_factory, demo_result):
     for p in (data / "truth").glob("*_nuclei_mask.png"):
         p.unlink()
     (root / "lb").mkdir()
+    import kit.report
+
+    before_report: dict = {}
+    write_report = kit.report.write_report
+
+    def counted_report(*args, **kwargs):  # the opens of the run proper, before the report reads
+        before_report.update(_OPENS)
+        return write_report(*args, **kwargs)
+
     sys.addaudithook(_count_opens)
     _OPENS = {}
     try:
-        summary = run_pipeline(
-            data, overrides=["model.backbone=tiny_test_cnn", "train.epochs=1", "data.tile_size=32",
-                             "data.field_size=64", *DEMO_OVERRIDES, "train.batch_size=16"],
-            work=root / "work", submission=root / "submission.csv", n_splits=2, fold_seed=3, workers=1,
-            leaderboard=root / "lb")
+        with mock.patch.object(kit.report, "write_report", counted_report):
+            summary = run_pipeline(
+                data, overrides=["model.backbone=tiny_test_cnn", "train.epochs=1", "data.tile_size=32",
+                                 "data.field_size=64", *DEMO_OVERRIDES, "train.batch_size=16"],
+                work=root / "work", submission=root / "submission.csv", n_splits=2, fold_seed=3, workers=1,
+                leaderboard=root / "lb")
         opens = dict(_OPENS)
     finally:
         _OPENS = None
-    return data, root, summary, opens
+    return data, root, summary, (before_report, opens)
 
 
 def test_every_channel_file_is_opened_once_per_run(fresh_run):
     """Issue 13.1: one decode per image: train (masks, tiles, field) and test (masks, tiles, field,
-    the classification ceiling's true cells, the submission's size check) alike."""
-    data, _, summary, opens = fresh_run
+    the classification ceiling's true cells, the submission's size check) alike. The report, for
+    people, after the run, opens the fields it shows once more."""
+    data, _, summary, (opens, with_report) = fresh_run
     files = sorted(str(p) for split in ("train", "test") for p in (data / split).glob("*.png"))
     assert len(files) == 4 * (8 + 3)
     assert sorted(opens) == files
     assert set(opens.values()) == {1}, {Path(k).name: v for k, v in opens.items() if v != 1}
+    # the report, written after the run, reads again (at display size) the fields it shows
+    assert summary["report"] and max(with_report.values()) == 2
     assert summary["timings"]["decode"] > 0 and summary["timings"]["segment"] > 0
 
 

@@ -203,24 +203,46 @@ def test_ensemble_runner_runs_folds_and_tta_on_one_batch():
     assert runner.predict(tiles[:0]).shape == (0, 19)
 
 
-def test_batching_across_images_equals_per_image_prediction():
-    from kit.inference import CellBatcher, EnsembleRunner
+def test_cells_of_a_pack_share_batches_and_a_resumed_pack_gives_the_same_bits():
+    from kit.inference import EnsembleRunner
+    from kit.predict import _batched, packs_of
 
-    models = _models(2)
-    runner = EnsembleRunner(models, "cpu", path=tp.InferencePath(batch_size=8), example=_tiles(4))
-    images = {f"img{i}": _tiles(n, seed=i) for i, n in enumerate([3, 0, 7, 12, 1, 5])}
-    sizes = []
-    batcher = CellBatcher(lambda t: (sizes.append(len(t)), runner.predict(t))[1], batch=8)
-    got = []
-    for key, tiles in images.items():
-        got += batcher.add(key, tiles)
-    got += batcher.flush()
-    assert [k for k, _ in got] == list(images)  # every image once, in order
-    for key, probs in got:
-        want = _plain(models, images[key]) if len(images[key]) else np.zeros((0, 19))
-        assert probs.shape == (len(images[key]), 19)
-        assert np.abs(probs - want).max(initial=0.0) <= tp.EXACT_ATOL
-    assert all(s % 8 == 0 for s in sizes[:-1]) and sum(sizes) == 28  # full batches but the last
+    class Ens:  # what kit.predict.FoldEnsemble offers _batched, with its calls counted
+        def __init__(self, runner):
+            self.runner, self.sizes = runner, []
+
+        def predict(self, t):
+            self.sizes.append(len(t))
+            return self.runner.predict(t)
+
+    # ResNet-18 at 32 px: a tile's float sums change with the batch size and the tile's place in it
+    models = _models(1, backbone="resnet18")
+    cell = Ens(EnsembleRunner(models, "cpu", path=tp.InferencePath(batch_size=8), example=_tiles(4)))
+    image = Ens(EnsembleRunner(models, "cpu", path=tp.InferencePath(batch_size=8), example=_tiles(1, side=48)))
+    counts = [3, 0, 7, 12, 1, 5, 6, 2, 9]
+    ids = [f"img{i}" for i in range(len(counts))]
+
+    def item(i):
+        return {"id": ids[i], "width": 32, "height": 32, "field": _tiles(1, side=48, seed=100 + i)[0],
+                "cells": {"m": (list(range(1, counts[i] + 1)), _tiles(counts[i], seed=i), None, [])}}
+
+    pack_of = packs_of(ids, size=4)
+    assert [pack_of[i] for i in ids] == [0, 0, 0, 0, 1, 1, 1, 1, 2]
+    whole = {done[0][1].image_id: done[0][1] for done in _batched(map(item, range(len(ids))), cell, image, pack_of)}
+    assert list(whole) == ids  # every image once, in order
+    assert cell.sizes == [22, 14, 9] and image.sizes == [4, 4, 1]  # one call per pack, cut in batches of 8
+    for i, n in enumerate(counts):
+        want = _plain(models, _tiles(n, seed=i)) if n else np.zeros((0, 19))
+        assert np.abs(whole[ids[i]].cell_probs - want).max(initial=0.0) <= tp.EXACT_ATOL
+    # a resume that predicts pack 1 again (and pack 2) gets the very same bits as the whole run
+    again = {d[0][1].image_id: d[0][1] for d in _batched(map(item, range(4, len(ids))), cell, image, pack_of)}
+    for i in ids[4:]:
+        assert np.array_equal(again[i].cell_probs, whole[i].cell_probs)
+        assert np.array_equal(again[i].image_probs, whole[i].image_probs)
+    # what packing across a pack's boundary would have given instead: other bits for some image
+    shifted = {d[0][1].image_id: d[0][1] for d in _batched(map(item, range(3, len(ids))), cell, image,
+                                                            packs_of(ids[3:], size=4))}
+    assert any(not np.array_equal(shifted[i].cell_probs, whole[i].cell_probs) for i in ids[4:])
 
 
 def test_training_layout_is_cached_per_machine_and_model(tmp_path, monkeypatch):

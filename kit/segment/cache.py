@@ -15,7 +15,7 @@ a rerun with the same settings finds its work. Each ``<ID>.npz`` (numpy, compres
                   changes `source`, and the image is segmented again. A missing file is never recorded.
 Files are written atomically, so a file under its final name is complete; a rerun skips current ones.
 
-    python -m kit segment --images DIR --out CACHE [--backend classical|hpacellseg]
+    python -m kit segment --images DIR [DIR ...] --out CACHE [--backend classical|hpacellseg]
                           [--ids train.csv] [--workers N] [--shard I/N] [--option KEY=VALUE ...]
                           [--plugin MODULE] [--tiles SIZE]
 
@@ -257,7 +257,7 @@ def _parse_option(text: str) -> tuple[str, object]:
 
 
 def _run_segment(args) -> int:
-    from kit.layout import list_image_ids, read_id_list
+    from kit.layout import ImageFolders, list_image_ids, read_id_list
     from kit.segment import available_backends
 
     for module in args.plugin:
@@ -270,27 +270,35 @@ def _run_segment(args) -> int:
     if args.tiles < 0:
         raise ConfigError(f"--tiles must be a positive tile size, got {args.tiles}")
     options = dict(_parse_option(o) for o in args.option)
-    ids = read_id_list(Path(args.ids)) if args.ids else list_image_ids(args.images)
+    for folder in args.images:
+        list_image_ids(folder)  # DataError for a folder that does not exist
+    folders = ImageFolders(args.images)
+    ids = read_id_list(Path(args.ids)) if args.ids else folders.ids()
     if not ids:
-        raise DataError(f"no images (<ID>_<channel>.png files) found in {args.images} "
+        raise DataError(f"no images (<ID>_<channel>.png files) found in {', '.join(args.images)} "
                         "(for a dataset in the Kaggle layout use its train/ or test/ folder)")
     shard = parse_shard(args.shard)
     cache = MaskCache(args.out, args.backend, options)
     t0 = time.time()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
+        tile_dir = None
         if args.tiles:  # masks and tiles from one decode of each image
             from kit.cells import prepare_tile_dir
-            from kit.prepare import Plan, prepare_folder
 
             tile_dir = prepare_tile_dir(args.tile_out or args.out, args.tiles, cache, not args.no_mask_others)
-            plan = Plan(masks=cache, tile_dir=tile_dir, tile_size=args.tiles, mask_others=not args.no_mask_others)
-            todo = shard_ids(ids, shard)
-            prepare_folder(args.images, todo, plan, workers=args.workers, progress=not args.quiet,
-                           desc=f"segment {cache.backend} + tiles").warn()
-            done = [i for i in todo if cache.has(i)]
-        else:
-            done = segment_folder(args.images, ids, cache, workers=args.workers, shard=shard, progress=not args.quiet)
+        done = []
+        # each image from the one folder that holds it (several folders: e.g. train/ and external images)
+        for folder, todo in folders.by_folder(shard_ids(ids, shard)).items():
+            if tile_dir is not None:
+                from kit.prepare import Plan, prepare_folder
+
+                plan = Plan(masks=cache, tile_dir=tile_dir, tile_size=args.tiles, mask_others=not args.no_mask_others)
+                prepare_folder(folder, todo, plan, workers=args.workers, progress=not args.quiet,
+                               desc=f"segment {cache.backend} + tiles").warn()
+                done += [i for i in todo if cache.has(i)]
+            else:
+                done += segment_folder(folder, todo, cache, workers=args.workers, progress=not args.quiet)
     for w in caught:
         print(f"warning: {w.message}", file=sys.stderr)
     n_shard = len(shard_ids(ids, shard))
@@ -302,7 +310,8 @@ def _run_segment(args) -> int:
 
 def configure_segment(parser) -> None:
     """Arguments of `python -m kit segment`."""
-    parser.add_argument("--images", required=True, help="folder with <ID>_{red,green,blue,yellow}.png")
+    parser.add_argument("--images", required=True, nargs="+",
+                        help="folder(s) with <ID>_{red,green,blue,yellow}.png (several: each ID from the one that holds it)")
     parser.add_argument("--out", required=True, help="cache root; files go to OUT/<backend>-<params-hash>/<ID>.npz")
     parser.add_argument("--backend", default="classical", help="classical (default) or hpacellseg, or a registered one")
     parser.add_argument("--ids", default=None, help="CSV with an ID column (e.g. train.csv); default: every sample in --images")
