@@ -136,7 +136,8 @@ class PredictConfig:
     combine_weight: float = 0.5
     # how the CNNs run (kit.throughput): auto = the fastest path measured on this machine for this model
     engine: Literal["auto", "baseline", "torch", "jit", "onnx", "compile"] = "auto"
-    image_source: Literal["auto", "field", "bag", "mean"] = "auto"  # image score: field model, MIL bag head, their mean; auto = mean when both exist
+    # image score: field model, MIL bag head, their mean; auto = the field model when there is one, else bag
+    image_source: Literal["auto", "field", "bag", "mean"] = "auto"
 
 
 @dataclass

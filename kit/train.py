@@ -207,9 +207,13 @@ def make_loader(ds, tcfg, sampler, device: torch.device, batch_size: int | None 
             num_workers=tcfg.workers, multiprocessing_context="spawn", persistent_workers=True,
             worker_init_fn=worker_init_fn, prefetch_factor=4,
         )
+    batch_size = batch_size or tcfg.batch_size
+    # A training epoch never ends on a batch of one: BatchNorm cannot train on one sample of 1 x 1
+    # features (EfficientNet-Lite's head failed on 353 cells in batches of 32); other sizes keep all.
+    drop_last = sampler is not None and len(sampler) > 1 and len(sampler) % batch_size == 1
     # Own generator: the loader never draws from the global torch RNG (kept exact for resume).
     return DataLoader(
-        ds, batch_size=batch_size or tcfg.batch_size, sampler=sampler, drop_last=False,
+        ds, batch_size=batch_size, sampler=sampler, drop_last=drop_last,
         pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(tcfg.seed), **kwargs,
     )
 

@@ -432,3 +432,18 @@ def test_mil_bag_score_comes_from_the_predict_loop(tiny_dataset, tmp_path):
         np.testing.assert_array_equal(ra.bag_probs, rb.bag_probs)
         np.testing.assert_array_equal(ra.cell_probs, rb.cell_probs)
         np.testing.assert_allclose(ra.bag_probs, results[i].bag_probs, atol=1e-6)
+
+
+def test_image_source_auto_prefers_the_image_model():
+    """auto: the field model when the run has one (mean lost to it on held-out seeds), else the bag
+    head; an explicit source the run lacks is a config error naming what it has."""
+    from kit.combine import resolve_image_source
+    from kit.errors import ConfigError, KitError
+
+    assert resolve_image_source("auto", ["field", "bag"]) == "field"
+    assert resolve_image_source("auto", ["bag"]) == "bag"
+    assert resolve_image_source("mean", ["field", "bag"]) == "mean"
+    with pytest.raises(ConfigError, match="bag"):
+        resolve_image_source("mean", ["field"])
+    with pytest.raises(KitError, match="image-level"):
+        resolve_image_source("auto", [])
