@@ -50,7 +50,8 @@ import numpy as np
 
 from kit.atomic import atomic_open, atomic_path
 from kit.combine import CombineSpec, combine, read_combine_spec, visible_fraction
-from kit.errors import ConfigError, DataError, KitError
+from kit.errors import ConfigError, DataError, KitError, clip
+from kit.ids import check_id
 from kit.labels import NUM_CLASSES
 
 PREDICT_CACHE_VERSION = 2  # 2: kit.cachekey folder key
@@ -93,6 +94,11 @@ class ImageResult:
 
 # --------------------------------------------------------------------------------------------
 # the fold ensemble
+
+
+def prediction_path(cache_dir: str | Path, image_id: str) -> Path:
+    """One image's entry ``<cache_dir>/<ID>.npz`` in the prediction cache (DataError for a bad ID)."""
+    return Path(cache_dir) / f"{check_id(image_id)}.npz"
 
 
 def checkpoint_path(run_dir: str | Path, kind: str, fold: int, which: str = "best") -> Path:
@@ -332,7 +338,7 @@ class Predictor:
         if prefetch is None:
             prefetch = self.device.type == "cuda"
         caches = [self.cache_dir(images_dir, s) for s in sources]
-        wanted = [{i for i in ids if not (c / f"{i}.npz").is_file()} for c in caches]
+        wanted = [{i for i in ids if not prediction_path(c, i).is_file()} for c in caches]
         todo = [i for i in dict.fromkeys(ids) if any(i in w for w in wanted)]
         if stop_after is not None:
             todo = todo[:stop_after]
@@ -368,10 +374,11 @@ class Predictor:
                 image_probs = image_ens.predict(item["field"][None])[0]
                 for key, (cell_ids, tiles, visible, masks_text) in item["cells"].items():
                     ImageResult(item["id"], cell_ids, cell_ens.predict(tiles), image_probs, visible, masks_text,
-                                item["width"], item["height"]).save(out_dir[key] / f"{item['id']}.npz")
+                                item["width"], item["height"]).save(prediction_path(out_dir[key], item["id"]))
                 bar.update(1)
             bar.close()
-        return [{i: ImageResult.load(c / f"{i}.npz", i) for i in ids if (c / f"{i}.npz").is_file()} for c in caches]
+        return [{i: ImageResult.load(prediction_path(c, i), i) for i in ids if prediction_path(c, i).is_file()}
+                for c in caches]
 
     def _write_cache_info(self, cache: Path, images_dir: Path, masks) -> None:
         info = cache / "params.json"
@@ -461,6 +468,8 @@ def predict(run_dir: str | Path, images_dir: str | Path, out: str | Path = "subm
 
     t0 = time.perf_counter()
     run_dir, images_dir = Path(run_dir), Path(images_dir)
+    if not 0.0 <= min_confidence <= 1.0:  # also refuses nan, which would keep no triple at all
+        raise ConfigError(f"--min-confidence must be a probability in [0, 1], got {min_confidence}")
     if not images_dir.is_dir():
         raise DataError(f"images folder not found: {images_dir}")
     if ids_from:
@@ -496,9 +505,9 @@ def parse_folds_option(text: str | None) -> list[int] | None:
     try:
         folds = [int(t) for t in text.split(",") if t.strip()]
     except ValueError:
-        raise ConfigError(f"--folds: expected fold numbers separated by commas, got {text[:40]!r}") from None
+        raise ConfigError(f"--folds: expected fold numbers separated by commas, got {clip(text)}") from None
     if not folds or any(f < 0 for f in folds):
-        raise ConfigError(f"--folds: expected fold numbers >= 0, got {text[:40]!r}")
+        raise ConfigError(f"--folds: expected fold numbers >= 0, got {clip(text)}")
     return folds
 
 
@@ -513,7 +522,7 @@ def configure_predict(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mask-cache", type=Path, help="mask cache root for these images (default: the run's mask cache)")
     parser.add_argument("--workers", type=int, default=1, help="processes that decode, segment and tile images (default 1)")
     parser.add_argument("--combine", help="override the tuned combination, e.g. geometric:0.5 or image_only")
-    parser.add_argument("--min-confidence", type=float, default=0.0, help="drop triples below this confidence (default 0: keep all 19 per cell)")
+    parser.add_argument("--min-confidence", type=float, default=0.0, help="drop triples below this confidence, in [0, 1] (default 0: keep all 19 per cell)")
     parser.set_defaults(func=_run_predict)
 
 
@@ -529,7 +538,7 @@ def parse_combine_option(text: str) -> CombineSpec:
         if len(parts) > 3 and parts[3]:
             kwargs["border_power"] = float(parts[3])
     except ValueError:
-        raise ConfigError(f"--combine {text!r}: expected strategy[:weight[:negative[:border_power]]]") from None
+        raise ConfigError(f"--combine {clip(text)}: expected strategy[:weight[:negative[:border_power]]]") from None
     return CombineSpec(**kwargs)
 
 
