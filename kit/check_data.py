@@ -408,4 +408,6 @@ def _run_check_data(args) -> int:
     else:
         print(f"check-data {args.dir} ({'decoded' if args.decode else 'headers and file ends; --decode decodes'})")
         print(summarize(problems, args.examples))
+    if n_err:  # the one line a script reads to learn why the exit status is 1
+        print(f"{n_err} error(s) in {args.dir}", file=sys.stderr)
     return 1 if n_err else 0

@@ -11,8 +11,9 @@ operation on a path the user chose: not a folder, no permission, disk full, name
 one line, ``error: <message>``, and exit 2; so do argparse's errors (`KitParser`). Anything else is
 a bug and keeps its traceback. ``KIT_TRACEBACK=1`` shows the traceback of every error.
 Option types shared by the commands: every ``type=float`` option is finite (`finite_float`, nan
-and inf are never a setting), ``type=int`` quotes a bad value cut short, and `folder_arg` is a
-folder to create or use (refused when it, or a parent, is a file).
+and inf are never a setting), ``type=int`` quotes a bad value cut short, `folder_arg` is a
+folder to create or use (refused when it, or a parent, is a file) and `file_arg` a file to write
+(refused when it is a folder or a parent is a file), checked before any work starts.
 """
 from __future__ import annotations
 
@@ -82,6 +83,20 @@ def folder_arg(text: str) -> Path:
             if not p.is_dir():
                 raise argparse.ArgumentTypeError(
                     f"{clip(text, 200)} is not a folder" if p == path else f"{clip(str(p), 200)} is a file, not a folder")
+            break
+    return path
+
+
+def file_arg(text: str) -> Path:
+    """A file the command writes: refused when it is a folder, or when one of its parents is a file."""
+    path = Path(text)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{clip(text, 200)} is a folder: give a file name, e.g. "
+                                         f"{clip(str(path / 'submission.csv'), 200)}")
+    for p in path.parents:
+        if p.exists():
+            if not p.is_dir():
+                raise argparse.ArgumentTypeError(f"{clip(str(p), 200)} is a file, not a folder")
             break
     return path
 

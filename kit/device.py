@@ -33,7 +33,8 @@ def resolve_device(name: str | None = "auto"):
     try:
         dev = torch.device(str(name))
     except (RuntimeError, ValueError) as exc:
-        raise ConfigError(f"bad device {clip(name)}: {exc}") from None
+        # torch's message repeats the whole value: quote it cut short there too
+        raise ConfigError(f"bad device {clip(name)}: {str(exc).replace(str(name), clip(name))}") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device {clip(name)} requested but CUDA is not available here (use cpu or auto)")
     return dev

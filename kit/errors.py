@@ -18,7 +18,7 @@ class ConfigError(KitError):
     """A bad configuration value or command-line option."""
 
 
-def clip(value: object, limit: int = 60, *, bare: bool = False) -> str:
+def clip(value: object, limit: int = 100, *, bare: bool = False) -> str:
     """`value` quoted for a one-line message: its repr (control characters escaped), cut to about
     `limit` characters with the full length noted, so a 10 MB field never floods the terminal.
     `bare`: the text itself, unquoted, when it is that short and printable (an ID after "ID ");

@@ -37,7 +37,7 @@ def id_problem(image_id: object) -> str | None:
     if not isinstance(image_id, str):
         return f"is a {type(image_id).__name__}, not text"
     if _PLAIN.fullmatch(image_id):
-        return None
+        return "is a Windows device name" if image_id.upper() in _WINDOWS_DEVICES else None
     if not image_id:
         return "is empty"
     if image_id != image_id.strip():

@@ -433,6 +433,11 @@ def build_predictions(results: dict[str, ImageResult], spec: CombineSpec, min_co
     return preds
 
 
+def _refuse_folder(path: Path) -> None:
+    if path.is_dir():
+        raise ConfigError(f"submission path {path} is a folder: give a file name, e.g. {path / 'submission.csv'}")
+
+
 def write_and_validate(path: str | Path, predictions: dict, ids: Sequence[str], sizes: dict | None,
                        sample: str | Path | None = None, images: str | Path | None = None,
                        image_sizes: dict | None = None) -> Path:
@@ -444,8 +449,7 @@ def write_and_validate(path: str | Path, predictions: dict, ids: Sequence[str], 
     from kit.submission import validate_submission, write_submission
 
     path = Path(path)
-    if path.is_dir():
-        raise ConfigError(f"submission path {path} is a folder: give a file name, e.g. {path / 'submission.csv'}")
+    _refuse_folder(path)
     remove_stale_temps(path.parent, stem=path.stem)
     with atomic_path(path) as tmp:
         write_submission(tmp, predictions, ids, sizes)
@@ -470,6 +474,7 @@ def predict(run_dir: str | Path, images_dir: str | Path, out: str | Path = "subm
     run_dir, images_dir = Path(run_dir), Path(images_dir)
     if not 0.0 <= min_confidence <= 1.0:  # also refuses nan, which would keep no triple at all
         raise ConfigError(f"--min-confidence must be a probability in [0, 1], got {min_confidence}")
+    _refuse_folder(Path(out))  # before the work, not after it
     if not images_dir.is_dir():
         raise DataError(f"images folder not found: {images_dir}")
     if ids_from:
@@ -512,9 +517,11 @@ def parse_folds_option(text: str | None) -> list[int] | None:
 
 
 def configure_predict(parser: argparse.ArgumentParser) -> None:
+    from kit.cli import file_arg
+
     parser.add_argument("--run", required=True, type=Path, help="run folder (config.yaml, manifest.json, cell/ and image/ fold checkpoints)")
     parser.add_argument("--images", required=True, type=Path, help="folder of <ID>_{red,green,blue,yellow}.png images")
-    parser.add_argument("--out", type=Path, default=Path("submission/submission.csv"), help="submission CSV (default submission/submission.csv)")
+    parser.add_argument("--out", type=file_arg, default=Path("submission/submission.csv"), help="submission CSV (default submission/submission.csv)")
     parser.add_argument("--ids-from", type=Path, help="sample_submission.csv: the IDs, their order and sizes (default: every image in --images)")
     parser.add_argument("--tta", type=int, choices=(1, 2, 4, 8), help="flip TTA: 1 none, 2 +h-flip, 4 +v-flips, 8 all (default: the run's predict.tta)")
     parser.add_argument("--device", help="cpu, cuda, cuda:N (default: the run's train.device)")

@@ -271,9 +271,9 @@ def _parse_size(value: str | None) -> int | None:
 def read_submission(path: str | os.PathLike) -> dict[str, ImagePrediction]:
     """Read a submission (or solution) CSV into ``{ID: ImagePrediction}`` in file order.
 
-    Raises DataError naming the file, CSV line and ID for: missing columns, an empty, duplicated or
-    bad ID (`kit.ids`: an ID is a file-name stem), a width/height that is not a positive integer, a
-    malformed PredictionString. Masks are not decoded (use `validate_submission` for a full check).
+    Raises DataError naming the file, CSV line and ID for: missing columns, a field more than the
+    header, an empty, duplicated or bad ID (`kit.ids`: an ID is a file-name stem), a width/height
+    that is not a positive integer, a malformed PredictionString. Masks are not decoded (use `validate_submission` for a full check).
     """
     path = Path(path)
     out: dict[str, ImagePrediction] = {}
@@ -281,6 +281,8 @@ def read_submission(path: str | os.PathLike) -> dict[str, ImagePrediction]:
         where = f"{path}: line {line}"
         image_id = check_id((row.get("ID") or "").strip(), where)
         where += f", ID {image_id}"
+        if None in row:  # DictReader puts surplus fields under the key None; pandas (the host) refuses them
+            raise DataError(f"{where}: {len(row[None])} field(s) more than the header")
         if image_id in out:
             raise DataError(f"{where}: duplicated ID")
         width, height = _parse_size(row.get("ImageWidth")), _parse_size(row.get("ImageHeight"))
@@ -353,8 +355,8 @@ def validate_submission(
         iterator = tqdm(rows, desc="validate", unit="row", file=sys.stderr)
     for line, row, _ in iterator:
         image_id = (row.get("ID") or "").strip()
-        where = f"line {line}, ID {clip(image_id, bare=True)}" if image_id else f"line {line}"
         bad_id = id_problem(image_id)
+        where = f"line {line}, ID {clip(image_id, bare=not bad_id)}" if image_id else f"line {line}"
         if None in row:  # DictReader puts surplus fields under the key None
             problems.append(f"{where}: {len(row[None])} field(s) more than the header")
         if not image_id:
