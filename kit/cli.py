@@ -45,6 +45,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "validate-submission": ("kit.submission", "Check a submission file and report every problem at once."),
     "leaderboard": ("kit.leaderboard", "Show, record or export the local cross-validation leaderboard."),
     "kernel": ("kit.kaggle", "Build or push offline Kaggle kernels and their datasets."),
+    "bench": ("kit.bench", "Throughput of every inference/training path vs the plain baseline, and the FLOP bound."),
 }
 
 

@@ -17,6 +17,8 @@ the file and the overrides set (a value equal to its default is still the user's
 `save_config` writes the fully resolved config (every key, ``cell_model``/``image_model`` spelled
 out), so ``--config RUN_DIR/config.yaml`` reproduces a run; `kit.train` writes a run's
 config.yaml once, and what the settings resolved to goes into its manifest (`kit.manifest`).
+Presets ship inside the package (``kit/configs/<name>.yaml``): ``--config cpu`` or
+``preset_path("default")``, so an installed kit has them too.
 """
 from __future__ import annotations
 
@@ -97,7 +99,7 @@ class TrainConfig:
     workers: int = 2  # DataLoader worker processes (spawn); 0 = load in the main process
     seed: int = 42
     amp: bool = True  # mixed precision on CUDA (ignored on CPU)
-    channels_last: bool = True
+    channels_last: Union[bool, Literal["auto"]] = "auto"  # auto: the faster layout measured here (kit.throughput)
     grad_clip: float = 0.0  # max gradient norm; 0 = off
     folds: Union[Literal["all"], list[int]] = "all"
     max_cells_per_image: int = 0  # 0 = all cells; >0 caps the training cells taken per image
@@ -114,6 +116,8 @@ class PredictConfig:
     which: Literal["best", "last"] = "best"
     combine: str = "product"  # cell x image score combination (kit.combine)
     combine_weight: float = 0.5
+    # how the CNNs run (kit.throughput): auto = the fastest path measured on this machine for this model
+    engine: Literal["auto", "baseline", "torch", "jit", "onnx", "compile"] = "auto"
 
 
 @dataclass
@@ -306,9 +310,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     """
     cfg = Config()
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
+        path = config_file(path)
         try:
             values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         except UnicodeDecodeError as exc:
@@ -328,6 +330,32 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             _apply(cfg, part, "", explicit)
     _validate(cfg)
     return cfg
+
+
+PRESETS_DIR = Path(__file__).with_name("configs")
+
+
+def preset_names() -> list[str]:
+    """The config presets shipped with the kit (``kit/configs/<name>.yaml``)."""
+    return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
+
+
+def preset_path(name: str) -> Path:
+    """The YAML file of preset `name` (e.g. ``"default"``, ``"demo_cpu"``)."""
+    path = PRESETS_DIR / f"{name}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"no config preset {name!r}; the kit ships {preset_names()}")
+    return path
+
+
+def config_file(value: str | Path) -> Path:
+    """A ``--config`` value as a file: an existing path, else the name of a preset."""
+    path = Path(value)
+    if path.is_file():
+        return path
+    if len(path.parts) == 1 and not path.suffix and (PRESETS_DIR / f"{path}.yaml").is_file():
+        return PRESETS_DIR / f"{path}.yaml"
+    raise ConfigError(f"config file not found: {path} (presets shipped with the kit: {', '.join(preset_names())})")
 
 
 def to_dict(cfg: Config) -> dict:

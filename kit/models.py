@@ -320,8 +320,14 @@ def model_from_checkpoint(ckpt: dict, kind: str) -> Classifier:
     key = f"{kind}_model"
     if "config" not in ckpt or key not in ckpt["config"]:
         raise KitError(f"checkpoint has no {key} config")
-    model = build_from_config(ckpt["config"][key], pretrained=False)
-    model.load_state_dict(ckpt["model"])
+    # Built on the meta device, so no random initialisation is computed only to be overwritten
+    # (~0.45 s of uniform_/normal_ per ResNet-50 in a profile); the checkpoint's tensors are assigned.
+    with torch.device("meta"):
+        model = build_from_config(ckpt["config"][key], pretrained=False)
+    model.load_state_dict(ckpt["model"], assign=True)
+    if any(t.is_meta for t in (*model.parameters(), *model.buffers())):  # a tensor the checkpoint lacks
+        model = build_from_config(ckpt["config"][key], pretrained=False)
+        model.load_state_dict(ckpt["model"])
     return model
 
 

@@ -238,6 +238,7 @@ def run_pipeline(data_dir: str | Path, *, config: str | Path | None = None, over
     solution_path = data_dir / "test_solution.csv"
     truth = truth_masks(data_dir) if ceilings and solution_path.is_file() else None
     _log(f"run folder: {run_dir}  ({len(train_ids)} train, {len(test_ids)} test images)")
+    _print_estimate(cfg, test_ids, sizes, test_dir, n_splits)
 
     with timer.stage("folds"):
         stage_folds(cfg, n_splits, fold_seed)
@@ -338,6 +339,17 @@ def _failure(stage: str, exc: Exception) -> str:
 
 def _indent(text: str) -> str:
     return "\n".join("  " + line for line in text.splitlines())
+
+
+def _print_estimate(cfg, test_ids: list[str], sizes: dict | None, test_dir: Path, n_folds: int) -> None:
+    """Before the long work: how long predicting the test set will take (`kit.runtime`, measured figures)."""
+    from kit import runtime
+    from kit.images import image_size
+
+    sizes = sizes or {i: image_size(test_dir, i) for i in test_ids if (test_dir / f"{i}_red.png").exists()}
+    est = runtime.config_estimate(cfg, runtime.size_mix(sizes=sizes), n_folds=n_folds, tta=cfg.predict.tta)
+    for line in (est.lines() if est else []):
+        _log(line)
 
 
 def _test_ids(data_dir: Path) -> tuple[list[str], dict | None]:

@@ -105,22 +105,17 @@ def checkpoint_path(run_dir: str | Path, kind: str, fold: int, which: str = "bes
     return Path(run_dir) / kind / f"fold{int(fold)}" / f"{which}.pt"
 
 
-def dihedral(x, k: int):
-    """Transform k (0..7) of the dihedral group on the last two axes: bit 4 transpose, 1 h-flip, 2 v-flip."""
-    if k & 4:
-        x = x.transpose(-1, -2)
-    if k & 1:
-        x = x.flip(-1)
-    if k & 2:
-        x = x.flip(-2)
-    return x
-
-
 class FoldEnsemble:
-    """The fold models of one kind of a run; `predict` averages probabilities over folds and TTA."""
+    """The fold models of one kind of a run; `predict` averages probabilities over folds and TTA.
+
+    The folds and the TTA copies run as one batch on the path `kit.throughput` measured fastest on
+    this machine for this model (`engine` "auto", probed once on `side` px inputs and cached; or a
+    named engine): see `kit.inference.EnsembleRunner`. `onnx_path` caches the exported ensemble.
+    """
 
     def __init__(self, run_dir: str | Path, kind: str, device="cpu", which: str = "best", tta: int = 1,
-                 batch_size: int = 64, activation: str = "sigmoid", folds: Sequence[int] | None = None):
+                 batch_size: int = 64, activation: str = "sigmoid", folds: Sequence[int] | None = None,
+                 side: int | None = None, engine: str = "auto", onnx_path: str | Path | None = None, log=None):
         import torch
 
         from kit.models import load_checkpoint, load_fold_models, model_from_checkpoint
@@ -133,36 +128,34 @@ class FoldEnsemble:
         else:
             self.models = [model_from_checkpoint(load_checkpoint(checkpoint_path(run_dir, kind, f, which)), kind)
                            .to(self.device).eval() for f in folds]
-        # channels_last: ~1.6x faster convolutions on this CPU (FACTS.md), no harm on CUDA
-        self.models = [m.to(memory_format=torch.channels_last) for m in self.models]
         self.tta = tta
         self.batch_size = max(1, int(batch_size))
         self.activation = activation
+        self.side, self.engine, self.onnx_path, self.log = side, engine, onnx_path, log
+        self._runner = None
+
+    def runner_for(self, side: int | None = None):
+        """The `kit.inference.EnsembleRunner` for `side` px inputs (built, and its path probed, on first
+        use; the constructor's `side` unless given)."""
+        if self._runner is None:
+            from kit.inference import EnsembleRunner
+
+            side = int(side or self.side or 64)
+            example = np.random.default_rng(0).integers(0, 256, (self.batch_size, 4, side, side), dtype=np.uint8)
+            self._runner = EnsembleRunner(self.models, self.device, tta=self.tta, activation=self.activation,
+                                          example=example, batch_size=self.batch_size, engine=self.engine,
+                                          onnx_path=self.onnx_path, log=self.log)
+        return self._runner
+
+    @property
+    def tiles_per_call(self) -> int:
+        return self.runner_for().tiles_per_call
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
         """uint8 N x 4 x S x S -> float32 N x 19 mean probabilities."""
-        import torch
-
-        from kit.models import preprocess
-
-        n = len(batch)
-        out = np.zeros((n, NUM_CLASSES), np.float32)
-        if n == 0:
-            return out
-        use_amp = self.device.type == "cuda"
-        with torch.inference_mode():
-            for start in range(0, n, self.batch_size):
-                chunk = torch.from_numpy(np.ascontiguousarray(batch[start:start + self.batch_size]))
-                x = preprocess(chunk.to(self.device, non_blocking=True))
-                acc = torch.zeros((len(chunk), NUM_CLASSES), dtype=torch.float32, device=self.device)
-                for k in range(self.tta):
-                    xk = dihedral(x, k).contiguous(memory_format=torch.channels_last)
-                    with torch.autocast(self.device.type, enabled=use_amp):
-                        for model in self.models:
-                            logits = model(xk).float()
-                            acc += torch.softmax(logits, 1) if self.activation == "softmax" else torch.sigmoid(logits)
-                out[start:start + len(chunk)] = (acc / (self.tta * len(self.models))).cpu().numpy()
-        return out
+        if len(batch) == 0:
+            return np.zeros((0, NUM_CLASSES), np.float32)
+        return self.runner_for(batch.shape[-1]).predict(batch)
 
 
 def checkpoint_fingerprint(run_dir: Path, which: str, folds: Sequence[int] | None = None) -> list:
@@ -246,12 +239,61 @@ def _read_ahead(items: Iterator) -> Iterator:
             yield item
 
 
+def _batched(items: Iterator[dict], cell_ens: FoldEnsemble, image_ens: FoldEnsemble,
+             across_images: bool = False) -> Iterator[list]:
+    """Per prepared image, in order: [(mask source key, ImageResult)].
+
+    With `across_images` the cells of successive images (and their fields) are predicted in full
+    batches (`kit.inference.CellBatcher`): a field has 10-50 cells, and a GPU wants full batches.
+    Without it (CPU) every image runs on its own, so its batches are a function of the image alone:
+    on CPU a conv's output for a tile moves by ~1e-7 with the batch size and the tile's position in
+    it, and a resumed predict (which batches other neighbours) must write the bytes of an
+    uninterrupted one. An image is yielded once its cells and field are done."""
+    from collections import deque
+
+    from kit.inference import CellBatcher
+
+    if not across_images:
+        for item in items:
+            image_probs = image_ens.predict(item["field"][None])[0]
+            yield [(key, ImageResult(item["id"], cell_ids, cell_ens.predict(tiles), image_probs, visible,
+                                     masks_text, item["width"], item["height"]))
+                   for key, (cell_ids, tiles, visible, masks_text) in item["cells"].items()]
+        return
+    cells = CellBatcher(cell_ens.predict, cell_ens.tiles_per_call)
+    fields = CellBatcher(image_ens.predict, image_ens.tiles_per_call)
+    waiting: deque = deque()  # [item, {source key: cell probs}, image probs or None]
+    by_id: dict = {}
+
+    def ready(cell_done, field_done):
+        for (image_id, key), probs in cell_done:
+            by_id[image_id][1][key] = probs
+        for image_id, probs in field_done:
+            by_id[image_id][2] = probs[0]
+        while waiting and waiting[0][2] is not None and len(waiting[0][1]) == len(waiting[0][0]["cells"]):
+            item, probs, image_probs = waiting.popleft()
+            del by_id[item["id"]]
+            yield [(key, ImageResult(item["id"], cell_ids, probs[key], image_probs, visible, masks_text,
+                                     item["width"], item["height"]))
+                   for key, (cell_ids, _, visible, masks_text) in item["cells"].items()]
+
+    for item in items:
+        entry = [item, {}, None]
+        waiting.append(entry)
+        by_id[item["id"]] = entry
+        cell_done = []
+        for key, (_, tiles, _, _) in item["cells"].items():
+            cell_done += cells.add((item["id"], key), tiles)
+        yield from ready(cell_done, fields.add(item["id"], item["field"][None]))
+    yield from ready(cells.flush(), fields.flush())
+
+
 class Predictor:
     """Per-image inference for one run with its fold ensembles; results cached per image."""
 
     def __init__(self, run_dir: str | Path, cfg=None, *, tta: int | None = None, which: str | None = None,
                  device: str | None = None, batch_size: int | None = None, folds: Sequence[int] | None = None,
-                 mask_cache: str | Path | None = None):
+                 mask_cache: str | Path | None = None, engine: str | None = None, log=None):
         from kit.config import load_config
         from kit.device import resolve_device
         from kit.manifest import read_manifest
@@ -272,14 +314,41 @@ class Predictor:
         self.batch_size = int(batch_size or cfg.predict.batch_size)
         self.folds = run_folds(self.run_dir, self.manifest, self.which, folds) if self.manifest else folds
         self.device = resolve_device(device or cfg.train.device)
+        self.engine = engine or cfg.predict.engine
+        self.log = log
         self._ens: dict[str, FoldEnsemble] = {}
 
     def ensemble(self, kind: str) -> FoldEnsemble:
         if kind not in self._ens:
+            from kit.cachekey import cache_key
+            from kit.throughput import default_batch
+
+            side = self.tile_size if kind == "cell" else self.field_size
+            onnx_key = cache_key("onnx", 1, {"kind": kind, "side": side, "folds": self.folds,
+                                             "checkpoints": checkpoint_fingerprint(self.run_dir, self.which, self.folds)})
             # sigmoid (the default) for every loss: the probabilities training reports in oof.csv
-            self._ens[kind] = FoldEnsemble(self.run_dir, kind, self.device, self.which, self.tta, self.batch_size,
-                                           folds=self.folds)
+            self._ens[kind] = FoldEnsemble(self.run_dir, kind, self.device, self.which, self.tta,
+                                           default_batch(side, self.batch_size), folds=self.folds, side=side,
+                                           engine=self.engine, onnx_path=self.run_dir / "predict" / f"{onnx_key}.onnx",
+                                           log=self.log)
         return self._ens[kind]
+
+    def estimate(self, sizes: dict[str, tuple[int, int]]) -> list[str]:
+        """The runtime estimate of predicting fields of these sizes (`kit.runtime`), from the CPU stages
+        measured on real fields and the CNN rates the throughput probe measured for these models."""
+        from kit import runtime
+
+        rates = {}
+        for kind in KINDS:
+            rec = self.ensemble(kind).runner_for().record
+            if rec and rec.get("tiles_s"):
+                rates[kind] = (float(rec["tiles_s"]), f"measured now by the throughput probe: {rec['name']}, "
+                                                      f"load {rec.get('load', '?')}")
+        n_folds = len(self.ensemble("cell").models)
+        est = runtime.config_estimate(self.cfg, runtime.size_mix(sizes=sizes), n_folds=n_folds, tta=self.tta,
+                                      cell_rate=rates.get("cell"), image_rate=rates.get("image"),
+                                      device=str(self.device))
+        return est.lines() if est else []
 
     def run_masks(self, images_dir: str | Path, workers: int = 1):
         """The run's segmentation of `images_dir` (`kit.masks.CachedMasks`): the backend and options
@@ -368,13 +437,16 @@ class Predictor:
                 if prefetch:
                     items = _read_ahead(items)
             bar = tqdm(total=len(todo), desc="predict", unit="img", disable=not progress, file=sys.stderr)
-            for item in items:
-                for key, message in item["failed"].items():
-                    failures.setdefault(key, []).append((item["id"], message))
-                image_probs = image_ens.predict(item["field"][None])[0]
-                for key, (cell_ids, tiles, visible, masks_text) in item["cells"].items():
-                    ImageResult(item["id"], cell_ids, cell_ens.predict(tiles), image_probs, visible, masks_text,
-                                item["width"], item["height"]).save(prediction_path(out_dir[key], item["id"]))
+            def noted(items):  # a mask source that failed for an image is reported, never stops the rest
+                for item in items:
+                    for key, message in item["failed"].items():
+                        failures.setdefault(key, []).append((item["id"], message))
+                    yield item
+
+            across = self.device.type == "cuda"  # CPU: bitwise the same bytes when resumed (`_batched`)
+            for done in _batched(noted(items), cell_ens, image_ens, across_images=across):
+                for key, result in done:
+                    result.save(prediction_path(out_dir[key], result.image_id))
                 bar.update(1)
             bar.close()
         return [{i: ImageResult.load(prediction_path(c, i), i) for i in ids if prediction_path(c, i).is_file()}
@@ -466,7 +538,7 @@ def predict(run_dir: str | Path, images_dir: str | Path, out: str | Path = "subm
             ids_from: str | Path | None = None, spec: CombineSpec | None = None, tta: int | None = None,
             device: str | None = None, workers: int = 1, min_confidence: float = 0.0,
             folds: Sequence[int] | None = None, mask_cache: str | Path | None = None,
-            progress: bool = True) -> dict:
+            progress: bool = True, engine: str | None = None) -> dict:
     """The whole `predict` command; returns {"submission", "images", "cells", "triples", "combine", "seconds"}."""
     from kit.layout import list_image_ids, read_sample_submission
 
@@ -483,8 +555,16 @@ def predict(run_dir: str | Path, images_dir: str | Path, out: str | Path = "subm
         ids, sizes = list_image_ids(images_dir), None
         if not ids:
             raise DataError(f"no images (<ID>_red/green/blue/yellow.png) in {images_dir}")
-    predictor = Predictor(run_dir, tta=tta, device=device, folds=folds, mask_cache=mask_cache)
+    log = (lambda line: print(line, file=sys.stderr, flush=True)) if progress else None
+    predictor = Predictor(run_dir, tta=tta, device=device, folds=folds, mask_cache=mask_cache, engine=engine, log=log)
     spec = spec or read_combine_spec(run_dir, predictor.cfg)
+    if log:  # before the long work: the estimate from measured figures (kit.runtime)
+        from kit.images import image_size
+
+        known = sizes or {}
+        for line in predictor.estimate({i: known.get(i) or image_size(images_dir, i) for i in ids
+                                        if i in known or (images_dir / f"{i}_red.png").exists()}):
+            log(line)
     results = predictor.predict_folder(images_dir, ids, predictor.run_masks(images_dir), progress=progress,
                                        workers=workers)
     missing = [i for i in ids if i not in results]
@@ -530,6 +610,8 @@ def configure_predict(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=1, help="processes that decode, segment and tile images (default 1)")
     parser.add_argument("--combine", help="override the tuned combination, e.g. geometric:0.5 or image_only")
     parser.add_argument("--min-confidence", type=float, default=0.0, help="drop triples below this confidence, in [0, 1] (default 0: keep all 19 per cell)")
+    parser.add_argument("--engine", choices=("auto", "baseline", "torch", "jit", "onnx", "compile"),
+                        help="how the CNNs run (default: the run's predict.engine, auto = fastest measured here)")
     parser.set_defaults(func=_run_predict)
 
 
@@ -555,7 +637,7 @@ def _run_predict(args) -> int:
         raise ConfigError(f"--workers must be at least 1, got {args.workers}")
     info = predict(args.run, args.images, args.out, ids_from=args.ids_from, spec=spec, tta=args.tta,
                    device=args.device, workers=args.workers, min_confidence=args.min_confidence,
-                   folds=parse_folds_option(args.folds), mask_cache=args.mask_cache)
+                   folds=parse_folds_option(args.folds), mask_cache=args.mask_cache, engine=args.engine)
     print(f"wrote {info['submission']}: {info['images']} images, {info['cells']} cells, {info['triples']} triples "
           f"(combine {info['combine']}, {info['seconds']:.1f} s); validated")
     return 0

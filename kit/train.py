@@ -215,6 +215,19 @@ def make_scheduler(optimizer, tcfg, total_steps: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
 
 
+def measured_layout(tcfg, model: nn.Module, side: int, device: torch.device):
+    """`tcfg` with ``channels_last: auto`` resolved: the layout measured faster for a training step of
+    this model on this machine (`kit.throughput.training_layout`, cached per machine + model)."""
+    if tcfg.channels_last != "auto":
+        return tcfg
+    from kit.throughput import default_batch, training_layout
+
+    n = default_batch(side, min(tcfg.batch_size, 16))
+    example = np.random.default_rng(0).integers(0, 256, (n, 4, side, side), dtype=np.uint8)
+    layout = training_layout(model, example, device, amp=tcfg.amp, cache=True)
+    return dataclasses.replace(tcfg, channels_last=bool(layout["channels_last"]))
+
+
 def _forward_loss(model, loss_fn, x, y, device, amp: bool, channels_last: bool):
     x = preprocess(x.to(device, non_blocking=True))
     if channels_last:
@@ -553,6 +566,7 @@ def train_fold(cfg: Config, kind: str, fold: int, resume: bool = False, stop_aft
 
     _seed_everything(tcfg.seed)
     model = build_from_config(mcfg).to(device)
+    tcfg = measured_layout(tcfg, model, cfg.data.tile_size if kind == "cell" else cfg.data.field_size, device)
     if tcfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     pos_weight = None
@@ -789,6 +803,7 @@ def lr_find(cfg: Config, kind: str = "cell", fold: int | None = None, start_lr: 
     ds = make_dataset(cfg, kind, train_df, train=True, progress=progress)
     _seed_everything(tcfg.seed)
     model = build_from_config(cfg.model(kind)).to(device)
+    tcfg = measured_layout(tcfg, model, cfg.data.tile_size if kind == "cell" else cfg.data.field_size, device)
     if tcfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     loss_fn = build_loss(tcfg).to(device)

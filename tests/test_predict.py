@@ -18,7 +18,6 @@ from kit.labels import NUM_CLASSES  # noqa: E402
 from kit.predict import (  # noqa: E402
     FoldEnsemble,
     Predictor,
-    dihedral,
     parse_combine_option,
     predict,
 )
@@ -59,10 +58,12 @@ def run_dir(tiny_dataset, tmp_path_factory) -> Path:
 
 
 def test_dihedral_gives_eight_distinct_transforms():
-    x = torch.arange(12.0).reshape(1, 1, 3, 4)[..., :3]  # 3 x 3, no symmetry
+    from kit.inference import dihedral_np as dihedral
+
+    x = np.arange(12.0).reshape(1, 1, 3, 4)[..., :3]  # 3 x 3, no symmetry
     outs = [dihedral(x, k) for k in range(8)]
-    assert torch.equal(outs[0], x)
-    assert torch.equal(outs[1], x.flip(-1))
+    assert np.array_equal(outs[0], x)
+    assert np.array_equal(outs[1], x[..., ::-1])
     assert len({tuple(o.flatten().tolist()) for o in outs}) == 8
 
 
@@ -348,3 +349,15 @@ def test_a_folder_as_out_and_cuda_without_cuda_are_one_line_before_any_work(run_
                str(tmp_path / "s.csv"), "--device", "cuda", "--mask-cache", str(tmp_path / "masks")])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and err == ["error: device 'cuda' requested but CUDA is not available here (use cpu or auto)"]
+
+
+def test_fold_ensemble_gives_the_same_probabilities_on_every_engine(run_dir, monkeypatch):
+    """predict's engines (the probe's choice, ONNX Runtime, TorchScript) against the plain baseline."""
+    pytest.importorskip("onnxruntime")
+    monkeypatch.setenv("KIT_THROUGHPUT_PROBE", "1")
+    tiles = np.random.default_rng(1).integers(0, 255, size=(7, 4, 32, 32), dtype=np.uint8)
+    base = FoldEnsemble(run_dir, "cell", "cpu", tta=2, batch_size=4, engine="baseline").predict(tiles)
+    for engine in ("auto", "onnx", "jit"):
+        ens = FoldEnsemble(run_dir, "cell", "cpu", tta=2, batch_size=4, engine=engine)
+        assert np.abs(ens.predict(tiles) - base).max() <= 1e-5, engine
+    assert ens.runner_for().path.engine == "jit"
