@@ -894,7 +894,7 @@ def configure_train(parser: argparse.ArgumentParser) -> None:
 def _run_train(args) -> int:
     cfg = load_config(args.config, args.overrides)
     if args.run_dir:
-        cfg.run_dir = args.run_dir
+        cfg.run_dir = str(args.run_dir)  # a Path from folder_arg; the config holds text
     elif args.resume and not cfg.run_dir and args.config:
         cfg.run_dir = str(Path(args.config).parent)
     if args.resume and not cfg.run_dir:
