@@ -121,7 +121,7 @@ import cv2
 import numpy as np
 
 from kit.atomic import atomic_open, atomic_path
-from kit.errors import ConfigError
+from kit.errors import ConfigError, clip
 from kit.labels import NEGATIVE, format_label
 from kit.workers import pool_map
 
@@ -1350,8 +1350,8 @@ def generate_dataset(out: str | Path, n_train: int, n_test: int, size: int = 512
     if n_train < 0 or n_test < 0 or n_train + n_test == 0:
         raise ConfigError(f"need at least one image (--train {n_train}, --test {n_test})")
     sizes = sorted({int(x) for x in sizes}) if sizes else [int(size)]
-    if min(sizes) < 64:
-        raise ConfigError(f"--size must be at least 64 px, got {min(sizes)}")
+    if min(sizes) < 64 or max(sizes) > 8192:  # real fields are at most 4096 px
+        raise ConfigError(f"--size must be 64..8192 px, got {min(sizes) if min(sizes) < 64 else max(sizes)}")
     if bit_depth not in (8, 16):
         raise ConfigError(f"--bit-depth must be 8 or 16, got {bit_depth}")
     if style != MIXED:
@@ -1431,7 +1431,9 @@ def generate_dataset(out: str | Path, n_train: int, n_test: int, size: int = 512
 
 
 def configure_synth(parser) -> None:
-    parser.add_argument("--out", required=True, help="output folder (Kaggle layout + truth/)")
+    from kit.cli import folder_arg
+
+    parser.add_argument("--out", required=True, type=folder_arg, help="output folder (Kaggle layout + truth/)")
     parser.add_argument("--train", type=int, default=64, help="number of train images (default 64)")
     parser.add_argument("--test", type=int, default=16, help="number of test images (default 16)")
     parser.add_argument("--size", type=int, default=512,
@@ -1460,9 +1462,9 @@ def _run_synth(args) -> int:
         try:
             sizes = [int(t) for t in str(args.sizes).split(",") if t.strip()]
         except ValueError:
-            raise ConfigError(f"--sizes must be comma-separated integers, got {args.sizes!r}") from None
+            raise ConfigError(f"--sizes must be comma-separated integers, got {clip(args.sizes)}") from None
         if not sizes:
-            raise ConfigError(f"--sizes must name at least one size, got {args.sizes!r}")
+            raise ConfigError(f"--sizes must name at least one size, got {clip(args.sizes)}")
     out = generate_dataset(args.out, args.train, args.test, args.size, args.seed, args.bit_depth, args.workers,
                            sizes=sizes, style=args.style, field_px=args.field_px)
     what = ",".join(map(str, sorted(set(sizes)))) if sizes else str(args.size)
