@@ -21,11 +21,10 @@ Truth: ``cells`` (int32, 0 = background) holds every cell whose nucleus lies in 
 least `MIN_NUCLEUS_VISIBLE` of its area; cells whose nucleus is cut more than that are listed in
 ``ignore`` (a prediction on them is neither a hit nor a false positive); cells whose nucleus lies
 wholly outside the field are background (a segmenter should not invent them). ``nuclei`` holds
-the visible nucleus of each truth cell with the same id; ``all_cells`` every drawn cell, those
-without a visible nucleus too (ids above the ignored ones), for training targets.
+the visible nucleus of each truth cell with the same id.
 
     from benchmarks.foreign_fields import draw_field, STYLES
-    field = draw_field(seed=3, style="confluent")  # dict(image, cells, nuclei, ignore, all_cells, style, seed)
+    field = draw_field(seed=3, style="confluent")       # dict(image, cells, nuclei, ignore, style, seed)
 
 Styles (`STYLES`): sparse, medium, confluent, crowded, mitotic, dim, irregular, bigcells.
 """
@@ -262,12 +261,7 @@ def draw_field(seed: int, style: str = "medium", size: int | None = None) -> dic
     cells_out = lut[lab]
     nuclei_out = lut[nuc]
     ignore = set(range(len(truth_ids) + 1, len(truth_ids) + len(ignore_ids) + 1))
-    # every drawn cell, with or without a visible nucleus (training targets need the whole cytoplasm)
-    rest = np.setdiff1d(np.unique(lab), np.concatenate([[0], truth_ids, ignore_ids]).astype(lab.dtype))
-    lut_all = lut.copy()
-    lut_all[rest] = np.arange(len(truth_ids) + len(ignore_ids) + 1, len(truth_ids) + len(ignore_ids) + 1 + rest.size)
     return dict(image=image, cells=cells_out, nuclei=nuclei_out, ignore=ignore, style=style, seed=seed,
-                all_cells=lut_all[lab],
                 n_nucleus_free=int(sum(1 for i in range(1, n + 1) if vis[i] <= 0 and (lab == i).any())))
 
 

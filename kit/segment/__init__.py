@@ -60,8 +60,7 @@ Backend = Callable[..., "tuple[np.ndarray, np.ndarray]"]
 
 _REGISTRY: dict[str, Backend] = {}
 # Built-in backends live in their own modules, imported on first use (hpacellseg imports torch).
-_BUILTIN = {"classical": "kit.segment.classical", "learned": "kit.segment.learned",
-            "hpacellseg": "kit.segment.hpacellseg"}
+_BUILTIN = {"classical": "kit.segment.classical", "hpacellseg": "kit.segment.hpacellseg"}
 
 
 def register_backend(name: str) -> Callable[[Backend], Backend]:

@@ -43,7 +43,7 @@ from skimage.segmentation import watershed
 
 from kit.segment import register_backend
 
-__all__ = ["segment_classical", "normalize_channel", "working_scale", "reduce_image"]
+__all__ = ["segment_classical", "normalize_channel", "working_scale"]
 
 # Smallest nucleus component, in working px, counted when measuring the typical nucleus size
 # (a nucleus of a 2048 px HPA field at 1/4 scale covers 1,000-6,000 px).
@@ -182,23 +182,34 @@ def _typical_area(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
     return comp, areas, ref
 
 
-def _find_nuclei(
+def _segment_small(
     chans: np.ndarray,
     *,
     nucleus_threshold: float,
+    cell_threshold: float,
     min_contrast: float,
     min_nucleus_fraction: float,
+    min_cell_fraction: float,
     nucleus_h: float,
+    compactness: float,
     nucleus_log: float,
+    boundary_smooth: float,
+    orphan_distance: float,
     seed_level: float,
-) -> tuple[np.ndarray, float]:
-    """Nuclei (int32 labels 1..N) of normalised channels at working scale and the typical nucleus area."""
+    nucleus_pull: float,
+    edge_weight: float,
+    flatten: float,
+    seams: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Segment normalised float32 channels (h, w, 4 RGBY) at working scale -> (nuclei, cells) int32."""
     h, w = chans.shape[:2]
-    none = (np.zeros((h, w), np.int32), 0.0)
+    empty = (np.zeros((h, w), np.int32), np.zeros((h, w), np.int32))
+
+    # --- nuclei ---
     nuc_mask, _ = _nucleus_mask(chans[..., 2], nucleus_threshold=nucleus_threshold,
                                 min_contrast=min_contrast, nucleus_log=nucleus_log)
     if nuc_mask is None or not nuc_mask.any():
-        return none
+        return empty
     _, _, ref_area = _typical_area(nuc_mask)
     ref_radius = max(1.0, np.sqrt(ref_area / np.pi))
     # Close small gaps of textured chromatin, then fill (nucleoli are dark holes).
@@ -210,7 +221,7 @@ def _find_nuclei(
     keep_comp = np.concatenate([[False], areas >= min_nuc_area])
     nuc_mask = keep_comp[comp]
     if not nuc_mask.any():
-        return none
+        return empty
 
     seed_mask = nuc_mask
     if seed_level > 0:
@@ -234,28 +245,11 @@ def _find_nuclei(
         nuclei = np.where(lost, lost_lab + nuclei.max(), nuclei).astype(np.int32)
     nuclei = _remove_small(nuclei, min_nuc_area)
     nuclei, _ = _relabel(nuclei)
-    return nuclei, ref_area
+    n_nuc = int(nuclei.max())
+    if n_nuc == 0:
+        return empty
 
-
-def _grow_cells(
-    chans: np.ndarray,
-    nuclei: np.ndarray,
-    ref_area: float,
-    *,
-    cell_threshold: float,
-    min_cell_fraction: float,
-    compactness: float,
-    boundary_smooth: float,
-    orphan_distance: float,
-    nucleus_pull: float,
-    edge_weight: float,
-    flatten: float,
-    seams: np.ndarray | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Cells grown from `nuclei` by a seeded watershed on the cytoplasm -> (nuclei, cells) int32."""
-    h, w = chans.shape[:2]
-    n_nuc = int(nuclei.max(initial=0))
-    ref_radius = max(1.0, np.sqrt(ref_area / np.pi))
+    # --- cells ---
     sigma = max(1.0, 0.05 * ref_radius)
     raw = (chans[..., 0] + chans[..., 3]) * 0.5
     raw = np.maximum(raw, chans[..., 2] * 0.5)
@@ -309,37 +303,6 @@ def _grow_cells(
     return nuclei, cells
 
 
-def _segment_small(chans: np.ndarray, *, seams: np.ndarray | None = None, **options) -> tuple[np.ndarray, np.ndarray]:
-    """Segment normalised float32 channels (h, w, 4 RGBY) at working scale -> (nuclei, cells) int32."""
-    nucleus_keys = ("nucleus_threshold", "min_contrast", "min_nucleus_fraction", "nucleus_h", "nucleus_log", "seed_level")
-    nuclei, ref_area = _find_nuclei(chans, **{k: options.pop(k) for k in nucleus_keys})
-    if nuclei.max(initial=0) == 0:
-        return nuclei, nuclei.copy()
-    return _grow_cells(chans, nuclei, ref_area, seams=seams, **options)
-
-
-def reduce_image(image: np.ndarray, scale: float, min_work_side: int,
-                 seam_erode: float = 1.0) -> tuple[np.ndarray, np.ndarray | None]:
-    """(small, seams) of an (H, W, 4) image: the image at its working scale (area averaging), and
-    its red and yellow grey-eroded by `seam_erode` px at full resolution before the same
-    reduction, (h, w, 2) (None at full scale or with `seam_erode` 0).
-
-    Seams between touching cells are 1-3 px dim lines at full resolution that averaging down to
-    the working scale washes out; the erosion before downscaling keeps them.
-    """
-    h, w = image.shape[:2]
-    s = working_scale((h, w), scale, min_work_side)
-    if s >= 1:
-        return image, None
-    size = (max(1, round(w * s)), max(1, round(h * s)))
-    small = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
-    if seam_erode <= 0:
-        return small, None
-    k = _disk(seam_erode)
-    ero = np.stack([cv2.resize(cv2.erode(image[..., c], k), size, interpolation=cv2.INTER_AREA) for c in (0, 3)], -1)
-    return small, ero
-
-
 def _resize_labels(labels: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     if labels.shape == tuple(shape):
         return labels
@@ -391,9 +354,20 @@ def segment_classical(
     h, w = image.shape[:2]
     if min(h, w) < 16:  # too small to hold a cell
         return np.zeros((h, w), np.int32), np.zeros((h, w), np.int32)
-    small, ero = reduce_image(image, scale, min_work_side, seam_erode)
+    s = working_scale((h, w), scale, min_work_side)
+    if s < 1:
+        small = cv2.resize(image, (max(1, round(w * s)), max(1, round(h * s))), interpolation=cv2.INTER_AREA)
+    else:
+        small = image
     chans = np.stack([normalize_channel(small[..., c]) for c in range(4)], axis=-1)
-    seams = None if ero is None else (normalize_channel(ero[..., 0]) + normalize_channel(ero[..., 1])) * 0.5
+    seams = None
+    if seam_erode > 0 and s < 1:
+        # Seams between touching cells are 1-3 px dim lines at full resolution that averaging
+        # down to the working scale washes out; a grey erosion before downscaling keeps them.
+        k = _disk(seam_erode)
+        ry = [cv2.resize(cv2.erode(image[..., c], k), (small.shape[1], small.shape[0]), interpolation=cv2.INTER_AREA)
+              for c in (0, 3)]
+        seams = (normalize_channel(ry[0]) + normalize_channel(ry[1])) * 0.5
     nuclei, cells = _segment_small(
         chans,
         nucleus_threshold=nucleus_threshold,
