@@ -1,44 +1,50 @@
-"""Prediction speed: the kit's inference path beside a plain baseline, measured in the same run.
+"""Whole-field prediction speed: the kit's `predict` against a plain loop and against an older commit.
 
-1. Cell-model inference on tiles: `kit.predict.FoldEnsemble` (torch.inference_mode, channels_last
-   weights and inputs) vs the plain loop (torch.no_grad, contiguous NCHW), same models and tiles.
-2. Whole images: `Predictor.predict_folder` with the read-ahead thread (the next image is decoded,
-   tiled and its masks RLE-encoded while the CNN runs) vs without it (the CPU default; the thread
-   is the default on CUDA, where the CPU work then overlaps the GPU).
-3. Combination + submission triples for the predicted images (kit.combine + build_predictions).
+Every variant runs the whole job on the same fields, from PNG files to a validated submission:
+decode, segment (masks not cached: segmentation is counted), cell tiles, the cell and image fold
+models, RLE, write + validate. Variants, each in its own fresh process (imports not counted; the
+model loading is), interleaved over `--repeats` rounds with the order rotated; medians:
 
-Randomly initialised ResNet checkpoints are used (speed does not depend on the weights).
+* ``plain``: the straightforward loop (one image at a time: read, segment, tiles, each fold model in
+  ``torch.no_grad`` on NCHW tensors, field, RLE; then write + validate); defined here, so it does
+  not change when the kit does;
+* ``kit``: ``kit.predict.predict`` of this tree (its chosen inference path, batching, read-ahead);
+* ``<commit>`` (``--commit``, default 971207d): the same call in a temporary ``git worktree`` of that
+  commit (today's code when the issue was filed).
 
-    .venv/bin/python benchmarks/bench_predict.py                       # small: ~1-2 minutes
-    .venv/bin/python benchmarks/bench_predict.py --size 2048 --images 4 --tile-size 128 --backbone resnet50
+Randomly initialised checkpoints (speed does not depend on the weights); ``--check`` compares the
+kit's cell probabilities with the plain loop's (max |difference|, same masks).
 
-Prints medians over --repeats and the ratio baseline / kit (>1: the kit is faster). On a machine
-shared with other jobs, trust the ratios more than the absolute times.
+    .venv/bin/python benchmarks/bench_predict.py                       # the four real fields, ResNet-18, 2 folds
+    .venv/bin/python benchmarks/bench_predict.py --backbone resnet50 --folds 5 --repeats 3
 """
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
+REAL_FIELDS = REPO.parent / "shared" / "data" / "hpa_real" / "kaggle2021_fields" / "train"
 
 
-def make_run(root: Path, data_dir: Path, backbone: str, tile_size: int, field_size: int, folds: int) -> Path:
+def make_run(root: Path, backbone: str, tile_size: int, field_size: int, folds: int, masks: Path) -> Path:
+    """A run folder with random-init fold checkpoints that old and new kits both read."""
+    import torch
+
     from kit.config import load_config, save_config, to_dict
     from kit.models import build_from_config
 
     run = root / "run"
     cfg = load_config(None, [f"model.backbone={backbone}", f"data.tile_size={tile_size}",
-                             f"data.field_size={field_size}", f"data.data_dir={data_dir}",
-                             f"data.mask_cache={root / 'masks'}", "train.device=cpu"])
+                             f"data.field_size={field_size}", f"data.mask_cache={masks}", "train.device=cpu"])
     cfg.run_dir = str(run)
     save_config(cfg, run / "config.yaml")
     torch.manual_seed(0)
@@ -51,102 +57,184 @@ def make_run(root: Path, data_dir: Path, backbone: str, tile_size: int, field_si
     return run
 
 
-def baseline_predict(models, tiles: np.ndarray, batch_size: int) -> np.ndarray:
-    """The plain way: no_grad, contiguous NCHW."""
-    from kit.models import preprocess
+# ------------------------------------------------------------------------------------ children
 
-    out = []
-    with torch.no_grad():
-        for start in range(0, len(tiles), batch_size):
-            x = preprocess(torch.from_numpy(np.ascontiguousarray(tiles[start:start + batch_size])))
-            out.append(sum(torch.sigmoid(m(x)) for m in models).numpy() / len(models))
-    return np.concatenate(out)
+def plain_predict(run: Path, images: Path, out: Path) -> dict:
+    """The plain loop (module doc). Returns {"cell_probs": {id: N x 19}} for --check."""
+    import numpy as np
+    import torch
+
+    from kit.cells import cell_table, extract_tiles
+    from kit.images import read_sample
+    from kit.models import load_fold_models, preprocess
+    from kit.rle import encode_label_image
+    from kit.segment import segment_image
+    from kit.submission import ImagePrediction, validate_submission, write_submission
+    try:
+        from kit.fields import downscale_field
+    except ImportError:  # before the restructuring
+        from kit.datasets import make_field as downscale_field
+    from kit.config import load_config
+
+    cfg = load_config(run / "config.yaml")
+    cell_models = load_fold_models(run, "cell", "cpu")
+    image_models = load_fold_models(run, "image", "cpu")
+    ids = sorted(p.name[: -len("_red.png")] for p in images.glob("*_red.png"))
+
+    def probs(models, batch):
+        out = []
+        with torch.no_grad():
+            for s in range(0, len(batch), 64):
+                x = preprocess(torch.from_numpy(np.ascontiguousarray(batch[s:s + 64])))
+                out.append((sum(torch.sigmoid(m(x)) for m in models) / len(models)).numpy())
+        return np.concatenate(out) if out else np.zeros((0, 19), np.float32)
+
+    preds, cell_probs = {}, {}
+    for image_id in ids:
+        image = read_sample(images, image_id)
+        nuclei, cells = segment_image(image, cfg.data.segment_backend)
+        table = cell_table(nuclei, cells)
+        tiles, table = extract_tiles(image, cells, cfg.data.tile_size, table=table)
+        cp = probs(cell_models, tiles)
+        ip = probs(image_models, downscale_field(image, cfg.data.field_size)[None])[0]
+        rle = encode_label_image(cells)
+        h, w = image.shape[:2]
+        triples = [(c, float(cp[i, c] * ip[c]), rle[int(k)]) for i, k in enumerate(table["cell_id"]) for c in range(19)]
+        preds[image_id] = ImagePrediction(w, h, triples)
+        cell_probs[image_id] = cp
+    write_submission(out, preds, ids, None)
+    problems = validate_submission(out, images=images, check_masks=True)
+    assert not problems, problems[:3]
+    return {"cell_probs": cell_probs}
 
 
-def timed(fn, repeats: int) -> tuple[float, object]:
-    times, result = [], None
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        result = fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), result
+def kit_predict(run: Path, images: Path, out: Path) -> dict:
+    from kit.predict import predict
+
+    predict(run, images, out, progress=False)
+    return {}
+
+
+def _child(args) -> int:
+    """Run one variant in this fresh process; print one JSON line."""
+    sys.path.insert(0, args.tree)
+    import kit  # noqa: F401  (imports are not timed)
+    import kit.predict  # noqa: F401
+    import torch  # noqa: F401
+
+    run, images, out = Path(args.run), Path(args.images), Path(args.out)
+    t0 = time.perf_counter()
+    extra = (plain_predict if args.child == "plain" else kit_predict)(run, images, out)
+    seconds = time.perf_counter() - t0
+    if args.check_out and extra.get("cell_probs"):
+        import numpy as np
+
+        np.savez(args.check_out, **extra["cell_probs"])
+    print(json.dumps({"seconds": seconds}))
+    return 0
+
+
+# ------------------------------------------------------------------------------------ parent
+
+def _load() -> str:
+    return " ".join(f"{v:.2f}" for v in os.getloadavg())
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--images", type=int, default=4, help="synthetic test images (default 4)")
-    ap.add_argument("--size", type=int, default=512, help="image side in px (default 512)")
+    ap.add_argument("--images", type=Path, default=REAL_FIELDS, help="fields (default: the four real Kaggle 2021 fields)")
     ap.add_argument("--backbone", default="resnet18")
-    ap.add_argument("--tile-size", type=int, default=64)
-    ap.add_argument("--field-size", type=int, default=128)
+    ap.add_argument("--tile-size", type=int, default=128)
+    ap.add_argument("--field-size", type=int, default=512)
     ap.add_argument("--folds", type=int, default=2)
-    ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    ap.add_argument("--commit", default="971207d", help="older commit to compare with ('' to skip)")
+    ap.add_argument("--check", action="store_true", help="compare the kit's cell probabilities with the plain loop's")
+    ap.add_argument("--json", type=Path, help="write the figures here")
+    # child mode (internal)
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument("--tree", help=argparse.SUPPRESS)
+    ap.add_argument("--run", help=argparse.SUPPRESS)
+    ap.add_argument("--out", help=argparse.SUPPRESS)
+    ap.add_argument("--check-out", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    if args.child:
+        return _child(args)
+    if not args.images.is_dir():
+        print(f"fields not found: {args.images}", file=sys.stderr)
+        return 2
 
-    from kit.combine import CombineSpec
-    from kit.models import load_fold_models
-    from kit.predict import FoldEnsemble, MaskSource, Predictor, build_predictions, list_image_ids
-    from kit.synth import generate_dataset
-
+    sys.path.insert(0, str(REPO))
     root = Path(tempfile.mkdtemp(prefix="bench_predict_"))
+    trees = {"plain": REPO, "kit": REPO}
     try:
-        data = generate_dataset(root / "data", n_train=0, n_test=args.images, size=args.size, seed=1)
-        run = make_run(root, data, args.backbone, args.tile_size, args.field_size, args.folds)
-        test_dir = data / "test"
-        ids = list_image_ids(test_dir)
-        predictor = Predictor(run, batch_size=args.batch_size, device="cpu")
-        masks = MaskSource(predictor.cfg, test_dir)
-        masks.prepare(ids, progress=False)  # segmentation is not what is measured here
+        if args.commit:
+            old = root / f"tree-{args.commit}"
+            subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", str(old), args.commit],
+                           check=True, capture_output=True)
+            trees[args.commit] = old
+        runs = {}
+        for name in trees:  # one run folder (and mask cache) per variant: no sharing of caches
+            runs[name] = make_run(root / name, args.backbone, args.tile_size, args.field_size, args.folds,
+                                  root / name / "masks")
+        env = dict(os.environ, KIT_THROUGHPUT_CACHE=str(root / "throughput.json"))
+        print(f"{len(list(args.images.glob('*_red.png')))} fields in {args.images}; {args.backbone}, {args.folds} folds, "
+              f"tiles {args.tile_size} px, fields {args.field_size} px; load {_load()}", flush=True)
 
-        print(f"machine: {torch.get_num_threads()} torch threads; {args.images} images of {args.size} px, "
-              f"{args.backbone}, {args.folds} folds, tiles {args.tile_size} px, fields {args.field_size} px")
-        print("(the machine may be shared with other jobs: compare the ratios)\n")
+        def run_variant(name: str, check_out: Path | None = None) -> float:
+            run = runs[name]
+            for stale in (run / "predict", root / name / "masks"):
+                shutil.rmtree(stale, ignore_errors=True)
+            cmd = [sys.executable, str(Path(__file__).resolve()), "--child", name, "--tree", str(trees[name]),
+                   "--run", str(run), "--images", str(args.images), "--out", str(root / name / "submission.csv")]
+            if check_out:
+                cmd += ["--check-out", str(check_out)]
+            res = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=str(trees[name]))
+            if res.returncode != 0:
+                raise RuntimeError(f"variant {name} failed:\n{res.stderr[-3000:]}")
+            return json.loads(res.stdout.strip().splitlines()[-1])["seconds"]
 
-        # 1. tiles through the cell models
-        from kit.cells import extract_tiles
-        from kit.images import read_sample
+        # warm-up: the kit's first run probes the inference path (cached per machine and model)
+        t_probe = run_variant("kit")
+        print(f"warm-up kit run (includes the one-off throughput probe): {t_probe:.1f} s", flush=True)
+        names = list(trees)
+        times = {n: [] for n in names}
+        for r in range(args.repeats):
+            for n in names[r % len(names):] + names[: r % len(names)]:
+                times[n].append(run_variant(n))
+                print(f"  round {r + 1}: {n:8s} {times[n][-1]:7.1f} s   load {_load()}", flush=True)
+        med = {n: statistics.median(v) for n, v in times.items()}
+        print("\nvariant   median s   plain / variant")
+        for n in names:
+            print(f"{n:8s} {med[n]:9.1f}   {med['plain'] / med[n]:6.2f}x")
+        result = {"median_s": med, "times": times, "load_end": _load(), "fields": str(args.images),
+                  "backbone": args.backbone, "folds": args.folds, "tile_size": args.tile_size,
+                  "field_size": args.field_size, "probe_run_s": t_probe}
+        print(f"\nkit vs plain loop: {med['plain'] / med['kit']:.2f}x")
+        if args.commit:
+            print(f"kit vs {args.commit}: {med[args.commit] / med['kit']:.2f}x")
+            result["vs_commit"] = med[args.commit] / med["kit"]
+        result["vs_plain"] = med["plain"] / med["kit"]
+        if args.check:
+            import numpy as np
 
-        tiles = []
-        for i in ids:
-            _, cells, table = masks.load(i, None)
-            tiles.append(extract_tiles(read_sample(test_dir, i), cells, args.tile_size, table=table)[0])
-        tiles = np.concatenate(tiles)
-        ens = FoldEnsemble(run, "cell", "cpu", batch_size=args.batch_size)
-        plain = load_fold_models(run, "cell", "cpu")
-        ens.predict(tiles[: args.batch_size])  # warm-up (first-call allocations)
-        baseline_predict(plain, tiles[: args.batch_size], args.batch_size)
-        t_base, p_base = timed(lambda: baseline_predict(plain, tiles, args.batch_size), args.repeats)
-        t_kit, p_kit = timed(lambda: ens.predict(tiles), args.repeats)
-        diff = float(np.abs(p_base - p_kit).max())
-        print(f"cell inference, {len(tiles)} tiles x {args.folds} folds")
-        print(f"  baseline no_grad NCHW          {t_base:8.3f} s  {len(tiles) / t_base:8.1f} tiles/s")
-        print(f"  kit inference_mode NHWC        {t_kit:8.3f} s  {len(tiles) / t_kit:8.1f} tiles/s")
-        print(f"  ratio {t_base / t_kit:.2f}x   (max |difference| of probabilities {diff:.1e})\n")
+            run_variant("plain", root / "plain_probs.npz")
+            plain = np.load(root / "plain_probs.npz")
+            from kit.predict import ImageResult
 
-        # 2. whole images, with and without the read-ahead thread
-        def whole(prefetch: bool):
-            cache = predictor.cache_dir(test_dir, masks)
-            shutil.rmtree(cache, ignore_errors=True)
-            return predictor.predict_folder(test_dir, ids, masks, progress=False, prefetch=prefetch)
-
-        whole(True)  # warm-up: loads the fold models once
-        t_seq, _ = timed(lambda: whole(False), args.repeats)
-        t_pre, results = timed(lambda: whole(True), args.repeats)
-        print(f"whole images ({len(ids)}: read, tiles, cell + image models, RLE, cache write)")
-        print(f"  sequential                     {t_seq:8.3f} s  {len(ids) / t_seq:8.2f} img/s")
-        print(f"  with read-ahead thread         {t_pre:8.3f} s  {len(ids) / t_pre:8.2f} img/s")
-        print(f"  ratio {t_seq / t_pre:.2f}x\n")
-
-        # 3. combination and triples
-        spec = CombineSpec("geometric", 0.5, "max", 0.5)
-        t_comb, preds = timed(lambda: build_predictions(results, spec), args.repeats)
-        n_triples = sum(len(p.triples) for p in preds.values())
-        print(f"combine + triples: {n_triples} triples in {t_comb * 1000:.1f} ms")
+            diffs = []
+            for npz in (runs["kit"] / "predict").glob("*/*.npz"):
+                r = ImageResult.load(npz, npz.stem)
+                if npz.stem in plain.files and plain[npz.stem].shape == r.cell_probs.shape:
+                    diffs.append(float(np.abs(plain[npz.stem] - r.cell_probs).max(initial=0.0)))
+            print(f"cell probabilities, kit vs plain loop: max |difference| {max(diffs):.1e} over {len(diffs)} fields")
+            result["max_abs_diff"] = max(diffs) if diffs else None
+        if args.json:
+            args.json.write_text(json.dumps(result, indent=1))
     finally:
+        if args.commit and (root / f"tree-{args.commit}").exists():
+            subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(root / f"tree-{args.commit}")],
+                           capture_output=True)
         shutil.rmtree(root, ignore_errors=True)
     return 0
 

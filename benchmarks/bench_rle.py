@@ -21,8 +21,10 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from kit.rle import decode_binary_mask, decode_to_crop, encode_label_image, reference_encode_binary_mask  # noqa: E402
+from helpers import reference_encode_binary_mask  # noqa: E402
+from kit.rle import decode_binary_mask, decode_to_crop, encode_label_image  # noqa: E402
 
 
 def label_image(size: int, n_cells: int, seed: int) -> np.ndarray:

@@ -82,7 +82,9 @@ def time_model(name: str, size: int, batch: int, iters: int, repeats: int, devic
 def time_loader(size: int, batch: int, workers: int, n_batches: int, repeats: int):
     from torch.utils.data import DataLoader
 
-    from kit.datasets import CellTileDataset, EpochSampler, worker_init_fn, write_random_tiles
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from helpers import write_random_tiles
+    from kit.torchdata import CellTileDataset, EpochSampler, worker_init_fn
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_train_"))
     n_images = max(8, n_batches * batch // 20 + 1)

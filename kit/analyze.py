@@ -202,7 +202,7 @@ def plot_cooccurrence(stats: LabelStats, path: Path) -> Path:
     return _save(fig, path)
 
 
-def _display_channel(channel: np.ndarray) -> tuple[np.ndarray, float]:
+def display_channel(channel: np.ndarray) -> tuple[np.ndarray, float]:
     """Float channel in [0, 1] -> display values scaled to its percentile (returned as well)."""
     hi = float(np.percentile(channel, DISPLAY_PERCENTILE))
     hi = hi if hi > 0 else float(channel.max()) or 1.0
@@ -229,7 +229,7 @@ def plot_channels(image: np.ndarray, image_id: str, path: Path, label: str | Non
     axes = fig.subplots(1, 5)
     display = np.empty_like(raw)
     for k, name in enumerate(CHANNELS):
-        display[..., k], hi = _display_channel(raw[..., k])
+        display[..., k], hi = display_channel(raw[..., k])
         rgb = display[..., k, None] * np.array(_CHANNEL_RGB[name], dtype=np.float32)
         axes[k].imshow(rgb, interpolation="nearest")
         axes[k].set_title(
@@ -323,7 +323,7 @@ def _resolve_input(source: Path, images: Path | None) -> tuple[Path, Path | None
 
 
 def _first_complete_sample(folder: Path, ids: list[str]) -> str | None:
-    from kit.dataset import scan_split
+    from kit.layout import scan_split
 
     samples = scan_split(folder).samples
     return next((i for i in ids if len(samples.get(i, {})) == len(CHANNELS)), None)

@@ -46,3 +46,32 @@ def atomic_open(path: str | os.PathLike, mode: str = "w", **kwargs) -> Iterator[
             yield f
             f.flush()
             os.fsync(f.fileno())
+
+
+STALE_TEMP_AGE_S = 3600.0  # a temp file older than this belongs to a killed run, not a live writer
+
+
+def remove_stale_temps(folder: str | os.PathLike, stem: str | None = None,
+                       max_age_s: float = STALE_TEMP_AGE_S) -> int:
+    """Remove the hidden temp files `atomic_path` left in `folder` when a run was killed mid-write.
+
+    Only ``.<stem>.<random>.tmp<suffix>`` files (any stem when `stem` is None) older than
+    `max_age_s` go: a concurrent run's temp file is younger, so it is left alone. Returns how many.
+    """
+    import glob
+    import time
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        return 0
+    pattern = f".{glob.escape(stem)}.*.tmp*" if stem is not None else ".*.tmp*"
+    now = time.time()
+    removed = 0
+    for p in folder.glob(pattern):
+        try:
+            if now - p.stat().st_mtime > max_age_s and p.is_file():
+                p.unlink()
+                removed += 1
+        except FileNotFoundError:
+            pass
+    return removed

@@ -24,17 +24,17 @@ image is 0), other cells' pixels are zeroed when `mask_others`, then the square 
 (area interpolation when shrinking, linear when growing). 16-bit input is converted by
 `kit.images.to_uint8` (full scale to 255, never by the image's own maximum).
 
-Tile cache (`build_tile_cache`): ``<out>/tiles-<size>-<hash>/<ID>.npy`` (N x 4 x S x S uint8,
+Tile cache: ``<out>/tiles-<size>-<key>/<ID>.npy`` (N x 4 x S x S uint8,
 ``np.load(path, mmap_mode="r")`` works) and ``<ID>.csv`` (the cell table rows in the same order),
-plus ``params.json``; the hash covers the tile size, `mask_others` and the mask cache's folder name
-(backend and its parameters). Files are written atomically, ``.npy`` before ``.csv``, so an image is
-done when its CSV exists, and a rerun skips finished images. `kit.segment.cache.segment_folder`
-(``python -m kit segment --tiles SIZE``) writes the tiles of the images it segments in the same pass
-(`write_tiles`), so each image is read once.
+plus ``params.json``; ``<key>`` = `kit.cachekey.cache_key` of the tile size, `mask_others`, the mask
+cache's folder name (backend and its parameters) and `TILE_CACHE_VERSION`. Files are written
+atomically, ``.npy`` before ``.csv``, so an image is done when its CSV exists; an entry older than
+the image's mask cache entry was cut from masks since redone, and is redone too. This module only
+writes and reads entries (`write_tiles`, `tiles_done`, `load_tiles`); `kit.prepare` decides what
+is missing and fills it from one decode of each image (`build_tile_cache` is that pass for tiles).
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Iterable
@@ -45,8 +45,8 @@ import pandas as pd
 from scipy import ndimage as ndi
 
 from kit.atomic import atomic_open, atomic_path
+from kit.cachekey import cache_key
 from kit.errors import ConfigError, DataError
-from kit.workers import pool_map
 
 __all__ = [
     "TABLE_COLUMNS",
@@ -55,6 +55,7 @@ __all__ = [
     "extract_tiles",
     "build_tile_cache",
     "tile_cache_dir",
+    "find_tile_dir",
     "write_tiles",
     "tiles_done",
     "load_tiles",
@@ -63,7 +64,7 @@ __all__ = [
 TABLE_COLUMNS = ["cell_id", "x0", "y0", "x1", "y1", "area", "nucleus_area", "touches_border",
                  "nucleus_visible_fraction"]
 INTENSITY_COLUMNS = ["mean_red", "mean_green", "mean_blue", "mean_yellow", "nucleus_blue"]
-TILE_CACHE_VERSION = 1
+TILE_CACHE_VERSION = 2  # 2: the kit.cachekey folder key
 
 
 def _empty_table(with_image: bool) -> pd.DataFrame:
@@ -289,11 +290,30 @@ def extract_tiles(
 # ----------------------------------------------------------------------------- tile cache
 
 def tile_cache_dir(out_dir: str | Path, size: int, mask_cache, mask_others: bool = True) -> Path:
-    """``<out>/tiles-<size>-<hash>`` for these tile settings and this mask cache."""
-    key = {"version": TILE_CACHE_VERSION, "size": int(size), "mask_others": bool(mask_others),
-           "masks": Path(mask_cache.dir).name}
-    digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
-    return Path(out_dir) / f"tiles-{int(size)}-{digest}"
+    """``<out>/tiles-<size>-<key>`` for these tile settings and this mask cache."""
+    key = cache_key("tiles", TILE_CACHE_VERSION, {"size": int(size), "mask_others": bool(mask_others),
+                                                  "masks": Path(mask_cache.dir).name})
+    return Path(out_dir) / f"tiles-{int(size)}-{key}"
+
+
+def find_tile_dir(root: str | Path, size: int, mask_cache, mask_others: bool = True) -> tuple[Path, bool]:
+    """(tile folder, whether it is the kit's own for these settings) under the tile cache `root`.
+
+    The kit's folder (`tile_cache_dir`) when it exists or when `root` holds no other folder of
+    `size` px tiles; otherwise the only ``tiles-<size>-*`` folder there (tiles cut elsewhere, read
+    as they are). DataError when several such folders make the choice ambiguous.
+    """
+    root = Path(root)
+    own = tile_cache_dir(root, size, mask_cache, mask_others)
+    if own.is_dir():
+        return own, True
+    others = sorted(p for p in root.glob(f"tiles-{int(size)}-*") if p.is_dir()) if root.is_dir() else []
+    if not others:
+        return own, True
+    if len(others) == 1:
+        return others[0], False
+    raise DataError(f"several tile caches of {size} px under {root} ({', '.join(p.name for p in others)}), "
+                    f"none of them for the mask cache {Path(mask_cache.dir).name}: remove the stale ones")
 
 
 def prepare_tile_dir(out_dir: str | Path, size: int, mask_cache, mask_others: bool = True) -> Path:
@@ -331,31 +351,15 @@ def write_tiles(tile_dir: str | Path, image_id: str, image: np.ndarray, cells: n
     return len(table)
 
 
-def tiles_done(tile_dir: str | Path, image_id: str) -> bool:
-    """True when the image's tiles are complete in `tile_dir`."""
+def tiles_done(tile_dir: str | Path, image_id: str, newer_than_ns: int | None = None) -> bool:
+    """True when the image's tiles are complete in `tile_dir` (and, given the mtime of the mask
+    entry they were cut from, not older than it)."""
     npy, csv = _tile_paths(Path(tile_dir), image_id)
-    return csv.exists() and npy.exists()
-
-
-def _tile_one(job: tuple) -> tuple[str, int]:
-    """Worker: tiles of one image into the tile cache; returns (id, number of cells)."""
-    from kit.images import read_sample
-
-    images_dir, image_id, mask_cache, tile_dir, size, mask_others = job
     try:
-        image = read_sample(images_dir, image_id)
-    except DataError:
-        if mask_cache.has(image_id) and mask_cache.error(image_id):
-            # Unreadable when segmented (empty masks stored): no cells, not a crash.
-            empty = np.zeros((0, 0, 4), np.uint8)
-            table = mask_cache.load(image_id)[2]
-            return image_id, write_tiles(tile_dir, image_id, empty, np.zeros((0, 0), np.int32), table, size)
-        raise
-    if mask_cache.has(image_id):
-        _, cells, table = mask_cache.load(image_id)
-    else:  # segmented here: use the result in memory, not a reload of the file just written
-        _, cells, table = mask_cache.segment_and_save(image_id, image)
-    return image_id, write_tiles(tile_dir, image_id, image, cells, table, size, mask_others)
+        mtime = csv.stat().st_mtime_ns
+    except FileNotFoundError:
+        return False
+    return npy.exists() and (newer_than_ns is None or mtime >= newer_than_ns)
 
 
 def build_tile_cache(
@@ -370,21 +374,17 @@ def build_tile_cache(
 ) -> Path:
     """Write the tile cache for `image_ids` (see the module docstring); returns its folder.
 
-    Images missing from `mask_cache` (a `kit.segment.cache.MaskCache`) are segmented and added to
-    it first. Finished images are skipped, so a killed run resumes where it stopped.
+    One `kit.prepare` pass: images missing from `mask_cache` (a `kit.segment.cache.MaskCache`) are
+    segmented into it from the same decode. Finished images are skipped, so a killed run resumes.
+    DataError naming the file when an image has a missing channel file.
     """
-    from tqdm import tqdm
+    from kit.prepare import Plan, prepare_folder
 
     tile_dir = prepare_tile_dir(out_dir, size, mask_cache, mask_others)
-    ids = list(dict.fromkeys(str(i) for i in image_ids))
-    todo = [i for i in ids if not tiles_done(tile_dir, i)]
-    jobs = [(str(images_dir), i, mask_cache, tile_dir, int(size), bool(mask_others)) for i in todo]
-    bar = tqdm(total=len(jobs), desc=f"tiles {size}px", unit="img", disable=not progress or not jobs)
-    try:
-        for _ in pool_map(_tile_one, jobs, workers, ordered=False):
-            bar.update(1)
-    finally:
-        bar.close()
+    plan = Plan(masks=mask_cache, tile_dir=tile_dir, tile_size=int(size), mask_others=bool(mask_others))
+    report = prepare_folder(images_dir, list(dict.fromkeys(str(i) for i in image_ids)), plan, workers=workers,
+                            progress=progress, desc=f"tiles {size}px")
+    report.raise_missing()
     return tile_dir
 
 

@@ -32,7 +32,8 @@ it off.
 
 `tune` sweeps every strategy, weight, Negative mode and border power on out-of-fold predictions
 and returns them ranked; ``python -m kit tune-combine --run RUN_DIR`` does it for a run and
-writes the best into ``RUN_DIR/combine.yaml`` (which `kit.predict` reads):
+writes the best into ``RUN_DIR/combine.yaml`` (which `kit.predict` reads; the run's config.yaml
+is its input and is never rewritten):
 
 .. code-block:: yaml
 
@@ -335,53 +336,6 @@ def image_proxy_per_class(scores: np.ndarray, cell_image_ids: np.ndarray, images
     return np.array([np.nan if v is None else v for v in result["per_class"]])
 
 
-def match_cells(pred: np.ndarray, true: np.ndarray, iou: float = 0.6) -> dict[int, int]:
-    """{predicted cell id: true cell id} for pairs with mask IoU >= `iou` (float32, as the metric).
-
-    With non-overlapping masks on both sides and `iou` > 0.5 each cell has at most one partner,
-    whatever the confidences, which is what lets `tune` score the metric without re-matching.
-    """
-    if pred.shape != true.shape:
-        raise DataError(f"predicted masks {pred.shape} and true masks {true.shape} differ in size")
-    p = pred.ravel().astype(np.int64)
-    t = true.ravel().astype(np.int64)
-    area_p = np.bincount(p)
-    area_t = np.bincount(t)
-    both = (p > 0) & (t > 0)
-    if not both.any():
-        return {}
-    key = p[both] * (int(t.max()) + 1) + t[both]
-    pairs, inter = np.unique(key, return_counts=True)
-    pi, ti = pairs // (int(t.max()) + 1), pairs % (int(t.max()) + 1)
-    union = area_p[pi] + area_t[ti] - inter
-    ious = inter.astype(np.float32) / union.astype(np.float32)
-    ok = ious >= np.float32(iou)
-    return {int(a): int(b) for a, b in zip(pi[ok], ti[ok])}
-
-
-def truth_from_solution(pred) -> tuple[np.ndarray, dict[int, list[int]]]:
-    """A solution row (kit.submission.ImagePrediction) -> (true label image, {true id: classes}).
-
-    Each distinct mask string is one true cell (ids 1.. in order of first appearance).
-    """
-    from kit.rle import decode_to_crop
-
-    labels = np.zeros((pred.height, pred.width), np.int32)
-    ids: dict[str, int] = {}
-    classes: dict[int, list[int]] = {}
-    for cls, _, text in pred.triples:
-        k = ids.get(text)
-        if k is None:
-            k = ids[text] = len(ids) + 1
-            y0, x0, crop = decode_to_crop(text, pred.height, pred.width)
-            if crop.size:
-                region = labels[y0:y0 + crop.shape[0], x0:x0 + crop.shape[1]]
-                region[crop.astype(bool)] = k
-            classes[k] = []
-        classes[k].append(int(cls))
-    return labels, classes
-
-
 def _read_oof_folder(run_dir: Path, kind: str):
     import pandas as pd
 
@@ -404,24 +358,23 @@ def _read_oof_folder(run_dir: Path, kind: str):
 PROB_COLUMNS = [f"p{c}" for c in range(NUM_CLASSES)]
 
 
-def load_oof(run_dir: str | Path, cfg=None, progress: bool = True, truth: bool | None = None) -> OOFSet:
+def load_oof(run_dir: str | Path, progress: bool = True, truth: bool | None = None) -> OOFSet:
     """Read a run's OOF predictions, its mask cache and (when present) the per-cell truth.
 
-    Truth is ``<data_dir>/train_solution.csv`` (synthetic data, or any data with cell
-    annotations in the submission format); without it (or with ``truth=False``) the set scores
-    with the image-level proxy. The predicted cells are those of the run's mask cache.
+    The run's inputs come from its manifest (`kit.manifest.read_manifest`): truth is
+    ``<data_dir>/train_solution.csv`` (synthetic data, or any data with cell annotations in the
+    submission format); without it (or with ``truth=False``) the set scores with the image-level
+    proxy. The predicted cells are those of the run's mask cache; labels from its labels file.
     """
     from tqdm import tqdm
 
-    from kit.config import load_config
     from kit.labels import read_labels_csv
-    from kit.predict import open_mask_cache
+    from kit.manifest import read_manifest
+    from kit.masks import truth_from_solution
+    from kit.matching import match_labels
 
     run_dir = Path(run_dir)
-    if cfg is None:
-        if not (run_dir / "config.yaml").is_file():
-            raise KitError(f"{run_dir / 'config.yaml'} not found: is {run_dir} a run folder?")
-        cfg = load_config(run_dir / "config.yaml")
+    manifest = read_manifest(run_dir)
     cell_oof = _read_oof_folder(run_dir, "cell")
     image_oof = _read_oof_folder(run_dir, "image")
     if image_oof["ID"].duplicated().any():
@@ -433,7 +386,7 @@ def load_oof(run_dir: str | Path, cfg=None, progress: bool = True, truth: bool |
         raise DataError(f"{len(lost)} image(s) have cell OOF predictions but no image OOF prediction, e.g. {lost[0]}: "
                         "train the image model on every fold the cell model has")
     images = np.array(sorted(image_oof.index), dtype=object)
-    solution_path = Path(cfg.data.data_dir) / "train_solution.csv"
+    solution_path = Path(manifest.data_dir) / "train_solution.csv"
     use_truth = solution_path.is_file() if truth is None else (truth and solution_path.is_file())
     notes = []
     solution = None
@@ -449,7 +402,7 @@ def load_oof(run_dir: str | Path, cfg=None, progress: bool = True, truth: bool |
                      "(macro AP of each image's largest cell score against its image labels); "
                      "cell-level mAP is unavailable")
 
-    cache = open_mask_cache(cfg)
+    cache = manifest.masks()
     by_image = {k: g for k, g in cell_oof.groupby("ID", sort=False)}
     parts: dict[str, list] = {k: [] for k in ("ids", "cells", "folds", "cp", "vis", "truth", "verified")}
     image_n_pos = np.zeros((len(images), NUM_CLASSES), np.int64)
@@ -482,7 +435,7 @@ def load_oof(run_dir: str | Path, cfg=None, progress: bool = True, truth: bool |
         parts["cp"].append(g[PROB_COLUMNS].to_numpy(np.float64))
         parts["vis"].append(vis_all[g["_pos"].to_numpy()])
         if solution is not None:
-            match = match_cells(pred_cells, true_labels)
+            match = match_labels(pred_cells, true_labels)
             t = np.zeros((n, NUM_CLASSES), bool)
             for r, k in enumerate(g["cell_id"].to_numpy()):
                 j = match.get(int(k))
@@ -509,7 +462,7 @@ def load_oof(run_dir: str | Path, cfg=None, progress: bool = True, truth: bool |
         image_level_probs=image_level,
         notes=notes,
     )
-    labels = read_labels_csv(cfg.data.labels_path).set_index("ID")
+    labels = read_labels_csv(manifest.labels_file).set_index("ID")
     from kit.labels import to_multihot
 
     oof.image_labels = np.stack([to_multihot(labels.loc[i, "labels"]) for i in images]) if len(images) else \
@@ -613,19 +566,18 @@ def read_combine_spec(run_dir: str | Path, cfg=None) -> CombineSpec:
 
 def tune_run(run_dir: str | Path, specs: Sequence[CombineSpec] | None = None, write: bool = True,
              progress: bool = True, truth: bool | None = None) -> dict:
-    """Tune the combination of a run on its OOF predictions; writes combine.yaml and config.yaml.
+    """Tune the combination of a run on its OOF predictions; writes combine.yaml (only).
 
     Returns the content of combine.yaml: the chosen spec, its OOF score (overall, per fold, per
     class), the score kind, the cell-only and image-only baselines and the best 10 candidates.
+    config.yaml is the run's input and is never rewritten: `read_combine_spec` reads combine.yaml.
     """
     import yaml
 
     from kit.atomic import atomic_open
-    from kit.config import load_config, save_config
 
     run_dir = Path(run_dir)
-    cfg = load_config(run_dir / "config.yaml") if (run_dir / "config.yaml").is_file() else None
-    oof = load_oof(run_dir, cfg, progress=progress, truth=truth)
+    oof = load_oof(run_dir, progress=progress, truth=truth)
     if len(oof) == 0:
         raise DataError(f"{run_dir}: the OOF predictions hold no cells")
     ranking = tune(oof, specs, progress=progress)
@@ -651,10 +603,6 @@ def tune_run(run_dir: str | Path, specs: Sequence[CombineSpec] | None = None, wr
         with atomic_open(combine_path(run_dir), "w") as f:
             f.write("# written by `python -m kit tune-combine`: the combination chosen on out-of-fold predictions\n")
             yaml.safe_dump(result, f, sort_keys=False, default_flow_style=None)
-        if cfg is not None:
-            cfg.predict.combine = best.strategy
-            cfg.predict.combine_weight = float(best.weight)
-            save_config(cfg, run_dir / "config.yaml")
     return result
 
 
@@ -702,5 +650,5 @@ def _run_tune_combine(args) -> int:
     else:
         print(format_tune_result(result))
         if not args.dry_run:
-            print(f"wrote {combine_path(args.run)} (and predict.combine in {Path(args.run) / 'config.yaml'})")
+            print(f"wrote {combine_path(args.run)}")
     return 0

@@ -2,7 +2,8 @@
 
 File format (YAML, every section and key optional; unknown keys are an error naming the key)::
 
-    data:        {data_dir: data/synth, folds_file: folds/synth.csv, tile_size: 96, field_size: 256}
+    data:        {data_dir: data/synth, folds_file: folds/synth.csv, tile_size: 96, field_size: 256,
+                  train_csv: ext/train_all.csv, extra_images: [ext/images]}   # Kaggle + external images
     model:       {backbone: resnet18}          # shorthand: applied to cell_model AND image_model
     cell_model:  {backbone: resnet50, pretrained: weights/resnet50-0676ba61.pth, dropout: 0.2}
     image_model: {batch_size: 8}               # per-model overrides of train.batch_size/epochs/lr
@@ -12,16 +13,23 @@ File format (YAML, every section and key optional; unknown keys are an error nam
 
 Overrides use the same dotted keys, e.g. ``train.epochs=3 model.backbone=resnet18 train.folds=[0,1]``;
 values are parsed as YAML scalars/lists and checked against the field's type. Relative paths are
-relative to the working directory. `save_config` writes the fully resolved config (every key,
-``cell_model``/``image_model`` spelled out), so ``--config RUN_DIR/config.yaml`` reproduces a run.
+relative to the working directory. `load_config(..., explicit=keys)` also records which dotted keys
+the file and the overrides set (a value equal to its default is still the user's choice).
+`save_config` writes the fully resolved config (every key, ``cell_model``/``image_model`` spelled
+out), so ``--config RUN_DIR/config.yaml`` reproduces a run; `kit.train` writes a run's
+config.yaml once, and what the settings resolved to goes into its manifest (`kit.manifest`).
+Presets ship inside the package (``kit/configs/<name>.yaml``): ``--config cpu`` or
+``preset_path("default")``, so an installed kit has them too.
 """
 from __future__ import annotations
 
 import dataclasses
 import hashlib
 import json
+import math
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union
@@ -39,9 +47,10 @@ class DataConfig:
     data_dir: str = "data"
     train_csv: str = ""  # "" -> <data_dir>/train.csv
     images_subdir: str = "train"
+    extra_images: list[str] = field(default_factory=list)  # more train image folders (e.g. external images)
     folds_file: str = ""  # folds/<name>.csv (ID,fold); required by `train`
     mask_cache: str = "cache/masks"
-    tile_cache: str = "cache/tiles"  # root holding tiles-<size>-<hash>/, or such a folder itself
+    tile_cache: str = "cache/tiles"  # root of the tile cache: holds tiles-<size>-<key>/ folders (kit.cells)
     field_cache: str = "cache/fields"  # downscaled whole fields for the image model
     segment_backend: str = "classical"
     tile_size: int = 128  # cell tile side in px (model input of the cell model)
@@ -56,6 +65,11 @@ class DataConfig:
     def images_dir(self) -> Path:
         return Path(self.data_dir) / self.images_subdir
 
+    @property
+    def image_folders(self) -> list[Path]:
+        """The train images' folders: ``images_dir`` first, then ``extra_images``."""
+        return [self.images_dir, *map(Path, self.extra_images)]
+
 
 @dataclass
 class ModelConfig:
@@ -64,7 +78,7 @@ class ModelConfig:
     backbone: str = "resnet50"  # resnet18/34/50/101 (torchvision) or any timm name when installed
     pretrained: Union[str, None] = None  # local ImageNet weights file; None = random init
     dropout: float = 0.2
-    pool: Literal["avg", "max", "avgmax"] = "avg"
+    pool: Literal["avg", "max", "catavgmax", "avgmax"] = "avg"  # catavgmax: avg and max concatenated
     embedding_dim: int = 0  # 0: the embedding is the pooled features; >0: Linear-BN-ReLU neck
     batch_size: Union[int, None] = None  # None -> train.batch_size
     epochs: Union[int, None] = None  # None -> train.epochs
@@ -92,7 +106,7 @@ class TrainConfig:
     workers: int = 2  # DataLoader worker processes (spawn); 0 = load in the main process
     seed: int = 42
     amp: bool = True  # mixed precision on CUDA (ignored on CPU)
-    channels_last: bool = True
+    channels_last: Union[bool, Literal["auto"]] = "auto"  # auto: the faster layout measured here (kit.throughput)
     grad_clip: float = 0.0  # max gradient norm; 0 = off
     folds: Union[Literal["all"], list[int]] = "all"
     max_cells_per_image: int = 0  # 0 = all cells; >0 caps the training cells taken per image
@@ -101,13 +115,16 @@ class TrainConfig:
 
 @dataclass
 class PredictConfig:
-    """Inference settings; the combine fields are owned by kit.combine (`tune-combine`)."""
+    """Inference settings. combine/combine_weight are used only while the run has no combine.yaml
+    (`tune-combine` writes that file; it never rewrites config.yaml)."""
 
     tta: int = 1  # 1 = none, 2 = + horizontal flip, 4 = + vertical flips, 8 = all dihedral
     batch_size: int = 64
     which: Literal["best", "last"] = "best"
     combine: str = "product"  # cell x image score combination (kit.combine)
     combine_weight: float = 0.5
+    # how the CNNs run (kit.throughput): auto = the fastest path measured on this machine for this model
+    engine: Literal["auto", "baseline", "torch", "jit", "onnx", "compile"] = "auto"
 
 
 @dataclass
@@ -196,8 +213,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     raise ConfigError(f"config key {key}: expected {_type_name(tp)}, got {value!r}")
 
 
-def _apply(obj: Any, values: dict, prefix: str) -> None:
-    """Set the dataclass `obj`'s fields from the mapping `values` (recursively, type-checked)."""
+def _apply(obj: Any, values: dict, prefix: str, explicit: set | None = None) -> None:
+    """Set the dataclass `obj`'s fields from the mapping `values` (recursively, type-checked);
+    the dotted key of every value set goes into `explicit`."""
     if not isinstance(values, dict):
         raise ConfigError(f"config key {prefix.rstrip('.') or '<root>'}: expected a mapping, got {values!r}")
     hints = typing.get_type_hints(type(obj))
@@ -209,15 +227,17 @@ def _apply(obj: Any, values: dict, prefix: str) -> None:
             raise ConfigError(f"unknown config key {key} (known: {', '.join(known)})")
         current = getattr(obj, name)
         if dataclasses.is_dataclass(current):
-            _apply(current, value if value is not None else {}, key + ".")
+            _apply(current, value if value is not None else {}, key + ".", explicit)
         else:
             setattr(obj, name, _coerce(value, hints[name], key))
+            if explicit is not None:
+                explicit.add(key)
 
 
 def _validate(cfg: Config) -> None:
     def positive(key: str, value: float) -> None:
-        if value <= 0:
-            raise ConfigError(f"config key {key}: must be > 0, got {value}")
+        if not (value > 0 and math.isfinite(value)):  # also catches nan
+            raise ConfigError(f"config key {key}: must be a finite number > 0, got {value}")
 
     positive("data.tile_size", cfg.data.tile_size)
     positive("data.field_size", cfg.data.field_size)
@@ -239,6 +259,10 @@ def _validate(cfg: Config) -> None:
             v = getattr(m, name)
             if v is not None:
                 positive(f"{kind}_model.{name}", v)
+        if m.pool == "avgmax":  # the old name: timm's avgmax averages avg and max, this concatenates them
+            warnings.warn(f"config key {kind}_model.pool: 'avgmax' is now called 'catavgmax' (avg and max "
+                          "pooling concatenated, as timm names it); using catavgmax", DeprecationWarning, stacklevel=3)
+            m.pool = "catavgmax"
     if isinstance(cfg.train.folds, list) and any(f < 0 for f in cfg.train.folds):
         raise ConfigError(f"config key train.folds: fold numbers must be >= 0, got {cfg.train.folds}")
 
@@ -275,17 +299,16 @@ def _expand_model_shorthand(values: dict) -> list[dict]:
     return [{"cell_model": dict(shared), "image_model": dict(shared)}, values]
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None, *,
+                explicit: set | None = None) -> Config:
     """Read a YAML config (None = defaults), apply ``key=value`` overrides, check every value.
 
     Raises ConfigError naming the file or key for a missing file, bad YAML, an unknown key or a
-    value of the wrong type.
+    value of the wrong type. `explicit`, when given, receives the dotted keys the user set.
     """
     cfg = Config()
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
+        path = config_file(path)
         try:
             values = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as exc:
@@ -294,15 +317,41 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"{path}: expected a mapping of sections at the top level")
         try:
             for part in _expand_model_shorthand(values):
-                _apply(cfg, part, "")
+                _apply(cfg, part, "", explicit)
         except ConfigError as exc:
             raise ConfigError(f"{path}: {exc}") from None
     for text in overrides or []:
         parts, value = _parse_override(text)
         for part in _expand_model_shorthand(_nest(parts, value)):
-            _apply(cfg, part, "")
+            _apply(cfg, part, "", explicit)
     _validate(cfg)
     return cfg
+
+
+PRESETS_DIR = Path(__file__).with_name("configs")
+
+
+def preset_names() -> list[str]:
+    """The config presets shipped with the kit (``kit/configs/<name>.yaml``)."""
+    return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
+
+
+def preset_path(name: str) -> Path:
+    """The YAML file of preset `name` (e.g. ``"default"``, ``"demo_cpu"``)."""
+    path = PRESETS_DIR / f"{name}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"no config preset {name!r}; the kit ships {preset_names()}")
+    return path
+
+
+def config_file(value: str | Path) -> Path:
+    """A ``--config`` value as a file: an existing path, else the name of a preset."""
+    path = Path(value)
+    if path.is_file():
+        return path
+    if len(path.parts) == 1 and not path.suffix and (PRESETS_DIR / f"{path}.yaml").is_file():
+        return PRESETS_DIR / f"{path}.yaml"
+    raise ConfigError(f"config file not found: {path} (presets shipped with the kit: {', '.join(preset_names())})")
 
 
 def to_dict(cfg: Config) -> dict:

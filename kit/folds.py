@@ -193,12 +193,16 @@ def split_indices(folds: Sequence[int], fold: int, train_mask: Sequence[bool] | 
 # report
 
 
-def fold_report(labels_df, folds: Sequence[int]) -> dict:
+def fold_report(labels_df, folds: Sequence[int], groups: Sequence[Any] | None = None,
+                sources: Sequence[str] | None = None) -> dict:
     """How well the folds keep every class's share; a JSON-ready dict.
 
     Keys: ``n_images``, ``n_splits``, ``images_per_fold`` [K], ``class_counts`` [19],
     ``class_fold_counts`` [19][K], ``class_max_deviation`` [19] (None for an absent class),
-    ``max_deviation``, ``max_deviation_class``, ``max_deviation_100`` (classes with >= 100 images).
+    ``max_deviation``, ``max_deviation_class``, ``max_deviation_100`` (classes with >= 100 images);
+    with `groups`: ``n_groups`` and ``groups_split`` (groups spread over several folds: must be 0);
+    with `sources` (per row, e.g. the ``source`` column of Kaggle train + external):
+    ``source_fold_counts`` {source: [K]}.
 
     Deviation of class c in fold k: ``|n_ck - e_ck| / e_ck`` with ``e_ck = n_c * n_k / N``, the
     count fold k would hold if it had exactly its share ``n_k / N`` of every class.
@@ -220,6 +224,13 @@ def fold_report(labels_df, folds: Sequence[int]) -> dict:
     present = [c for c in range(NUM_CLASSES) if counts[c] > 0]
     worst = max(present, key=lambda c: class_dev[c]) if present else None
     big = [class_dev[c] for c in present if counts[c] >= 100]
+    extra: dict = {}
+    if groups is not None:
+        extra["n_groups"] = int(_group_codes(groups, len(folds)).max()) + 1 if len(folds) else 0
+        extra["groups_split"] = groups_split(folds, groups)
+    if sources is not None:
+        src = np.asarray(sources, dtype=str)
+        extra["source_fold_counts"] = {s: np.bincount(folds[src == s], minlength=k).tolist() for s in dict.fromkeys(src)}
     return {
         "n_images": int(len(folds)),
         "n_splits": k,
@@ -230,6 +241,7 @@ def fold_report(labels_df, folds: Sequence[int]) -> dict:
         "max_deviation": None if worst is None else round(class_dev[worst], 6),
         "max_deviation_class": worst,
         "max_deviation_100": round(max(big), 6) if big else None,
+        **extra,
     }
 
 
@@ -242,7 +254,11 @@ def format_report(report: dict, title: str | None = None) -> str:
     lines.append(f"{report['n_images']} images in {k} folds; images per fold: "
                  + " ".join(str(v) for v in report["images_per_fold"]))
     if report.get("n_groups") is not None:
-        lines.append(f"{report['n_groups']} groups (no group is split across folds)")
+        split = report.get("groups_split")
+        lines.append(f"{report['n_groups']} groups" + (" (no group is split across folds)" if not split
+                                                       else f"; {split} groups are SPLIT across folds"))
+    for source, per in (report.get("source_fold_counts") or {}).items():
+        lines.append(f"  {source}: {sum(per)} images; per fold: " + " ".join(str(v) for v in per))
     head = f"{'class':<45}{'images':>7}" + "".join(f"{'fold' + str(i):>7}" for i in range(k)) + f"{'max dev':>9}"
     lines += [head, "-" * len(head)]
     for c in range(NUM_CLASSES):
@@ -537,6 +553,41 @@ def read_groups(labels_df, spec: str | Path, labels_path: str | Path | None = No
     return arr, desc, messages
 
 
+def combine_groups(groupings: Sequence[Sequence[Any]]) -> np.ndarray:
+    """Several per-row groupings -> one: rows that share a group in ANY of them share a group.
+
+    E.g. antibody groups of public images and near-duplicate groups across sources: a Kaggle
+    image that duplicates an external one joins that external image's antibody. None/NaN/"" mean
+    "no group" in a grouping. Returns int group codes 0..G-1 in order of first appearance.
+    """
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    groupings = list(groupings)
+    if not groupings:
+        raise ValueError("combine_groups needs at least one grouping")
+    n = len(groupings[0])
+    rows, cols = [], []
+    for g in groupings:
+        codes = _group_codes(g, n)
+        _, first = np.unique(codes, return_index=True)
+        rows.append(np.arange(n))
+        cols.append(first[codes])  # every row linked to its group's first row
+    r, c = np.concatenate(rows), np.concatenate(cols)
+    graph = coo_matrix((np.ones(len(r), np.int8), (r, c)), shape=(n, n))
+    _, labels = connected_components(graph, directed=False)
+    return _group_codes(labels, n)
+
+
+def groups_split(folds: Sequence[int], groups: Sequence[Any]) -> int:
+    """Number of groups whose images fall in more than one fold (0 for folds built with them)."""
+    folds = np.asarray(folds, dtype=np.int64)
+    codes = _group_codes(groups, len(folds))
+    first = np.full(codes.max() + 1 if len(codes) else 0, -1, np.int64)
+    first[codes[::-1]] = folds[::-1]  # the fold of each group's first row
+    return int(len(np.unique(codes[folds != first[codes]])))
+
+
 def groups_from_pairs(pairs: Iterable[tuple[str, str]]):
     """Duplicate pairs ``(ID_a, ID_b)`` -> DataFrame ``ID, group`` (connected components).
 
@@ -567,14 +618,26 @@ def groups_from_pairs(pairs: Iterable[tuple[str, str]]):
 # command
 
 
+def _source_column(labels_path: Path, labels_df) -> list[str] | None:
+    """The ``source`` column of a merged labels file (Kaggle train + external), if it has one."""
+    import pandas as pd
+
+    head = pd.read_csv(labels_path, nrows=0).columns
+    if "source" not in head:
+        return None
+    raw = pd.read_csv(labels_path, usecols=["ID", "source"], dtype=str, keep_default_na=False)
+    return raw.set_index("ID").loc[labels_df["ID"], "source"].tolist()
+
+
 def configure_folds(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--labels", required=True, type=Path, help="train.csv (ID,Label)")
     parser.add_argument("--n-splits", type=int, default=5, help="number of folds (default 5)")
     parser.add_argument("--seed", type=int, default=42, help="random seed of the stratification (default 42)")
     parser.add_argument(
-        "--groups",
+        "--groups", action="append",
         help="images that must share a fold: a column of the labels CSV, or a CSV file ID,group "
-        "(unlisted images are groups of their own); see README 'Groups for folds'",
+        "(unlisted images are groups of their own); give it several times to combine groupings "
+        "(e.g. --groups antibody --groups dedup.csv); see README 'Groups for folds'",
     )
     parser.add_argument("--ignore-unknown-groups", action="store_true",
                         help="drop groups-file IDs absent from the labels (e.g. test images) instead of failing")
@@ -589,28 +652,33 @@ def configure_folds(parser: argparse.ArgumentParser) -> None:
 def _run_folds(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     labels_df = read_labels_csv(args.labels)
-    if args.check is not None:
-        df = load_folds(args.check, args.labels)
-        report = fold_report(labels_df, df["fold"].to_numpy())
-        print(format_report(report, f"{args.check}: matches {args.labels} (sha256 checked)"), end="")
-        return 0
+    sources = _source_column(args.labels, labels_df)
     groups = desc = None
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", FoldWarning)
-        if args.groups:
-            groups, desc, messages = read_groups(labels_df, args.groups, args.labels,
-                                                 ignore_unknown=args.ignore_unknown_groups)
+    if args.groups:
+        parts = []
+        for spec in args.groups:
+            g, d, messages = read_groups(labels_df, spec, args.labels, ignore_unknown=args.ignore_unknown_groups)
+            parts.append((g, d))
             for m in messages:
                 print(f"warning: {m}", file=sys.stderr)
+        groups = parts[0][0] if len(parts) == 1 else combine_groups([g for g, _ in parts])
+        desc = parts[0][1] if len(parts) == 1 else {
+            "source": " + ".join(d["source"] for _, d in parts), "parts": [d for _, d in parts],
+            "n_groups": int(np.max(groups)) + 1}
+    if args.check is not None:
+        df = load_folds(args.check, args.labels)
+        report = fold_report(labels_df, df["fold"].to_numpy(), groups, sources)
+        print(format_report(report, f"{args.check}: matches {args.labels} (sha256 checked)"), end="")
+        return 1 if report.get("groups_split") else 0
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", FoldWarning)
         folds = make_folds(labels_df, args.n_splits, args.seed, groups=groups)
     for w in caught:
         if issubclass(w.category, FoldWarning):
             print(f"warning: {w.message}", file=sys.stderr)
         else:
             warnings.showwarning(w.message, w.category, w.filename, w.lineno)
-    report = fold_report(labels_df, folds)
-    if desc is not None:
-        report["n_groups"] = desc["n_groups"]
+    report = fold_report(labels_df, folds, groups, sources)
     out = args.out
     if out is None:
         out = Path("folds") / f"{args.labels.stem}_{args.n_splits}fold_seed{args.seed}{'_grouped' if groups is not None else ''}.csv"

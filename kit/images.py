@@ -12,10 +12,18 @@ channels mix depths is promoted to uint16 with 8-bit channels scaled by 257, so 
 full scale). Use `to_float` (values in [0, 1]) or `to_uint8` to get one representation for both
 depths: both scale by the dtype's full range, never by the image's own maximum, so a faint image
 stays faint.
+
+Headers (`read_image_info`, `image_size`): size, depth and integrity of a file without decoding
+its pixels (PNG IHDR/IEND, classic TIFF IFD and strip extents, JPEG SOF/EOI; a few hundred bytes).
 """
 from __future__ import annotations
 
+import os
+import struct
+import json
+from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import cv2
 import numpy as np
@@ -67,6 +75,27 @@ def read_channel(path: str | Path) -> np.ndarray:
             img = np.clip(img, 0, 65535)
         img = img.astype(np.uint16)
     return img
+
+
+class SampleSource(NamedTuple):
+    """What a cache entry made from a sample is tied to: its four channel files as they are now."""
+
+    signature: str  # JSON: [[file name, size, mtime_ns], ...] in channel order
+    newest_ns: int  # the latest mtime_ns of the four
+
+
+def sample_source(folder: str | Path, image_id: str) -> SampleSource:
+    """Name, size and mtime of each channel file (ImageReadError naming the first missing one).
+
+    A cache entry stores the signature and is reused only while it still matches, so an entry made
+    from a file that was damaged, replaced or copied over is recomputed, never served.
+    """
+    items = []
+    for c in CHANNELS:
+        path = channel_path(folder, image_id, c)
+        st = path.stat()
+        items.append([path.name, st.st_size, st.st_mtime_ns])
+    return SampleSource(json.dumps(items, separators=(",", ":")), max(i[2] for i in items))
 
 
 def tint_planes(img: np.ndarray) -> np.ndarray:
@@ -130,3 +159,146 @@ def to_uint8(image: np.ndarray) -> np.ndarray:
         return image
     full_scale(image)
     return ((image.astype(np.uint32) + 128) // 257).astype(np.uint8)
+
+
+# --------------------------------------------------------------------------------------------
+# Image headers: size, depth and integrity without decoding the pixels
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ImageInfo:
+    """What a file's header says: size, bits per sample, samples per pixel, container format."""
+
+    width: int
+    height: int
+    bit_depth: int
+    samples: int
+    format: str  # "png", "tiff", "jpeg", or "decoded" when the header was not parsed
+
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_PNG_IEND = b"\x00\x00\x00\x00IEND\xaeB`\x82"
+_PNG_SAMPLES = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}
+_TIFF_TYPE_SIZE = {1: 1, 3: 2, 4: 4, 16: 8}
+_TIFF_TYPE_CODE = {1: "B", 3: "H", 4: "I", 16: "Q"}
+_JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+
+
+def read_image_info(path: str | Path, check_end: bool = True) -> ImageInfo:
+    """Read an image file's header (and with `check_end`, check the file is complete).
+
+    Parses PNG, classic TIFF and JPEG headers directly (a few hundred bytes read); any other file
+    is decoded with cv2. Raises ImageReadError naming the file when it is missing, empty, not an
+    image, or truncated (PNG without IEND, TIFF strips beyond the end, JPEG without EOI).
+    """
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            if size == 0:
+                raise ImageReadError(f"empty file: {path}")
+            head = f.read(64)
+            if head.startswith(_PNG_SIGNATURE):
+                return _png_info(path, f, head, size, check_end)
+            if head[:4] in (b"II*\x00", b"MM\x00*"):
+                return _tiff_info(path, f, head, size, check_end)
+            if head[:2] == b"\xff\xd8":
+                return _jpeg_info(path, f, size, check_end)
+    except FileNotFoundError:
+        raise ImageReadError(f"missing file: {path}") from None
+    except (struct.error, OSError, ValueError) as exc:
+        raise ImageReadError(f"unreadable image header ({exc}): {path}") from None
+    # Anything else (BigTIFF, other formats, or a non-image): let cv2 decide.
+    img = read_channel(path)
+    return ImageInfo(img.shape[1], img.shape[0], 16 if img.dtype == np.uint16 else 8, 1, "decoded")
+
+
+def _png_info(path: Path, f, head: bytes, size: int, check_end: bool) -> ImageInfo:
+    if len(head) < 33 or head[12:16] != b"IHDR":
+        raise ImageReadError(f"truncated PNG file (no IHDR header): {path}")
+    width, height, depth, colour = struct.unpack(">IIBB", head[16:26])
+    if width == 0 or height == 0 or colour not in _PNG_SAMPLES:
+        raise ImageReadError(f"invalid PNG header ({width}x{height}, colour type {colour}): {path}")
+    if check_end:
+        f.seek(max(size - 12, 0))
+        if f.read(12) != _PNG_IEND:
+            raise ImageReadError(f"truncated PNG file (no IEND chunk): {path}")
+    return ImageInfo(width, height, depth, _PNG_SAMPLES[colour], "png")
+
+
+def _tiff_info(path: Path, f, head: bytes, size: int, check_end: bool) -> ImageInfo:
+    order = "<" if head[:2] == b"II" else ">"
+    (ifd,) = struct.unpack(order + "I", head[4:8])
+    if ifd + 2 > size:
+        raise ImageReadError(f"truncated TIFF file (first IFD beyond the end): {path}")
+    f.seek(ifd)
+    (n,) = struct.unpack(order + "H", f.read(2))
+    entries = f.read(12 * n)
+    if len(entries) < 12 * n:
+        raise ImageReadError(f"truncated TIFF file (IFD cut short): {path}")
+    tags: dict[int, list[int]] = {}
+    for i in range(n):
+        tag, typ, count = struct.unpack(order + "HHI", entries[12 * i : 12 * i + 8])
+        if typ not in _TIFF_TYPE_SIZE or tag not in (256, 257, 258, 277, 273, 279, 324, 325):
+            continue
+        nbytes = _TIFF_TYPE_SIZE[typ] * count
+        raw = entries[12 * i + 8 : 12 * i + 12]
+        if nbytes > 4:
+            (offset,) = struct.unpack(order + "I", raw)
+            if offset + nbytes > size:
+                raise ImageReadError(f"truncated TIFF file (tag {tag} beyond the end): {path}")
+            f.seek(offset)
+            raw = f.read(nbytes)
+        tags[tag] = list(struct.unpack(f"{order}{count}{_TIFF_TYPE_CODE[typ]}", raw[:nbytes]))
+    if 256 not in tags or 257 not in tags:
+        raise ImageReadError(f"invalid TIFF header (no image width/height): {path}")
+    width, height = tags[256][0], tags[257][0]
+    depth = tags.get(258, [1])[0]
+    samples = tags.get(277, [1])[0]
+    if check_end:
+        for off_tag, len_tag in ((273, 279), (324, 325)):
+            offsets, lengths = tags.get(off_tag, []), tags.get(len_tag, [])
+            if offsets and lengths and max(o + c for o, c in zip(offsets, lengths)) > size:
+                raise ImageReadError(f"truncated TIFF file (image data beyond the end): {path}")
+    return ImageInfo(width, height, depth, samples, "tiff")
+
+
+def _jpeg_info(path: Path, f, size: int, check_end: bool) -> ImageInfo:
+    f.seek(2)
+    info = None
+    while info is None:
+        marker = f.read(2)
+        if len(marker) < 2 or marker[0] != 0xFF:
+            raise ImageReadError(f"truncated or invalid JPEG file (no frame header): {path}")
+        code = marker[1]
+        if code == 0xFF:  # fill byte
+            f.seek(-1, os.SEEK_CUR)
+            continue
+        if code == 0x01 or 0xD0 <= code <= 0xD7:
+            continue
+        (length,) = struct.unpack(">H", f.read(2))
+        if code in _JPEG_SOF:
+            precision, height, width, samples = struct.unpack(">BHHB", f.read(6))
+            info = ImageInfo(width, height, precision, samples, "jpeg")
+        else:
+            f.seek(length - 2, os.SEEK_CUR)
+    if check_end:
+        f.seek(max(size - 64, 0))
+        if not f.read(64).rstrip(b"\x00").endswith(b"\xff\xd9"):
+            raise ImageReadError(f"truncated JPEG file (no end-of-image marker): {path}")
+    return info
+
+
+def image_size(folder: str | Path, image_id: str) -> tuple[int, int]:
+    """(width, height) of a sample from the header of its first channel file (red first).
+
+    Raises ImageReadError naming the file when no channel file exists or the header is unreadable.
+    """
+    folder = Path(folder)
+    for channel in CHANNELS:
+        for ext in EXTENSIONS:
+            path = folder / f"{image_id}_{channel}{ext}"
+            if path.is_file():
+                info = read_image_info(path, check_end=False)
+                return info.width, info.height
+    raise ImageReadError(f"missing channel file: {folder / f'{image_id}_red.png'}")
+

@@ -25,6 +25,10 @@ Table ``runs`` (schema version 1 in ``PRAGMA user_version``), one row per run an
     notes         TEXT
     extra         TEXT     JSON object of anything else (timings, options)
 
+``export --html lb.html`` (`to_html`) shows the runs of each (dataset, metric) side by side: the
+scores, then the settings of each run's ``config.yaml`` that differ between the runs
+(highlighted), and a link to each run's report (``RUN/report/index.html``, `kit.report`).
+
 Ranking (`Leaderboard.ranked`): within each (dataset, metric), runs with a ``test_score`` first,
 best test score first, then runs without one, best ``oof_score`` first (a test score is only
 compared with test scores); ties by creation time. Runs on different data or metrics are never
@@ -351,11 +355,17 @@ class Leaderboard:
     # -- output -------------------------------------------------------------------------------
 
     def export(self, path: str | os.PathLike, *, all_rows: bool = False) -> Path:
-        """Write the ranked table (or every row, `all_rows`) to ``.csv`` or ``.md``, atomically."""
+        """Write the ranked table (or every row, `all_rows`) to ``.csv`` or ``.md``, or the runs
+        side by side to ``.html`` (`to_html`), atomically."""
         path = Path(path)
         suffix = path.suffix.lower()
+        if suffix in (".html", ".htm"):
+            text = to_html(self, path.resolve().parent)
+            with atomic_open(path, "w", encoding="utf-8") as f:
+                f.write(text)
+            return path
         if suffix not in (".csv", ".md", ".markdown"):
-            raise ConfigError(f"export {path}: the file must end in .csv or .md")
+            raise ConfigError(f"export {path}: the file must end in .csv or .md (or .html)")
         table = self.rows() if all_rows else self.ranked()
         if all_rows:
             table = table.assign(extra=[json.dumps(e, sort_keys=True) for e in table["extra"]])
@@ -366,6 +376,109 @@ class Leaderboard:
             with atomic_open(path, "w", encoding="utf-8") as f:
                 f.write(to_markdown(table))
         return path
+
+
+# --------------------------------------------------------------------------------------------
+# HTML: runs side by side
+
+_SCORE_ROWS = (("score", "score (ranking key)"), ("test_score", "test"), ("oof_score", "OOF"),
+               ("public_score", "public LB"), ("fold_mean", "fold mean"), ("fold_std", "fold sd"))
+_EXTRA_SCORES = (("image_only", "test: image-only"), ("cell_only", "test: cell-only"),
+                 ("seg_ceiling", "test: segmentation ceiling"), ("cls_ceiling", "test: classification ceiling"))
+
+
+def _flat(values: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(values, dict):
+        return {prefix.rstrip("."): values}
+    out: dict[str, Any] = {}
+    for k, v in values.items():
+        out.update(_flat(v, f"{prefix}{k}."))
+    return out
+
+
+def _run_settings(run_dir: str | None) -> dict[str, Any]:
+    """The run's resolved config.yaml, flattened (``train.lr``: 0.002); {} when it is not found."""
+    import yaml
+
+    if not run_dir or not (Path(run_dir) / "config.yaml").is_file():
+        return {}
+    try:
+        return _flat(yaml.safe_load((Path(run_dir) / "config.yaml").read_text()) or {})
+    except (OSError, yaml.YAMLError):
+        return {}
+
+
+def _side_by_side(group, extras: dict, out_dir: Path) -> str:
+    """Runs of one (dataset, metric) as columns: links, scores, then the settings that differ
+    (highlighted where they differ from the best run's), the rest folded away."""
+    from kit.htmlpage import esc, fmt, table
+
+    runs = list(group.itertuples(index=False))
+    heads = ["", *[f"{r.rank}. {r.run_id}" for r in runs]]
+    links = ["report"]
+    for r in runs:
+        run_dir = extras[r.run_id].get("run_dir")
+        page = Path(run_dir) / "report" / "index.html" if run_dir else None
+        links.append(f'<a href="{esc(Path(os.path.relpath(page, out_dir)).as_posix())}">report</a>'
+                     if page is not None and page.is_file() else '<span class="note">no report</span>')
+    rows = [links]
+    fold_cols = [c for c in group.columns if c.startswith("fold") and c[4:].isdigit()]
+    for key, label in (*_SCORE_ROWS, *[(c, c.replace("fold", "fold ")) for c in fold_cols]):
+        if key in group.columns and group[key].notna().any():
+            rows.append([esc(label)] + [fmt(getattr(r, key)) for r in runs])
+    for key, label in _EXTRA_SCORES:
+        values = [extras[r.run_id].get(key) for r in runs]
+        if any(v is not None for v in values):
+            rows.append([esc(label)] + [fmt(v) for v in values])
+    totals = [(extras[r.run_id].get("timings") or {}) for r in runs]
+    if any(totals):
+        rows.append(["seconds (all stages)"] + [fmt(float(sum(v for k, v in t.items() if k != "total")) if t else None, 0)
+                                              for t in totals])
+    for key in ("backbone", "combine", "git_commit", "config_hash", "created", "notes"):
+        rows.append([esc(key)] + [esc(getattr(r, key)) for r in runs])
+    settings = [_run_settings(extras[r.run_id].get("run_dir")) for r in runs]
+    keys = list(dict.fromkeys(k for s in settings for k in s))
+    differ, same = [], []
+    for key in keys:
+        values = [s.get(key, "(absent)") if s else "(no config.yaml)" for s in settings]
+        if len({json.dumps(v, sort_keys=True, default=str) for v in values}) > 1:
+            differ.append((key, values))
+        else:
+            same.append((key, values[0]))
+    classes = [[""] * (len(runs) + 1) for _ in rows]
+    # what was chosen first, where things are (paths differ between any two runs) last
+    differ.sort(key=lambda kv: any(isinstance(v, str) and "/" in v for v in kv[1]))
+    for key, values in differ:
+        rows.append([f"<b>{esc(key)}</b>"] + [esc(v) for v in values])
+        classes.append([""] + ["diff" if i and values[i] != values[0] else "" for i in range(len(values))])
+    html = ('<div style="overflow-x:auto">' + table(heads, rows, raw=True, cell_class=classes, cls="sidebyside")
+            + "</div>")
+    html += (f'<p class="note">{len(differ)} setting(s) differ between these runs (highlighted where they differ '
+             f"from the best run's, the first column).</p>")
+    if same:
+        html += (f"<details><summary>{len(same)} setting(s) the same in every run</summary>"
+                 + table(["setting", "value"], [(esc(k), esc(v)) for k, v in same], raw=True) + "</details>")
+    return html
+
+
+def to_html(board: "Leaderboard", out_dir: Path) -> str:
+    """The leaderboard as one static page (links relative to `out_dir`)."""
+    from kit.htmlpage import esc, page
+
+    ranked = board.ranked()
+    if ranked.empty:
+        return page("kit leaderboard", f'<p>no runs recorded in {esc(board.path)}</p>')
+    rows = board.rows()
+    extras = {r.run_id: r.extra for r in rows[rows["fold"] == OVERALL].itertuples(index=False)}
+    body, nav = [], []
+    for n, ((dataset, metric), group) in enumerate(ranked.groupby(["dataset", "metric"], sort=False)):
+        anchor = f"g{n}"
+        title = f"{metric}" + (f" on {dataset}" if dataset else "")
+        nav.append((anchor, title))
+        body.append(f'<section id="{anchor}"><h2>{esc(title)}</h2><p class="note">ranked by test score where '
+                    f"present, then by OOF score; {len(group)} run(s)</p>{_side_by_side(group, extras, out_dir)}"
+                    "</section>")
+    return page("kit leaderboard", "".join(body), subtitle=f"{esc(board.path)} &middot; written {_now()}", nav=nav)
 
 
 def _cell(value: Any) -> str:
@@ -431,8 +544,11 @@ def configure_leaderboard(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--public", type=float, required=True, help="public leaderboard score")
     p.add_argument("--notes", default=None, help="replace the run's notes")
     p.add_argument("--db", **db_kw)
-    p = sub.add_parser("export", help="write the ranked table to FILE.csv or FILE.md")
-    p.add_argument("file", type=Path)
+    p = sub.add_parser("export", help="write the ranked table to FILE.csv or FILE.md, or runs side by side "
+                       "to --html FILE.html")
+    p.add_argument("file", type=Path, nargs="?", help="FILE.csv or FILE.md")
+    p.add_argument("--html", type=Path, help="also (or only) write the runs side by side as one HTML page: "
+                   "scores, the settings that differ highlighted, links to each run's report")
     p.add_argument("--all", action="store_true", help="every row (one per run and fold), not the ranked table")
     p.add_argument("--db", **db_kw)
     p = sub.add_parser("remove", help="delete a run's rows")
@@ -451,8 +567,13 @@ def _run_leaderboard(args: argparse.Namespace) -> int:
         print(f"removed run {board.remove(args.run)} from {board.path}")
         return 0
     if args.action == "export":
-        out = board.export(args.file, all_rows=args.all)
-        print(f"wrote {out}")
+        if args.file is None and args.html is None:
+            raise ConfigError("leaderboard export: give FILE.csv / FILE.md and/or --html FILE.html")
+        for target in (args.file, args.html):
+            if target is not None:
+                if target is args.html and target.suffix.lower() not in (".html", ".htm"):
+                    raise ConfigError(f"--html {target}: the file must end in .html")
+                print(f"wrote {board.export(target, all_rows=args.all)}")
         return 0
     table = board.ranked()
     if getattr(args, "dataset", None) is not None:

@@ -528,37 +528,12 @@ def configure_evaluate(parser) -> None:
     parser.set_defaults(func=_evaluate_main)
 
 
-def _read_ids(path: Path, fold: int | None = None) -> list[str]:
-    """IDs to score: one per line, or a CSV with an ``ID`` column (and ``fold`` when `fold` is set)."""
-    import csv
-
-    if not path.is_file():
-        raise DataError(f"IDs file not found: {path}")
-    lines = [ln.strip() for ln in path.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
-    if not lines:
-        raise DataError(f"{path}: no IDs")
-    if "," not in lines[0]:
-        if fold is not None:
-            raise DataError(f"{path}: --fold needs a CSV with ID and fold columns (e.g. folds/<name>.csv)")
-        return lines[1:] if lines[0] == "ID" else lines
-    rows = list(csv.DictReader(lines))
-    header = list(rows[0]) if rows else lines[0].split(",")
-    if "ID" not in header:
-        raise DataError(f"{path}: a CSV needs an ID column (found {header})")
-    if fold is None:
-        return [r["ID"] for r in rows]
-    if "fold" not in header:
-        raise DataError(f"{path}: no fold column for --fold (found {header})")
-    ids = [r["ID"] for r in rows if str(r["fold"]).strip() == str(fold)]
-    if not ids:
-        raise DataError(f"{path}: no image in fold {fold}")
-    return ids
-
-
 def _evaluate_main(args) -> int:
     if args.fold is not None and not args.ids:
         raise ConfigError("--fold needs --ids FOLDS.csv (a CSV with ID and fold columns)")
-    ids = _read_ids(args.ids, args.fold) if args.ids else None
+    from kit.layout import read_id_list
+
+    ids = read_id_list(args.ids, fold=args.fold) if args.ids else None
     result = evaluate_files(args.solution, args.submission, args.iou, args.iou_type, ids, progress=True)
     print(format_report(result))
     if args.json:

@@ -147,12 +147,19 @@ def adapt_input_conv(in_chans: int, weight: torch.Tensor) -> torch.Tensor:
 
 
 class Pool(nn.Module):
-    """Global pooling: avg, max or their concatenation (avgmax doubles the features)."""
+    """Global pooling: avg, max or catavgmax (avg and max concatenated, doubling the features; the
+    old name ``avgmax`` is accepted with a warning: timm's ``avgmax`` averages the two instead)."""
 
     def __init__(self, kind: str = "avg"):
         super().__init__()
-        if kind not in ("avg", "max", "avgmax"):
-            raise ConfigError(f"pool must be avg, max or avgmax, got {kind!r}")
+        if kind == "avgmax":
+            import warnings
+
+            warnings.warn("pool 'avgmax' is now called 'catavgmax' (avg and max concatenated)", DeprecationWarning,
+                          stacklevel=3)
+            kind = "catavgmax"
+        if kind not in ("avg", "max", "catavgmax"):
+            raise ConfigError(f"pool must be avg, max or catavgmax, got {kind!r}")
         self.kind = kind
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -178,7 +185,7 @@ class Classifier(nn.Module):
         super().__init__()
         self.features = features
         self.pool = Pool(pool)
-        dim = num_features * (2 if pool == "avgmax" else 1)
+        dim = num_features * (2 if self.pool.kind == "catavgmax" else 1)
         if embedding_dim > 0:
             self.neck = nn.Sequential(nn.Linear(dim, embedding_dim), nn.BatchNorm1d(embedding_dim), nn.ReLU(inplace=True))
             dim = embedding_dim
@@ -313,8 +320,14 @@ def model_from_checkpoint(ckpt: dict, kind: str) -> Classifier:
     key = f"{kind}_model"
     if "config" not in ckpt or key not in ckpt["config"]:
         raise KitError(f"checkpoint has no {key} config")
-    model = build_from_config(ckpt["config"][key], pretrained=False)
-    model.load_state_dict(ckpt["model"])
+    # Built on the meta device, so no random initialisation is computed only to be overwritten
+    # (~0.45 s of uniform_/normal_ per ResNet-50 in a profile); the checkpoint's tensors are assigned.
+    with torch.device("meta"):
+        model = build_from_config(ckpt["config"][key], pretrained=False)
+    model.load_state_dict(ckpt["model"], assign=True)
+    if any(t.is_meta for t in (*model.parameters(), *model.buffers())):  # a tensor the checkpoint lacks
+        model = build_from_config(ckpt["config"][key], pretrained=False)
+        model.load_state_dict(ckpt["model"])
     return model
 
 

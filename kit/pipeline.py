@@ -6,56 +6,66 @@ the Kaggle layout (``train/``, ``test/``, ``train.csv``, ``sample_submission.csv
 ======== ==================================================================================
 stage    what it does (every stage reuses what a previous run of the same settings wrote)
 ======== ==================================================================================
-folds    multi-label stratified folds -> ``WORK/folds/<dataset>-k<K>-s<seed>.csv``
-segment  train and test images -> the mask cache ``WORK/cache/<dataset>/masks/``
-tiles    cell tiles of the train images -> ``WORK/cache/<dataset>/tiles/tiles-<S>-<hash>/``
-fields   downscaled train fields for the image model -> ``WORK/cache/<dataset>/fields/``
-train    every fold of the cell and the image model (resumes from ``last.pt``)
+check    the whole config, before anything runs: folds, backbones, weights files, segmentation
+         backend and options, device (one error line for the first problem)
+folds    multi-label stratified folds -> ``WORK/folds/<dataset>-k<K>-s<seed>.csv`` (grouped by the
+         labels table's ``group`` column when it has one: `kit external table`)
+prepare  one decode of every train image (`kit.prepare`, ``--workers`` processes) writes what is
+         missing of: its masks and cell table -> the mask cache ``WORK/cache/<dataset>/masks/``,
+         its cell tiles -> ``WORK/cache/<dataset>/tiles/tiles-<S>-<key>/``, its downscaled field
+         -> ``WORK/cache/<dataset>/fields/fields-<S>-<key>/``
+train    the run's folds of the cell and the image model (resumes from ``last.pt``); writes
+         ``config.yaml`` and ``manifest.json`` (`kit.manifest`) once
 tune     the cell x image combination chosen on OOF predictions (`kit.combine`) -> combine.yaml
-predict  ``test/`` -> ``submission/submission.csv`` (written atomically, then validated)
+predict  one decode of every test image: segmented into the mask cache, tiles and field cut in
+         memory, both models -> ``submission/submission.csv`` (validated as a temporary file, then
+         renamed); with truth, the true cells of the classification ceiling in the same pass
 evaluate when ``DIR/test_solution.csv`` exists: the submission's mAP, the image-only and cell-only
-         rows, and the ceilings (segmentation: true labels on predicted masks; classification:
-         predicted labels on true masks, needs ``DIR/truth/``)
+         rows, and the ceilings (`kit.ceilings`; true cells from ``DIR/truth/`` cell masks or the
+         solution file)
 record   one row per fold on the leaderboard (`kit.leaderboard`)
+report   ``RUN/report/index.html``: one static page with the scores, per-class AP, fields and
+         cells (`kit.report`); its path is printed last
 ======== ==================================================================================
 
-Run folder: ``WORK/runs/<dataset>-<config hash>/`` (the hash of the config before tuning, so a
-rerun with the same settings finds and resumes it), holding the train outputs plus
-``combine.yaml``, ``summary.json`` (everything printed, as JSON) and ``comparison.md`` (the table).
+The timings also give the seconds the prepare pass spent decoding, segmenting, cutting tiles and
+downscaling fields (``decode``, ``segment``, ``tiles``, ``fields``: summed over its workers). Once the
+submission is written, a failure in a later stage is reported (exit 2) after the table, the JSON
+and ``summary.json`` are written with what was measured.
+
+Run folder: ``WORK/runs/<dataset>-<config hash>/`` (so a rerun with the same settings finds and
+resumes it), holding the train outputs plus ``combine.yaml``, ``summary.json`` (everything printed,
+as JSON) and ``comparison.md`` (the table).
 
 With ``--json`` the last line of stdout is one JSON object: ``run`` (run folder), ``submission``,
 ``timings`` (seconds per stage), ``image_only``, ``cell_only``, ``combined``, ``seg_ceiling``,
 ``cls_ceiling`` (test mAP of each row of the comparison table; null without test truth), plus
-``oof`` (OOF score, its kind, per fold) and ``combine`` (the chosen strategy).
+``oof`` (OOF score, its kind, per fold), ``combine`` (the chosen strategy) and ``report`` (the
+path of the HTML report, null if writing it failed).
+
+External data: ``data.train_csv=ext/train_all.csv data.extra_images=[ext/images]`` trains on the
+Kaggle train images and the images of the extra folders, labelled by that table (`kit.external`);
+each image is read from the one folder that holds it (`kit.layout.ImageFolders`).
 
 ``python -m kit demo`` = ``synth`` (into ``--out``, default ``demo/``) + ``run``, with defaults that
-finish in about 10 minutes on 2 CPU cores. ``python -m kit ceiling --run RUN_DIR`` computes the two
-ceilings (and the three prediction rows) of a finished run alone.
+finish in about 10 minutes on 2 CPU cores. ``configs/cpu.yaml`` is a CPU-sized preset for any
+dataset: ``python -m kit run --data DIR --config configs/cpu.yaml`` (a config given with --data
+names no data paths; the pipeline fills in every data path the user did not set).
 """
 from __future__ import annotations
 
 import argparse
 import hashlib
 import json
-import math
 import sys
 import time
+import traceback
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Sequence
 
-import numpy as np
-
+from kit.ceilings import TABLE_ROWS, comparison_table, fmt_score
 from kit.errors import ConfigError, DataError, KitError
-from kit.labels import NUM_CLASSES
-
-TABLE_ROWS = (
-    ("image_only", "image-only broadcast"),
-    ("cell_only", "cell-only"),
-    ("combined", "tuned combination"),
-    ("seg_ceiling", "segmentation ceiling (true labels, predicted masks)"),
-    ("cls_ceiling", "classification ceiling (predicted labels, true masks)"),
-)
 
 # The demo's defaults: sized so synth + the whole pipeline end within ~10 minutes on 2 CPU cores.
 DEMO_DEFAULTS = dict(seed=0, train=64, test=24, size=256, folds=3, epochs=4, backbone="resnet18",
@@ -86,7 +96,10 @@ class Timer:
         try:
             yield
         finally:
-            self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - t0, 2)
+            self.add(name, time.perf_counter() - t0)
+
+    def add(self, name: str, seconds: float) -> None:
+        self.seconds[name] = round(self.seconds.get(name, 0.0) + seconds, 2)
 
 
 def dataset_key(data_dir: str | Path) -> str:
@@ -102,28 +115,58 @@ def dataset_key(data_dir: str | Path) -> str:
 def build_config(data_dir: Path, work: Path, config: str | Path | None, overrides: Sequence[str],
                  n_splits: int, fold_seed: int):
     """The run's config: the user's file and overrides, with the pipeline's data paths filled in
-    wherever the user left the defaults."""
-    from kit.config import DataConfig, config_hash, load_config
+    wherever the user set none (a value the user gave is kept, even one equal to the default)."""
+    from kit.config import config_hash, load_config
 
-    cfg = load_config(config, list(overrides))
-    defaults = DataConfig()
+    explicit: set[str] = set()
+    cfg = load_config(config, list(overrides), explicit=explicit)
     key = dataset_key(data_dir)
     cache = work / "cache" / key
     d = cfg.data
-    if d.data_dir == defaults.data_dir:
+    if "data.data_dir" not in explicit:
         d.data_dir = str(data_dir)
     elif Path(d.data_dir).resolve() != data_dir.resolve():
         raise ConfigError(f"--data {data_dir} and the config's data.data_dir {d.data_dir} differ: give one")
-    if d.mask_cache == defaults.mask_cache:
-        d.mask_cache = str(cache / "masks")
-    if d.field_cache == defaults.field_cache:
-        d.field_cache = str(cache / "fields")
-    if not d.folds_file:
-        d.folds_file = str(work / "folds" / f"{key}-k{n_splits}-s{fold_seed}.csv")
-    tiles_root = cache / "tiles" if d.tile_cache == defaults.tile_cache else Path(d.tile_cache)
+    defaults = {"mask_cache": cache / "masks", "tile_cache": cache / "tiles", "field_cache": cache / "fields",
+                "folds_file": work / "folds" / f"{key}-k{n_splits}-s{fold_seed}.csv"}
+    for name, value in defaults.items():
+        if f"data.{name}" not in explicit:
+            setattr(d, name, str(value))
     if not cfg.run_dir:
         cfg.run_dir = str(work / "runs" / f"{Path(d.data_dir).resolve().name}-{config_hash(cfg)[:8]}")
-    return cfg, tiles_root
+    return cfg
+
+
+def check_run(cfg, n_splits: int, n_labels: int) -> None:
+    """Every setting a run needs, checked before its first stage: ConfigError naming the first bad one."""
+    from kit.device import resolve_device
+    from kit.models import build_from_config
+    from kit.segment.cache import MaskCache
+
+    if n_splits < 2:
+        raise ConfigError(f"--folds must be at least 2 (the number of cross-validation folds), got {n_splits}")
+    if n_labels < n_splits:
+        raise ConfigError(f"{cfg.data.labels_path}: {n_labels} images cannot make {n_splits} folds")
+    if cfg.train.folds != "all":
+        bad = sorted(f for f in cfg.train.folds if not 0 <= f < n_splits)
+        if bad:
+            raise ConfigError(f"config key train.folds: fold(s) {', '.join(map(str, bad))} do not exist with "
+                              f"{n_splits} folds (folds are 0..{n_splits - 1}; set --folds or train.folds)")
+    for kind in ("cell", "image"):
+        m = cfg.model(kind)
+        try:
+            build_from_config(m, pretrained=False)
+        except ConfigError as exc:
+            raise ConfigError(f"config key {kind}_model.backbone: {exc}") from None
+        if m.pretrained and not Path(m.pretrained).is_file():
+            raise ConfigError(f"config key {kind}_model.pretrained: weights file not found: {m.pretrained}")
+    masks = MaskCache(cfg.data.mask_cache, cfg.data.segment_backend)
+    from kit.segment import get_backend
+
+    check = getattr(get_backend(masks.backend), "check", None)
+    if check is not None:
+        check(masks.params)
+    resolve_device(cfg.train.device)
 
 
 # --------------------------------------------------------------------------------------------
@@ -131,6 +174,8 @@ def build_config(data_dir: Path, work: Path, config: str | Path | None, override
 
 
 def stage_folds(cfg, n_splits: int, seed: int) -> Path:
+    import pandas as pd
+
     from kit import folds as kfolds
     from kit.labels import read_labels_csv
 
@@ -144,150 +189,20 @@ def stage_folds(cfg, n_splits: int, seed: int) -> Path:
         except KitError as exc:
             _log(f"folds: {path} is stale ({exc}); rebuilding")
     labels = read_labels_csv(labels_path)
-    if len(labels) < n_splits:
-        raise ConfigError(f"{labels_path}: {len(labels)} images cannot make {n_splits} folds")
-    folds = kfolds.make_folds(labels, n_splits, seed)
-    report = kfolds.fold_report(labels, folds)
+    # a labels table with a group column (`kit external table`: antibodies, duplicates) keeps groups together
+    groups = desc = None
+    if "group" in pd.read_csv(labels_path, nrows=0).columns:
+        groups, desc, _ = kfolds.read_groups(labels, "group", labels_path)
+    folds = kfolds.make_folds(labels, n_splits, seed, groups=groups)
+    report = kfolds.fold_report(labels, folds, groups)
     kfolds.save_folds(path, labels["ID"].tolist(), folds, labels_path, report, n_splits=n_splits, seed=seed,
-                      labels_df=labels)
+                      groups=desc, labels_df=labels)
     _log(f"folds: wrote {path}")
     return path
 
 
-def stage_segment(cfg, split_ids: dict[str, list[str]], workers: int):
-    from kit.segment.cache import MaskCache, segment_folder
-
-    cache = MaskCache(cfg.data.mask_cache, cfg.data.segment_backend)
-    for split, ids in split_ids.items():
-        if ids:
-            segment_folder(Path(cfg.data.data_dir) / split, ids, cache, workers=workers)
-    return cache
-
-
-def stage_tiles(cfg, cache, tiles_root: Path, train_ids: list[str], workers: int) -> Path:
-    from kit.cells import build_tile_cache
-
-    tile_dir = build_tile_cache(cfg.data.images_dir, train_ids, cache, tiles_root, cfg.data.tile_size,
-                                mask_others=True, workers=workers)
-    cfg.data.tile_cache = str(tile_dir)
-    return tile_dir
-
-
-def _adopt_tuned_predict_section(cfg) -> None:
-    """tune-combine writes predict.combine into the run's config.yaml; carry it over so that
-    train's resume check (config hash) sees the same config on a rerun."""
-    from kit.config import load_config
-
-    path = Path(cfg.run_dir) / "config.yaml"
-    if path.is_file():
-        old = load_config(path)
-        cfg.predict.combine = old.predict.combine
-        cfg.predict.combine_weight = old.predict.combine_weight
-
-
-# --------------------------------------------------------------------------------------------
-# evaluation on a test set with truth
-
-
-def seg_ceiling_predictions(results: dict, solution: dict) -> dict:
-    """True labels on predicted masks: each predicted cell gets confidence 1 for the labels of the
-    true cell it matches at IoU >= 0.6 and 0 for every other class (unmatched cells: all 0)."""
-    from kit.combine import match_cells, truth_from_solution
-    from kit.rle import decode_to_crop
-    from kit.submission import ImagePrediction
-
-    preds = {}
-    for image_id, r in results.items():
-        if image_id not in solution:
-            continue
-        true_labels, classes = truth_from_solution(solution[image_id])
-        pred_labels = np.zeros((r.height, r.width), np.int32)
-        for k, text in zip(r.cell_ids, r.masks):
-            y0, x0, crop = decode_to_crop(str(text), r.height, r.width)
-            if crop.size:
-                region = pred_labels[y0:y0 + crop.shape[0], x0:x0 + crop.shape[1]]
-                region[crop.astype(bool)] = int(k)
-        match = match_cells(pred_labels, true_labels)
-        triples = []
-        for k, text in zip(r.cell_ids, r.masks):
-            labels = set(classes.get(match.get(int(k), 0), []))
-            triples.extend((c, 1.0 if c in labels else 0.0, str(text)) for c in range(NUM_CLASSES))
-        preds[image_id] = ImagePrediction(r.width, r.height, triples)
-    return preds
-
-
-def _truth_mask_source(cfg, images_dir: Path, data_dir: Path, solution: dict | None):
-    """Masks for the classification ceiling: truth/<ID>_{cell,nuclei}_mask.png, else the solution's."""
-    from kit.predict import MaskSource
-
-    truth_dir = data_dir / "truth"
-    src = MaskSource(cfg, images_dir, truth_dir=truth_dir)
-    if truth_dir.is_dir() or solution is None:
-        return src
-
-    def load(image_id, image):  # no truth folder: masks decoded from the solution rows
-        from kit.cells import cell_table
-        from kit.combine import truth_from_solution
-
-        cells, _ = truth_from_solution(solution[image_id])
-        return cells, cells, cell_table(cells, cells)
-
-    src.truth_dir = data_dir / "test_solution.csv"  # keys the prediction cache
-    src.load = load
-    return src
-
-
-def evaluate_test(predictor, cfg, spec, results: dict, data_dir: Path, test_ids: list[str], timer: Timer,
-                  ceilings: bool = True) -> dict:
-    """mAP of image-only, cell-only, the tuned combination and the two ceilings on the test set."""
-    from kit.combine import CELL_ONLY, IMAGE_ONLY
-    from kit.metric import evaluate_predictions
-    from kit.predict import build_predictions
-    from kit.submission import read_submission
-
-    solution = read_submission(data_dir / "test_solution.csv")
-    ids = [i for i in test_ids if i in solution]
-    scores: dict[str, float | None] = {}
-    with timer.stage("evaluate"):
-        for key, s in (("image_only", IMAGE_ONLY), ("cell_only", CELL_ONLY), ("combined", spec)):
-            scores[key] = evaluate_predictions(solution, build_predictions(results, s), image_ids=ids)["mAP"]
-    if not ceilings:
-        return scores
-    with timer.stage("ceilings"):
-        scores["seg_ceiling"] = evaluate_predictions(solution, seg_ceiling_predictions(results, solution),
-                                                     image_ids=ids)["mAP"]
-        test_dir = data_dir / "test"
-        truth_masks = _truth_mask_source(cfg, test_dir, data_dir, solution)
-        true_results = predictor.predict_folder(test_dir, ids, truth_masks)
-        scores["cls_ceiling"] = evaluate_predictions(solution, build_predictions(true_results, spec),
-                                                     image_ids=ids)["mAP"]
-    return scores
-
-
 # --------------------------------------------------------------------------------------------
 # report
-
-
-def _fmt(x: float | None) -> str:
-    return "   n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.4f}"
-
-
-def comparison_table(test: dict, oof: dict | None, combine_name: str) -> str:
-    """Markdown table of the comparison rows (test mAP, and the OOF score where it exists)."""
-    if not oof:
-        lines = ["| row | test mAP |", "|---|---:|"]
-    else:
-        kind = "OOF cell mAP" if oof.get("score_kind") == "cell_mAP" else "OOF image proxy"
-        lines = [f"| row | test mAP | {kind} |", "|---|---:|---:|"]
-    oof_rows = {"image_only": "image_only", "cell_only": "cell_only", "combined": "overall"}
-    for key, label in TABLE_ROWS:
-        if key == "combined":
-            label = f"{label}: {combine_name}"
-        row = f"| {label} | {_fmt(test.get(key))} |"
-        if oof:
-            row += f" {_fmt(oof.get(oof_rows[key])) if key in oof_rows else ''} |"
-        lines.append(row)
-    return "\n".join(lines)
 
 
 def _margin_note(test: dict) -> str | None:
@@ -306,71 +221,102 @@ def run_pipeline(data_dir: str | Path, *, config: str | Path | None = None, over
                  work: str | Path = ".", submission: str | Path = "submission/submission.csv",
                  n_splits: int = 5, fold_seed: int = 42, workers: int = 2, ceilings: bool = True,
                  leaderboard: str | Path | None = None, notes: str = "", timer: Timer | None = None) -> dict:
-    """Every stage on one dataset (see the module doc); returns the summary dict."""
+    """Every stage on one dataset (see the module doc); returns the summary dict.
+
+    ``summary["errors"]`` lists the failures of stages after the submission was written (their
+    rows are then None); everything before the submission raises as usual.
+    """
     from kit.combine import format_tune_result, read_combine_spec, tune_run
     from kit.config import config_hash
-    from kit.dataset import DatasetIndex
-    from kit.predict import MaskSource, Predictor, build_predictions, write_and_validate
+    from kit.layout import DatasetIndex
+    from kit.manifest import resolve_inputs
+    from kit.masks import truth_masks
+    from kit.predict import Predictor, build_predictions, write_and_validate
+    from kit.prepare import prepare_run
 
     data_dir, work = Path(data_dir), Path(work)
     if not data_dir.is_dir():
         raise DataError(f"data folder not found: {data_dir}")
     timer = timer or Timer()
     t_start = time.perf_counter()
-    index = DatasetIndex.open(data_dir)
-    if not index.train_csv.is_file():
-        raise DataError(f"{index.train_csv} not found: --data must be a dataset in the Kaggle layout")
-    cfg, tiles_root = build_config(data_dir, work, config, overrides, n_splits, fold_seed)
+    cfg = build_config(data_dir, work, config, overrides, n_splits, fold_seed)
+    # train images may also live in data.extra_images (external data), labelled by data.train_csv
+    index = DatasetIndex.open(data_dir, extra_train_dirs=cfg.data.extra_images)
+    if not cfg.data.labels_path.is_file():
+        raise DataError(f"{cfg.data.labels_path} not found: --data must be a dataset in the Kaggle layout"
+                        + (" (data.train_csv names the labels file)" if cfg.data.train_csv else ""))
+    from kit.labels import read_labels_csv
+
+    train_ids = read_labels_csv(cfg.data.labels_path)["ID"].tolist()
+    check_run(cfg, n_splits, len(train_ids))
     run_dir = Path(cfg.run_dir)
-    train_ids = list(index.train_ids)
     sample = data_dir / "sample_submission.csv"
     test_ids, sizes = _test_ids(data_dir)
+    test_dir = data_dir / "test"
+    solution_path = data_dir / "test_solution.csv"
+    truth = truth_masks(data_dir) if ceilings and solution_path.is_file() else None
     _log(f"run folder: {run_dir}  ({len(train_ids)} train, {len(test_ids)} test images)")
+    _print_estimate(cfg, test_ids, sizes, test_dir, n_splits)
 
     with timer.stage("folds"):
         stage_folds(cfg, n_splits, fold_seed)
-    with timer.stage("segment"):
-        cache = stage_segment(cfg, {"train": train_ids, "test": test_ids}, workers)
-    with timer.stage("tiles"):
-        stage_tiles(cfg, cache, tiles_root, train_ids, workers)
-    with timer.stage("fields"):
-        from kit.datasets import build_field_cache
-
-        build_field_cache(cfg.data, train_ids, workers=workers)
+    inputs = resolve_inputs(cfg)
+    with timer.stage("prepare"):
+        report = prepare_run(inputs, train_ids, workers=workers)
+    for part in ("decode", "segment", "tiles", "fields"):
+        timer.add(part, report.seconds.get(part, 0.0))
     with timer.stage("train"):
         from kit.train import train_all
 
-        _adopt_tuned_predict_section(cfg)
-        train_metrics = train_all(cfg, kinds=("cell", "image"), folds="all", resume=True)
+        train_metrics = train_all(cfg, kinds=("cell", "image"), resume=True, prepare=False)
     with timer.stage("tune"):
         tuned = tune_run(run_dir)
         spec = read_combine_spec(run_dir)
         _log(_indent(format_tune_result(tuned)))
+    truth_failures: dict = {}  # the ceilings' true cells are optional: their failures are reported
     with timer.stage("predict"):
-        from kit.config import load_config
-
-        cfg = load_config(run_dir / "config.yaml")
-        predictor = Predictor(run_dir, cfg)
-        test_dir = data_dir / "test"
-        results = predictor.predict_folder(test_dir, test_ids, MaskSource(cfg, test_dir, workers=workers))
+        predictor = Predictor(run_dir)
+        sources = [predictor.run_masks(test_dir)] + ([truth] if truth is not None else [])
+        results, *truth_results = predictor.predict_sources(test_dir, test_ids, sources, workers=workers,
+                                                            failures=truth_failures)
         lost = [i for i in test_ids if i not in results]
         if lost:
             raise DataError(f"no prediction for {len(lost)} test image(s), e.g. {lost[0]}")
         preds = build_predictions(results, spec)
-        sub_path = write_and_validate(submission, preds, test_ids, sizes,
-                                      sample=sample if sample.is_file() else None, images=test_dir)
+        sub_path = write_and_validate(submission, preds, test_ids, sizes, sample=sample if sample.is_file() else None,
+                                      image_sizes={i: (r.width, r.height) for i, r in results.items()})
+
+    # The submission is written: from here on a failure must not lose what was measured.
+    errors: list[str] = []
     test_scores: dict = {key: None for key, _ in TABLE_ROWS}
-    has_truth = (data_dir / "test_solution.csv").is_file()
+    has_truth = solution_path.is_file()
+    notes_out = list(tuned.get("notes", [])) + ([] if has_truth else [f"{solution_path} absent: no test mAP"])
+    for key, failed in truth_failures.items():
+        shown = "; ".join(f"{i}: {m}" for i, m in failed[:3])
+        errors.append(f"classification ceiling skipped: true cells unavailable for {len(failed)} image(s) "
+                      f"({key}): {shown}"[:600])
     if has_truth:
-        test_scores.update(evaluate_test(predictor, cfg, spec, results, data_dir, test_ids, timer, ceilings))
+        try:
+            from kit.ceilings import score_rows
+            from kit.submission import read_submission
+
+            usable = truth_results[0] if truth_results and not truth_failures else None
+            score_rows(read_submission(solution_path), results, spec, test_ids, usable, timer, ceilings=ceilings,
+                       out=test_scores)
+        except Exception as exc:  # noqa: BLE001 - reported below, after the summary is saved
+            errors.append(_failure("evaluate", exc))
     oof = dict(tuned["oof"])
     oof["image_only"] = tuned["baselines"]["image_only"]
     oof["cell_only"] = tuned["baselines"]["cell_only"]
     table = comparison_table(test_scores, oof, spec.name)
     from kit.atomic import atomic_open
 
+    lb_path = None
     with timer.stage("record"):
-        lb_path = _record(leaderboard, run_dir, cfg, spec, tuned, test_scores, timer, notes, data_dir)
+        try:
+            lb_path = _record(leaderboard, run_dir, cfg, spec, tuned, test_scores, timer, notes, data_dir)
+        except Exception as exc:  # noqa: BLE001
+            errors.append(_failure("record", exc))
     timings = dict(timer.seconds)
     timings["total"] = round(time.perf_counter() - t_start + timings.get("synth", 0.0), 2)
     summary = {
@@ -383,8 +329,8 @@ def run_pipeline(data_dir: str | Path, *, config: str | Path | None = None, over
                 "image_only": oof["image_only"], "cell_only": oof["cell_only"],
                 "image_oof_macro_ap": tuned.get("image_oof_macro_ap")},
         "train": train_metrics,
-        "notes": list(tuned.get("notes", [])) + ([] if has_truth else
-                                                 [f"{data_dir / 'test_solution.csv'} absent: no test mAP"]),
+        "notes": notes_out,
+        "errors": errors,
         "leaderboard": str(lb_path) if lb_path else None,
         "config_hash": config_hash(cfg),
     }
@@ -397,22 +343,59 @@ def run_pipeline(data_dir: str | Path, *, config: str | Path | None = None, over
             f.write(f"\n{margin}\n")
     with atomic_open(run_dir / "summary.json", "w") as f:
         json.dump(summary, f, indent=2, default=str)
+    summary["report"] = _report(run_dir, timer, workers, errors)
+    summary["timings"]["report"] = timer.seconds["report"]
+    summary["timings"]["total"] = round(timings["total"] + timer.seconds["report"], 2)
+    with atomic_open(run_dir / "summary.json", "w") as f:  # again, with the report's time (or failure)
+        json.dump(summary, f, indent=2, default=str)
     summary["table"] = table
-    summary["written"] = _written(cfg, run_dir, sub_path, lb_path)
+    summary["written"] = _written(inputs, run_dir, sub_path, lb_path) | {
+        "report": summary["report"] or "(failed: see the errors)"}
     return summary
+
+
+def _report(run_dir: Path, timer: Timer, workers: int, errors: list[str]) -> str | None:
+    """Write the run's HTML report (`kit.report`), last; a failure joins `errors` (exit 2), the
+    finished run and its summary stay."""
+    from kit.report import write_report
+
+    with timer.stage("report"):
+        try:
+            return str(write_report(run_dir, workers=workers))
+        except Exception as exc:  # noqa: BLE001 - reported with the other late failures
+            errors.append(_failure("report", exc))
+            return None
+
+
+def _failure(stage: str, exc: Exception) -> str:
+    """One line for a stage that failed after the submission was written (bugs keep their traceback)."""
+    if not isinstance(exc, KitError):
+        traceback.print_exc(file=sys.stderr)
+    return f"{stage} failed after the submission was written: {str(exc)[:300]}"
 
 
 def _indent(text: str) -> str:
     return "\n".join("  " + line for line in text.splitlines())
 
 
+def _print_estimate(cfg, test_ids: list[str], sizes: dict | None, test_dir: Path, n_folds: int) -> None:
+    """Before the long work: how long predicting the test set will take (`kit.runtime`, measured figures)."""
+    from kit import runtime
+    from kit.images import image_size
+
+    sizes = sizes or {i: image_size(test_dir, i) for i in test_ids if (test_dir / f"{i}_red.png").exists()}
+    est = runtime.config_estimate(cfg, runtime.size_mix(sizes=sizes), n_folds=n_folds, tta=cfg.predict.tta)
+    for line in (est.lines() if est else []):
+        _log(line)
+
+
 def _test_ids(data_dir: Path) -> tuple[list[str], dict | None]:
     """Test IDs and sizes from sample_submission.csv, else the IDs in test/ (sizes None)."""
-    from kit.predict import list_image_ids, read_ids_sizes
+    from kit.layout import list_image_ids, read_sample_submission
 
     sample = data_dir / "sample_submission.csv"
     if sample.is_file():
-        return read_ids_sizes(sample)
+        return read_sample_submission(sample)
     return list_image_ids(data_dir / "test"), None
 
 
@@ -441,17 +424,18 @@ def _record(path, run_dir: Path, cfg, spec, tuned: dict, test_scores: dict, time
     return Path(lb.path)
 
 
-def _written(cfg, run_dir: Path, sub_path: Path, lb_path: Path | None) -> dict:
+def _written(inputs, run_dir: Path, sub_path: Path, lb_path: Path | None) -> dict:
     return {
         "submission": str(sub_path),
         "run folder": str(run_dir),
         "comparison table": str(run_dir / "comparison.md"),
         "summary": str(run_dir / "summary.json"),
         "combination": str(run_dir / "combine.yaml"),
-        "folds": str(cfg.data.folds_file),
-        "mask cache": str(Path(cfg.data.mask_cache)),
-        "tile cache": str(cfg.data.tile_cache),
-        "field cache": str(cfg.data.field_cache),
+        "manifest": str(run_dir / "manifest.json"),
+        "folds": inputs.folds_file,
+        "mask cache": inputs.mask_cache,
+        "tile cache": inputs.tile_dir,
+        "field cache": inputs.field_dir,
         "leaderboard": str(lb_path) if lb_path else "(not recorded)",
     }
 
@@ -461,21 +445,25 @@ def print_summary(summary: dict, as_json: bool) -> None:
     print("stage timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in t.items()))
     oof = summary["oof"]
     if oof["score_kind"] == "cell_mAP":
-        folds = ", ".join(f"fold {k} {_fmt(v)}" for k, v in (oof.get("per_fold") or {}).items())
-        print(f"OOF cell mAP (concatenated OOF): {_fmt(oof['overall'])}  ({folds})")
+        folds = ", ".join(f"fold {k} {fmt_score(v)}" for k, v in (oof.get("per_fold") or {}).items())
+        print(f"OOF cell mAP (concatenated OOF): {fmt_score(oof['overall'])}  ({folds})")
     else:
-        print(f"OOF image-level macro AP (proxy): {_fmt(oof['overall'])}; cell-level mAP is unavailable "
+        print(f"OOF image-level macro AP (proxy): {fmt_score(oof['overall'])}; cell-level mAP is unavailable "
               "(no per-cell truth for this data)")
     print()
     print(summary["table"])
     for note in summary.get("notes", []):
         print(f"note: {note}")
+    for error in summary.get("errors", []):
+        print(f"error: {error}", file=sys.stderr)
     print("\nwritten:")
     for k, v in summary["written"].items():
         print(f"  {k:<17} {v}")
+    if summary.get("report"):
+        print(f"\nreport: {summary['report']}")
     if as_json:
         keys = ("run", "submission", "timings", "image_only", "cell_only", "combined", "seg_ceiling", "cls_ceiling",
-                "oof", "combine")
+                "oof", "combine", "errors", "report")
         print(json.dumps({k: summary.get(k) for k in keys}, default=str))
 
 
@@ -488,8 +476,8 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--work", type=Path, help="folder for cache/, folds/ and runs/ (default: the current folder)")
     parser.add_argument("--submission", type=Path, default=Path("submission/submission.csv"),
                         help="where to write the submission (default submission/submission.csv)")
-    parser.add_argument("--folds", type=int, help="number of folds (default: run 5, demo 3)")
-    parser.add_argument("--workers", type=int, default=2, help="worker processes for segmentation, tiles, fields (default 2)")
+    parser.add_argument("--folds", type=int, help="number of cross-validation folds, at least 2 (default: run 5, demo 3)")
+    parser.add_argument("--workers", type=int, default=2, help="processes that decode images (masks, tiles, fields) (default 2)")
     parser.add_argument("--leaderboard", type=Path, help="leaderboard database (default leaderboard.sqlite or $KIT_LEADERBOARD)")
     parser.add_argument("--no-ceilings", action="store_true", help="skip the segmentation/classification ceilings")
     parser.add_argument("--notes", default="", help="free text stored with the run on the leaderboard")
@@ -503,14 +491,21 @@ def configure_run(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(func=_run_run)
 
 
+def _check_workers(workers: int) -> int:
+    if workers < 1:
+        raise ConfigError(f"--workers must be at least 1, got {workers}")
+    return workers
+
+
 def _run_run(args) -> int:
     summary = run_pipeline(
         args.data, config=args.config, overrides=args.overrides, work=args.work or Path("."),
-        submission=args.submission, n_splits=args.folds or 5, workers=args.workers,
-        ceilings=not args.no_ceilings, leaderboard=args.leaderboard, notes=args.notes,
+        submission=args.submission, n_splits=5 if args.folds is None else args.folds,
+        workers=_check_workers(args.workers), ceilings=not args.no_ceilings, leaderboard=args.leaderboard,
+        notes=args.notes,
     )
     print_summary(summary, args.json)
-    return 0
+    return 2 if summary.get("errors") else 0
 
 
 def configure_demo(parser: argparse.ArgumentParser) -> None:
@@ -564,67 +559,13 @@ def demo(out: Path = Path("demo"), *, seed: int = DEMO_DEFAULTS["seed"], n_train
 def _run_demo(args) -> int:
     summary = demo(
         args.out, seed=args.seed, n_train=args.train, n_test=args.test, size=args.size,
-        n_splits=args.folds or DEMO_DEFAULTS["folds"], epochs=args.epochs, backbone=args.backbone,
-        tile_size=args.tile_size, field_size=args.field_size, workers=args.workers, overrides=args.overrides,
+        n_splits=DEMO_DEFAULTS["folds"] if args.folds is None else args.folds, epochs=args.epochs,
+        backbone=args.backbone, tile_size=args.tile_size, field_size=args.field_size,
+        workers=_check_workers(args.workers), overrides=args.overrides,
         config=args.config, submission=args.submission, ceilings=not args.no_ceilings,
         leaderboard=args.leaderboard, notes=args.notes,
     )
     if args.work:
         _log("note: demo keeps caches and runs under --out; --work is ignored")
     print_summary(summary, args.json)
-    return 0
-
-
-def ceiling(run_dir: str | Path, data_dir: str | Path | None = None, workers: int = 1) -> dict:
-    """The comparison rows of a finished run on its dataset's test set (needs test_solution.csv)."""
-    from kit.combine import read_combine_spec
-    from kit.config import load_config
-    from kit.predict import MaskSource, Predictor
-
-    run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").is_file():
-        raise KitError(f"{run_dir / 'config.yaml'} not found: is {run_dir} a run folder?")
-    cfg = load_config(run_dir / "config.yaml")
-    data_dir = Path(data_dir or cfg.data.data_dir)
-    if not (data_dir / "test_solution.csv").is_file():
-        raise DataError(f"{data_dir / 'test_solution.csv'} not found: the ceilings need per-cell truth "
-                        "(synthetic data, or your own annotated cells in the submission format)")
-    test_dir = data_dir / "test"
-    test_ids, _ = _test_ids(data_dir)
-    spec = read_combine_spec(run_dir, cfg)
-    predictor = Predictor(run_dir, cfg)
-    timer = Timer()
-    with timer.stage("predict"):
-        results = predictor.predict_folder(test_dir, test_ids, MaskSource(cfg, test_dir, workers=workers))
-    scores = evaluate_test(predictor, cfg, spec, results, data_dir, test_ids, timer, ceilings=True)
-    scores["timings"] = timer.seconds
-    scores["combine"] = spec.name
-    from kit.atomic import atomic_open
-
-    with atomic_open(run_dir / "ceiling.json", "w") as f:
-        json.dump(scores, f, indent=2)
-    return scores
-
-
-def configure_ceiling(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--run", required=True, type=Path, help="run folder")
-    parser.add_argument("--data", type=Path, help="dataset with test/ and test_solution.csv (default: the run's data.data_dir)")
-    parser.add_argument("--workers", type=int, default=1, help="segmentation workers (default 1)")
-    parser.add_argument("--json", action="store_true", help="print the result as JSON")
-    parser.set_defaults(func=_run_ceiling)
-
-
-def _run_ceiling(args) -> int:
-    scores = ceiling(args.run, args.data, args.workers)
-    if args.json:
-        print(json.dumps(scores))
-        return 0
-    print(comparison_table(scores, None, scores["combine"]))
-    seg, cls, comb = scores.get("seg_ceiling"), scores.get("cls_ceiling"), scores.get("combined")
-    if None not in (seg, cls, comb):
-        gap_labels, gap_masks = seg - comb, cls - comb
-        which = "classification" if gap_labels > gap_masks else "segmentation"
-        print(f"\nperfect labels on these masks would add {gap_labels:+.4f} mAP, perfect masks with these "
-              f"classifiers {gap_masks:+.4f}: improve the {which} first")
-    print(f"wrote {Path(args.run) / 'ceiling.json'}")
-    return 0
+    return 2 if summary.get("errors") else 0

@@ -1,16 +1,19 @@
 """Fold-ensemble inference: a folder of images -> ``submission/submission.csv``.
 
 ``python -m kit predict --run RUN_DIR --images DIR [--out submission/submission.csv]
-[--ids-from sample_submission.csv]``
+[--ids-from sample_submission.csv] [--folds 0,1] [--mask-cache DIR]``
 
-For every image, one at a time (memory stays bounded for 3072 px fields: one image in the model,
-on CUDA one more being read ahead by a thread, tiles in batches):
+The run's inputs come from its manifest (`kit.manifest.read_manifest`): its folds (every one must
+have its checkpoints, unless ``--folds`` names the ones to use), the segmentation backend and
+options its cells were cut with, the tile and field sizes. Each image is decoded once
+(`kit.prepare.prepare_image`, in ``--workers`` processes, a bounded number of images ahead):
 
-1. cells from the mask cache (segmented first, in parallel, when missing);
+1. cells from each mask source (`kit.masks`): the run's segmentation, from the mask cache
+   (segmented and stored when missing or stale), and, for the classification ceiling, true masks;
 2. cell tiles (`kit.cells.extract_tiles`, the run's tile size) -> each fold's cell model ->
    probabilities averaged over folds and the optional flip TTA;
-3. the downscaled field (`kit.datasets.make_field`, the run's field size) -> each fold's image
-   model -> image probabilities, averaged the same way;
+3. the downscaled field (`kit.fields.downscale_field`, the run's field size) -> each fold's image
+   model -> image probabilities, averaged the same way (once per image, whatever the sources);
 4. every cell mask RLE-encoded in one pass (`kit.rle.encode_label_image`).
 
 Per-image results are cached as ``RUN_DIR/predict/<key>/<ID>.npz`` (written atomically)::
@@ -22,25 +25,26 @@ Per-image results are cached as ``RUN_DIR/predict/<key>/<ID>.npz`` (written atom
     masks        str     (N,)       the competition mask strings
     size         int64   (2,)       width, height
 
-``<key>`` hashes the images folder, the checkpoints (name, size, mtime), TTA, tile and field
-size and the mask source, so a killed predict resumes where it stopped and gives the same file,
-and retraining never reuses stale probabilities. Only then are the scores combined (the run's
-tuned strategy from ``RUN_DIR/combine.yaml``; the rank blend needs every cell at once) and the
-submission written atomically and validated. One triple per (cell, class) for all 19 classes
-(allowed by the competition; it maximises mAP because a missing triple can only lose recall);
-``--min-confidence`` drops the lowest ones to make the file smaller.
+``<key>`` (`kit.cachekey.cache_key`, `PREDICT_CACHE_VERSION`) covers the images folder, the
+checkpoints (name, size, mtime), TTA, tile and field size and the mask source, so a killed
+predict resumes where it stopped and gives the same file, and retraining never reuses stale
+probabilities. Only then are the scores combined (the run's tuned strategy from
+``RUN_DIR/combine.yaml``; the rank blend needs every cell at once), and the submission is written
+to a temporary file, validated there, and only then renamed over the output (a rejected file never
+replaces the previous good one). One triple per (cell, class) for all 19 classes (allowed by the
+competition; it maximises mAP because a missing triple can only lose recall); ``--min-confidence``
+drops the lowest ones to make the file smaller.
 """
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -49,7 +53,8 @@ from kit.combine import CombineSpec, combine, read_combine_spec, visible_fractio
 from kit.errors import ConfigError, DataError, KitError
 from kit.labels import NUM_CLASSES
 
-PREDICT_CACHE_VERSION = 1
+PREDICT_CACHE_VERSION = 2  # 2: kit.cachekey folder key
+KINDS = ("cell", "image")
 
 
 @dataclass
@@ -90,205 +95,195 @@ class ImageResult:
 # the fold ensemble
 
 
-def resolve_device(name: str = "auto"):
-    import torch
-
-    if name in ("auto", "", None):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        return torch.device(name)
-    except RuntimeError as exc:
-        raise ConfigError(f"bad device {name!r}: {exc}") from None
-
-
-def dihedral(x, k: int):
-    """Transform k (0..7) of the dihedral group on the last two axes: bit 4 transpose, 1 h-flip, 2 v-flip."""
-    if k & 4:
-        x = x.transpose(-1, -2)
-    if k & 1:
-        x = x.flip(-1)
-    if k & 2:
-        x = x.flip(-2)
-    return x
+def checkpoint_path(run_dir: str | Path, kind: str, fold: int, which: str = "best") -> Path:
+    return Path(run_dir) / kind / f"fold{int(fold)}" / f"{which}.pt"
 
 
 class FoldEnsemble:
-    """The fold models of one kind of a run; `predict` averages probabilities over folds and TTA."""
+    """The fold models of one kind of a run; `predict` averages probabilities over folds and TTA.
+
+    The folds and the TTA copies run as one batch on the path `kit.throughput` measured fastest on
+    this machine for this model (`engine` "auto", probed once on `side` px inputs and cached; or a
+    named engine): see `kit.inference.EnsembleRunner`. `onnx_path` caches the exported ensemble.
+    """
 
     def __init__(self, run_dir: str | Path, kind: str, device="cpu", which: str = "best", tta: int = 1,
-                 batch_size: int = 64, activation: str = "sigmoid"):
+                 batch_size: int = 64, activation: str = "sigmoid", folds: Sequence[int] | None = None,
+                 side: int | None = None, engine: str = "auto", onnx_path: str | Path | None = None, log=None):
         import torch
 
-        from kit.models import load_fold_models
+        from kit.models import load_checkpoint, load_fold_models, model_from_checkpoint
 
         if tta not in (1, 2, 4, 8):
             raise ConfigError(f"tta must be 1, 2, 4 or 8, got {tta}")
         self.device = torch.device(device) if not isinstance(device, torch.device) else device
-        self.models = load_fold_models(run_dir, kind, self.device, which)
-        # channels_last: ~1.6x faster convolutions on this CPU (FACTS.md), no harm on CUDA
-        self.models = [m.to(memory_format=torch.channels_last) for m in self.models]
+        if folds is None:  # every fold checkpoint there is
+            self.models = load_fold_models(run_dir, kind, self.device, which)
+        else:
+            self.models = [model_from_checkpoint(load_checkpoint(checkpoint_path(run_dir, kind, f, which)), kind)
+                           .to(self.device).eval() for f in folds]
         self.tta = tta
         self.batch_size = max(1, int(batch_size))
         self.activation = activation
+        self.side, self.engine, self.onnx_path, self.log = side, engine, onnx_path, log
+        self._runner = None
+
+    def runner_for(self, side: int | None = None):
+        """The `kit.inference.EnsembleRunner` for `side` px inputs (built, and its path probed, on first
+        use; the constructor's `side` unless given)."""
+        if self._runner is None:
+            from kit.inference import EnsembleRunner
+
+            side = int(side or self.side or 64)
+            example = np.random.default_rng(0).integers(0, 256, (self.batch_size, 4, side, side), dtype=np.uint8)
+            self._runner = EnsembleRunner(self.models, self.device, tta=self.tta, activation=self.activation,
+                                          example=example, batch_size=self.batch_size, engine=self.engine,
+                                          onnx_path=self.onnx_path, log=self.log)
+        return self._runner
+
+    @property
+    def tiles_per_call(self) -> int:
+        return self.runner_for().tiles_per_call
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
         """uint8 N x 4 x S x S -> float32 N x 19 mean probabilities."""
-        import torch
-
-        from kit.models import preprocess
-
-        n = len(batch)
-        out = np.zeros((n, NUM_CLASSES), np.float32)
-        if n == 0:
-            return out
-        use_amp = self.device.type == "cuda"
-        with torch.inference_mode():
-            for start in range(0, n, self.batch_size):
-                chunk = torch.from_numpy(np.ascontiguousarray(batch[start:start + self.batch_size]))
-                x = preprocess(chunk.to(self.device, non_blocking=True))
-                acc = torch.zeros((len(chunk), NUM_CLASSES), dtype=torch.float32, device=self.device)
-                for k in range(self.tta):
-                    xk = dihedral(x, k).contiguous(memory_format=torch.channels_last)
-                    with torch.autocast(self.device.type, enabled=use_amp):
-                        for model in self.models:
-                            logits = model(xk).float()
-                            acc += torch.softmax(logits, 1) if self.activation == "softmax" else torch.sigmoid(logits)
-                out[start:start + len(chunk)] = (acc / (self.tta * len(self.models))).cpu().numpy()
-        return out
+        if len(batch) == 0:
+            return np.zeros((0, NUM_CLASSES), np.float32)
+        return self.runner_for(batch.shape[-1]).predict(batch)
 
 
-def checkpoint_fingerprint(run_dir: Path, which: str) -> list:
+def checkpoint_fingerprint(run_dir: Path, which: str, folds: Sequence[int] | None = None) -> list:
     """(relative path, size, mtime) of every checkpoint used: changes when a fold is retrained."""
     items = []
-    for kind in ("cell", "image"):
-        for p in sorted((run_dir / kind).glob(f"fold*/{which}.pt")):
+    for kind in KINDS:
+        paths = (sorted((run_dir / kind).glob(f"fold*/{which}.pt")) if folds is None
+                 else [checkpoint_path(run_dir, kind, f, which) for f in folds])
+        for p in paths:
             st = p.stat()
             items.append([str(p.relative_to(run_dir)), st.st_size, st.st_mtime_ns])
     return items
 
 
-# --------------------------------------------------------------------------------------------
-# masks
-
-
-class MaskSource:
-    """Where each image's cells come from: the run's mask cache (segmenting what is missing), or
-    ``truth/<ID>_{cell,nuclei}_mask.png`` of a synthetic dataset (for the classification ceiling)."""
-
-    def __init__(self, cfg, images_dir: str | Path, truth_dir: str | Path | None = None, workers: int = 1):
-        self.cfg = cfg
-        self.images_dir = Path(images_dir)
-        self.truth_dir = Path(truth_dir) if truth_dir else None
-        self.workers = workers
-        self.cache = None if self.truth_dir else open_mask_cache(cfg)
-
-    @property
-    def key(self) -> str:
-        if self.truth_dir:
-            return "truth:" + str(self.truth_dir.resolve())
-        return "cache:" + Path(self.cache.dir).name
-
-    def prepare(self, ids: Sequence[str], progress: bool = True) -> None:
-        """Segment every image not yet in the mask cache (in parallel)."""
-        if self.cache is not None:
-            segment_into_cache(self.cache, self.images_dir, ids, self.workers, progress)
-
-    def load(self, image_id: str, image: np.ndarray):
-        """(nuclei, cells, table) of one image."""
-        if self.truth_dir is not None:
-            return load_truth_masks(self.truth_dir, image_id)
-        if not self.cache.has(image_id):
-            self.cache.segment_and_save(image_id, image)
-        return self.cache.load(image_id)
-
-
-def open_mask_cache(cfg):
-    """The run's `kit.segment.cache.MaskCache` (root and backend from the config).
-
-    When the run's tile cache records the mask folder its tiles were cut from (``params.json``),
-    that folder is used even if the backend's defaults changed since (a newer kit): the OOF cell
-    ids and the test masks must come from the segmentation the models were trained on.
-    """
-    from kit.segment.cache import MaskCache
-
-    cache = MaskCache(cfg.data.mask_cache, cfg.data.segment_backend)
-    params = Path(cfg.data.tile_cache) / "params.json"
-    if params.is_file():
-        try:
-            info = json.loads(params.read_text())
-        except ValueError:
-            info = {}
-        pinned = Path(info.get("mask_cache", ""))
-        if info.get("mask_cache") and pinned != cache.dir and pinned.is_dir() and info.get("backend") == cache.backend:
-            cache.dir = pinned
-            cache.params = info.get("backend_params", cache.params)
-    return cache
-
-
-def segment_into_cache(cache, images_dir: Path, ids: Sequence[str], workers: int = 1, progress: bool = True) -> None:
-    from kit.segment.cache import segment_folder
-
-    todo = [i for i in ids if not cache.has(i)]
-    if todo:
-        segment_folder(images_dir, todo, cache, workers=workers, progress=progress)
-
-
-def load_truth_masks(truth_dir: Path, image_id: str):
-    """(nuclei, cells, cell table) from a synthetic dataset's truth folder."""
-    import cv2
-
-    from kit.cells import cell_table
-
-    masks = []
-    for name in ("nuclei", "cell"):
-        path = truth_dir / f"{image_id}_{name}_mask.png"
-        m = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-        if m is None:
-            raise DataError(f"true mask not found or unreadable: {path}")
-        masks.append(m.astype(np.int32))
-    nuclei, cells = masks
-    return nuclei, cells, cell_table(nuclei, cells)
+def run_folds(run_dir: Path, manifest, which: str, folds: Sequence[int] | None) -> list[int] | None:
+    """The folds to predict with: `folds` when the user names them, else the manifest's; every one
+    must have both checkpoints (KitError naming the first missing file otherwise). None: a legacy
+    run folder whose folds are unknown (every checkpoint found is used)."""
+    named = folds is not None
+    folds = sorted(set(int(f) for f in folds)) if named else manifest.folds
+    if folds is None:
+        return None
+    if not folds:
+        raise ConfigError("--folds: name at least one fold")
+    missing = [checkpoint_path(run_dir, k, f, which) for f in folds for k in KINDS
+               if not checkpoint_path(run_dir, k, f, which).is_file()]
+    if missing:
+        have = [f for f in folds if all(checkpoint_path(run_dir, k, f, which).is_file() for k in KINDS)]
+        hint = (f"; to predict with the folds that are complete, pass --folds {','.join(map(str, have))}" if have
+                else "; train them first")
+        whose = "named with --folds" if named else f"of the run ({run_dir / 'manifest.json'})"
+        raise KitError(f"{missing[0]} not found: the folds {whose} are {', '.join(map(str, folds))}"
+                       + (f" and {len(missing) - 1} more checkpoint(s) are missing" if len(missing) > 1 else "")
+                       + hint)
+    return folds
 
 
 # --------------------------------------------------------------------------------------------
 # prediction
 
 
-def list_image_ids(images_dir: str | Path) -> list[str]:
-    """IDs with all four channel files in `images_dir`, sorted."""
-    from kit.dataset import scan_split
-    from kit.images import CHANNELS
+def _predict_inputs(job: tuple) -> dict:
+    """Worker: decode one image once and cut every source's inputs (see the module docstring).
 
-    split = scan_split(images_dir)
-    return sorted(i for i, ch in split.samples.items() if all(c in ch for c in CHANNELS))
+    An optional source that cannot give this image's cells (e.g. a true mask missing) is reported
+    under ``failed`` instead of stopping the prediction of the others."""
+    from kit.images import read_sample
+    from kit.prepare import cut_cells, prepare_image
+    from kit.rle import encode_label_image
+
+    images_dir, image_id, sources, tile_size, field_size = job
+    image = read_sample(images_dir, image_id)
+    prepared = prepare_image(image_id, image, [s for s, optional in sources if not optional], tile_size, field_size)
+    failed = {}
+    for source, optional in sources:
+        if optional:
+            try:
+                prepared.cells[source.key] = cut_cells(image_id, image, source, tile_size)
+            except KitError as exc:
+                failed[source.key] = str(exc)
+    cells = {}
+    for key, (labels, table, tiles) in prepared.cells.items():
+        rle = encode_label_image(labels)
+        ids = table["cell_id"].to_numpy(np.int64) if len(table) else np.zeros(0, np.int64)
+        masks_text = np.asarray([rle[int(k)] for k in ids], dtype=np.str_) if len(ids) else np.zeros(0, np.str_)
+        cells[key] = (ids, tiles, visible_fraction(table), masks_text)
+    return {"id": image_id, "width": prepared.width, "height": prepared.height, "field": prepared.field,
+            "cells": cells, "failed": failed}
 
 
-def read_ids_sizes(sample_csv: str | Path) -> tuple[list[str], dict[str, tuple[int, int]]]:
-    """IDs and (width, height) from a sample_submission.csv."""
-    import pandas as pd
+def _read_ahead(items: Iterator) -> Iterator:
+    """The next item is computed in a thread while the caller works on the current one."""
+    end = object()
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = pool.submit(next, items, end)
+        while True:
+            item = pending.result()
+            if item is end:
+                return
+            pending = pool.submit(next, items, end)
+            yield item
 
-    path = Path(sample_csv)
-    if not path.is_file():
-        raise DataError(f"sample submission not found: {path}")
-    df = pd.read_csv(path, dtype=str, keep_default_na=False)
-    for col in ("ID", "ImageWidth", "ImageHeight"):
-        if col not in df.columns:
-            raise DataError(f"{path}: missing column {col}")
-    sizes = {}
-    for line, (i, w, h) in enumerate(zip(df["ID"], df["ImageWidth"], df["ImageHeight"]), start=2):
-        try:
-            sizes[i] = (int(w), int(h))
-        except ValueError:
-            raise DataError(f"{path}: line {line}, ID {i}: ImageWidth/ImageHeight not integers") from None
-    return list(df["ID"]), sizes
+
+PACK_IMAGES = 8  # images whose cells share batches; a field has 10-50 cells, a batch should be full
+
+
+def packs_of(ids: Sequence[str], size: int = PACK_IMAGES) -> dict[str, int]:
+    """{ID: pack number}: consecutive groups of `size` IDs in the order given (the sample
+    submission's). Cells are batched within a pack, never across packs, so an image's batches
+    (and its float sums) depend on its pack alone: a resumed predict redoes a pack that is partly
+    cached and writes the bytes of an uninterrupted run."""
+    return {image_id: k // size for k, image_id in enumerate(dict.fromkeys(ids))}
+
+
+def _batched(items: Iterator[dict], cell_ens: FoldEnsemble, image_ens: FoldEnsemble,
+             pack_of: dict[str, int]) -> Iterator[list]:
+    """Per prepared image, in order: [(mask source key, ImageResult)]. The cells of a pack's images
+    (per mask source) and their fields are predicted together, in full batches but the last
+    (`kit.inference.EnsembleRunner`); on CPU a conv's output for a tile moves by ~1e-7 with the
+    batch size and the tile's place in it, hence packs that resumes reproduce (`packs_of`)."""
+    pending: list[dict] = []
+    for item in items:
+        if pending and pack_of[item["id"]] != pack_of[pending[0]["id"]]:
+            yield from _predict_pack(pending, cell_ens, image_ens)
+            pending = []
+        pending.append(item)
+    if pending:
+        yield from _predict_pack(pending, cell_ens, image_ens)
+
+
+def _predict_pack(pack: list[dict], cell_ens: FoldEnsemble, image_ens: FoldEnsemble) -> Iterator[list]:
+    image_probs = image_ens.predict(np.stack([item["field"] for item in pack]))
+    cell_probs: list[dict] = [{} for _ in pack]
+    for key in dict.fromkeys(k for item in pack for k in item["cells"]):
+        owners = [n for n, item in enumerate(pack) if key in item["cells"]]
+        tiles = [pack[n]["cells"][key][1] for n in owners]
+        probs = cell_ens.predict(np.concatenate(tiles)) if sum(map(len, tiles)) else np.zeros((0, NUM_CLASSES))
+        for n, part in zip(owners, np.split(probs, np.cumsum([len(t) for t in tiles])[:-1])):
+            cell_probs[n][key] = part.astype(np.float32, copy=False)
+    for n, item in enumerate(pack):
+        yield [(key, ImageResult(item["id"], cell_ids, cell_probs[n][key], image_probs[n], visible, masks_text,
+                                 item["width"], item["height"]))
+               for key, (cell_ids, _, visible, masks_text) in item["cells"].items()]
 
 
 class Predictor:
     """Per-image inference for one run with its fold ensembles; results cached per image."""
 
     def __init__(self, run_dir: str | Path, cfg=None, *, tta: int | None = None, which: str | None = None,
-                 device: str | None = None, batch_size: int | None = None):
+                 device: str | None = None, batch_size: int | None = None, folds: Sequence[int] | None = None,
+                 mask_cache: str | Path | None = None, engine: str | None = None, log=None):
         from kit.config import load_config
+        from kit.device import resolve_device
+        from kit.manifest import read_manifest
 
         self.run_dir = Path(run_dir)
         cfg_path = self.run_dir / "config.yaml"
@@ -297,114 +292,166 @@ class Predictor:
                 raise KitError(f"{cfg_path} not found: is {self.run_dir} a run folder (train writes it)?")
             cfg = load_config(cfg_path)
         self.cfg = cfg
+        self.manifest = read_manifest(self.run_dir) if cfg_path.is_file() else None
+        self.tile_size = self.manifest.tile_size if self.manifest else cfg.data.tile_size
+        self.field_size = self.manifest.field_size if self.manifest else cfg.data.field_size
+        self.mask_cache_root = Path(mask_cache) if mask_cache else None
         self.tta = int(tta if tta is not None else cfg.predict.tta)
         self.which = which or cfg.predict.which
         self.batch_size = int(batch_size or cfg.predict.batch_size)
+        self.folds = run_folds(self.run_dir, self.manifest, self.which, folds) if self.manifest else folds
         self.device = resolve_device(device or cfg.train.device)
+        self.engine = engine or cfg.predict.engine
+        self.log = log
         self._ens: dict[str, FoldEnsemble] = {}
 
     def ensemble(self, kind: str) -> FoldEnsemble:
         if kind not in self._ens:
+            from kit.cachekey import cache_key
+            from kit.throughput import default_batch
+
+            side = self.tile_size if kind == "cell" else self.field_size
+            onnx_key = cache_key("onnx", 1, {"kind": kind, "side": side, "folds": self.folds,
+                                             "checkpoints": checkpoint_fingerprint(self.run_dir, self.which, self.folds)})
             # sigmoid (the default) for every loss: the probabilities training reports in oof.csv
-            self._ens[kind] = FoldEnsemble(self.run_dir, kind, self.device, self.which, self.tta, self.batch_size)
+            self._ens[kind] = FoldEnsemble(self.run_dir, kind, self.device, self.which, self.tta,
+                                           default_batch(side, self.batch_size), folds=self.folds, side=side,
+                                           engine=self.engine, onnx_path=self.run_dir / "predict" / f"{onnx_key}.onnx",
+                                           log=self.log)
         return self._ens[kind]
 
-    def cache_dir(self, images_dir: Path, masks: MaskSource) -> Path:
-        key = {
-            "version": PREDICT_CACHE_VERSION,
+    def estimate(self, sizes: dict[str, tuple[int, int]]) -> list[str]:
+        """The runtime estimate of predicting fields of these sizes (`kit.runtime`), from the CPU stages
+        measured on real fields and the CNN rates the throughput probe measured for these models."""
+        from kit import runtime
+
+        rates = {}
+        for kind in KINDS:
+            rec = self.ensemble(kind).runner_for().record
+            if rec and rec.get("tiles_s"):
+                rates[kind] = (float(rec["tiles_s"]), f"measured now by the throughput probe: {rec['name']}, "
+                                                      f"load {rec.get('load', '?')}")
+        n_folds = len(self.ensemble("cell").models)
+        est = runtime.config_estimate(self.cfg, runtime.size_mix(sizes=sizes), n_folds=n_folds, tta=self.tta,
+                                      cell_rate=rates.get("cell"), image_rate=rates.get("image"),
+                                      device=str(self.device))
+        return est.lines() if est else []
+
+    def run_masks(self, images_dir: str | Path, workers: int = 1):
+        """The run's segmentation of `images_dir` (`kit.masks.CachedMasks`): the backend and options
+        of its manifest, in its mask cache or under the `mask_cache` root given to the predictor."""
+        from kit.masks import CachedMasks
+        from kit.segment.cache import MaskCache
+
+        if self.manifest is not None:
+            cache = self.manifest.masks(self.mask_cache_root)
+        else:
+            cache = MaskCache(self.mask_cache_root or self.cfg.data.mask_cache, self.cfg.data.segment_backend)
+        return CachedMasks(cache, images_dir, workers)
+
+    def cache_dir(self, images_dir: Path, masks) -> Path:
+        from kit.cachekey import cache_key
+
+        key = cache_key("predict", PREDICT_CACHE_VERSION, {
             "images": str(Path(images_dir).resolve()),
-            "checkpoints": checkpoint_fingerprint(self.run_dir, self.which),
+            "checkpoints": checkpoint_fingerprint(self.run_dir, self.which, self.folds),
             "tta": self.tta,
-            "tile_size": self.cfg.data.tile_size,
-            "field_size": self.cfg.data.field_size,
+            "tile_size": self.tile_size,
+            "field_size": self.field_size,
             "masks": masks.key,
-        }
-        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
-        return self.run_dir / "predict" / digest
+        })
+        return self.run_dir / "predict" / key
 
-    def _prepare(self, images_dir: Path, image_id: str, masks: MaskSource):
-        """Read one image and cut its inputs (runs in the read-ahead thread)."""
-        from kit.cells import extract_tiles
-        from kit.datasets import make_field
-        from kit.images import read_sample
-        from kit.rle import encode_label_image
+    def predict_folder(self, images_dir: str | Path, ids: Sequence[str], masks=None, progress: bool = True,
+                       stop_after: int | None = None, prefetch: bool | None = None,
+                       workers: int = 1) -> dict[str, "ImageResult"]:
+        """Results of every image in `ids` with the cells of `masks` (default: the run's segmentation);
+        see `predict_sources`."""
+        images_dir = Path(images_dir)
+        masks = masks or self.run_masks(images_dir)
+        return self.predict_sources(images_dir, ids, [masks], progress, stop_after, prefetch, workers)[0]
 
-        image = read_sample(images_dir, image_id)
-        nuclei, cells, table = masks.load(image_id, image)
-        if cells.shape != image.shape[:2]:  # an image the segmenter could not read: no cells
-            cells = np.zeros(image.shape[:2], np.int32)
-            table = table.iloc[:0]
-        tiles, table = extract_tiles(image, cells, self.cfg.data.tile_size, table=table)
-        field = make_field(image, self.cfg.data.field_size)
-        rle = encode_label_image(cells)
-        ids = table["cell_id"].to_numpy(np.int64)
-        masks_text = np.asarray([rle[int(k)] for k in ids], dtype=np.str_) if len(ids) else np.zeros(0, np.str_)
-        h, w = image.shape[:2]
-        return ids, tiles, field, visible_fraction(table), masks_text, w, h
+    def predict_sources(self, images_dir: str | Path, ids: Sequence[str], sources: Sequence,
+                        progress: bool = True, stop_after: int | None = None, prefetch: bool | None = None,
+                        workers: int = 1, failures: dict | None = None) -> list[dict[str, "ImageResult"]]:
+        """Per mask source, the results of every image in `ids` (cached ones loaded, the rest
+        predicted from one decode of each image and cached).
 
-    def predict_folder(self, images_dir: str | Path, ids: Sequence[str], masks: MaskSource | None = None,
-                       progress: bool = True, stop_after: int | None = None,
-                       prefetch: bool | None = None) -> dict[str, ImageResult]:
-        """Results of every image in `ids` (cached ones loaded, the rest predicted and cached).
+        With a `failures` dict, the sources after the first are optional: an image one of them
+        cannot give cells for is left out of that source's results, and ``failures[key]`` lists
+        ``(ID, message)`` (the first source, the submission's, always raises).
 
         `stop_after` stops after that many newly predicted images (tests simulate a kill with it).
-        `prefetch` reads and tiles the next image in a thread while the models run; default on
-        CUDA only (on a CPU the thread competes with torch's own threads for the same cores:
-        benchmarks/bench_predict.py measured it slower on 2 cores).
+        Images are predicted in packs of `PACK_IMAGES` (`packs_of`): a pack that is partly cached is
+        predicted whole again, so a resumed run writes what an uninterrupted one does.
+        `workers` > 1 decodes and cuts images in that many processes; with one, `prefetch` does it
+        in a thread while the models run (default on CUDA only: on a CPU the thread competes with
+        torch's own threads for the same cores, benchmarks/bench_predict.py measured it slower).
         """
-        if prefetch is None:
-            prefetch = self.device.type == "cuda"
         from tqdm import tqdm
 
-        images_dir = Path(images_dir)
-        masks = masks or MaskSource(self.cfg, images_dir)
-        cache = self.cache_dir(images_dir, masks)
-        todo = [i for i in ids if not (cache / f"{i}.npz").is_file()]
-        if todo:
-            masks.prepare(todo, progress)
-            cache.mkdir(parents=True, exist_ok=True)
-            self._write_cache_info(cache, images_dir, masks)
-            cell_ens, image_ens = self.ensemble("cell"), self.ensemble("image")
-            bar = tqdm(total=len(todo), desc="predict", unit="img", disable=not progress, file=sys.stderr)
-            # optional read-ahead of one image in a thread: decoding and tiling overlap the CNN
-            with ThreadPoolExecutor(max_workers=1) as pool:
-                submit = pool.submit if prefetch else _run_now
-                pending = submit(self._prepare, images_dir, todo[0], masks)
-                for n, image_id in enumerate(todo):
-                    ids_, tiles, field, visible, masks_text, w, h = pending.result()
-                    if n + 1 < len(todo) and (stop_after is None or n + 1 < stop_after):
-                        pending = submit(self._prepare, images_dir, todo[n + 1], masks)
-                    cell_probs = cell_ens.predict(tiles)
-                    image_probs = image_ens.predict(field[None])[0]
-                    ImageResult(image_id, ids_, cell_probs, image_probs, visible, masks_text, w, h).save(
-                        cache / f"{image_id}.npz")
-                    bar.update(1)
-                    if stop_after is not None and n + 1 >= stop_after:
-                        break
-            bar.close()
-        return {i: ImageResult.load(cache / f"{i}.npz", i) for i in ids if (cache / f"{i}.npz").is_file()}
+        from kit.workers import pool_map
 
-    def _write_cache_info(self, cache: Path, images_dir: Path, masks: MaskSource) -> None:
+        images_dir = Path(images_dir)
+        if prefetch is None:
+            prefetch = self.device.type == "cuda"
+        caches = [self.cache_dir(images_dir, s) for s in sources]
+        pack_of = packs_of(ids)
+        missing = [{i for i in pack_of if not (c / f"{i}.npz").is_file()} for c in caches]
+        if stop_after is not None:  # the first `stop_after` images that are missing, as a kill would leave
+            first = [i for i in pack_of if any(i in m for m in missing)][:stop_after]
+            missing = [{i for i in m if i in first} for m in missing]
+        # a pack with a missing image is predicted whole (its cached images are not written again)
+        wanted = [{i for i in pack_of if pack_of[i] in {pack_of[j] for j in m}} for m in missing]
+        todo = [i for i in pack_of if any(i in w for w in wanted)]
+        if todo:
+            out_dir = {s.key: c for s, c in zip(sources, caches)}
+            optional = [failures is not None and k > 0 for k in range(len(sources))]
+            for s, c, w, opt in zip(sources, caches, wanted, optional):
+                mine = [i for i in todo if i in w]
+                if mine:
+                    try:
+                        s.prepare(mine, progress)
+                    except KitError as exc:
+                        if not opt:
+                            raise
+                        failures.setdefault(s.key, []).append(("*", str(exc)))
+                        w.clear()  # this source is skipped
+                        continue
+                    c.mkdir(parents=True, exist_ok=True)
+                    self._write_cache_info(c, images_dir, s)
+            jobs = [(str(images_dir), i, [(s, opt) for s, w, opt in zip(sources, wanted, optional) if i in w],
+                     self.tile_size, self.field_size) for i in todo if any(i in w for w in wanted)]
+            cell_ens, image_ens = self.ensemble("cell"), self.ensemble("image")
+            if workers > 1:
+                items = pool_map(_predict_inputs, jobs, workers, window=2 * workers)
+            else:
+                items = map(_predict_inputs, jobs)
+                if prefetch:
+                    items = _read_ahead(items)
+            bar = tqdm(total=len(todo), desc="predict", unit="img", disable=not progress, file=sys.stderr)
+            missing_of = {s.key: m for s, m in zip(sources, missing)}
+            def noted(items):  # a mask source that failed for an image is reported, never stops the rest
+                for item in items:
+                    for key, message in item["failed"].items():
+                        failures.setdefault(key, []).append((item["id"], message))
+                    yield item
+
+            for done in _batched(noted(items), cell_ens, image_ens, pack_of):
+                for key, result in done:
+                    if result.image_id in missing_of[key]:
+                        result.save(out_dir[key] / f"{result.image_id}.npz")
+                bar.update(1)
+            bar.close()
+        return [{i: ImageResult.load(c / f"{i}.npz", i) for i in ids if (c / f"{i}.npz").is_file()} for c in caches]
+
+    def _write_cache_info(self, cache: Path, images_dir: Path, masks) -> None:
         info = cache / "params.json"
         if not info.exists():
             with atomic_open(info, "w") as f:
                 json.dump({"images": str(images_dir.resolve()), "masks": masks.key, "tta": self.tta,
-                           "which": self.which, "tile_size": self.cfg.data.tile_size,
-                           "field_size": self.cfg.data.field_size}, f, indent=2)
-
-
-class _Done:
-    """A finished future (prefetch off)."""
-
-    def __init__(self, value):
-        self.value = value
-
-    def result(self):
-        return self.value
-
-
-def _run_now(fn, *args):
-    return _Done(fn(*args))
+                           "which": self.which, "folds": self.folds, "tile_size": self.tile_size,
+                           "field_size": self.field_size}, f, indent=2)
 
 
 # --------------------------------------------------------------------------------------------
@@ -452,42 +499,66 @@ def build_predictions(results: dict[str, ImageResult], spec: CombineSpec, min_co
 
 
 def write_and_validate(path: str | Path, predictions: dict, ids: Sequence[str], sizes: dict | None,
-                       sample: str | Path | None = None, images: str | Path | None = None) -> Path:
-    """Write the submission atomically, then validate it; problems raise DataError."""
+                       sample: str | Path | None = None, images: str | Path | None = None,
+                       image_sizes: dict | None = None) -> Path:
+    """Write the submission to a temporary file beside `path`, validate that file, and only then
+    rename it to `path`: a rejected file (DataError listing the problems) never replaces the
+    previous one. `image_sizes` ({ID: (width, height)} of the decoded images) or the `images`
+    folder (headers read) checks each row's size. Temp files of killed runs are removed first."""
+    from kit.atomic import remove_stale_temps
     from kit.submission import validate_submission, write_submission
 
-    path = write_submission(path, predictions, ids, sizes)
-    problems = validate_submission(path, sample=sample, images=images, check_masks=True)
-    if problems:
-        more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
-        raise DataError(f"{path}: the written submission is invalid: " + "; ".join(problems[:5]) + more)
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"submission path {path} is a folder: give a file name, e.g. {path / 'submission.csv'}")
+    remove_stale_temps(path.parent, stem=path.stem)
+    with atomic_path(path) as tmp:
+        write_submission(tmp, predictions, ids, sizes)
+        problems = validate_submission(tmp, sample=sample, images=images, image_sizes=image_sizes, check_masks=True)
+        if problems:
+            problems = [p.replace(str(tmp), str(path)).replace(tmp.name, path.name) for p in problems]
+            more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
+            raise DataError(f"{path}: the submission is invalid and was not written (a previous file there is "
+                            "kept): " + "; ".join(problems[:5]) + more)
     return path
 
 
 def predict(run_dir: str | Path, images_dir: str | Path, out: str | Path = "submission/submission.csv", *,
             ids_from: str | Path | None = None, spec: CombineSpec | None = None, tta: int | None = None,
             device: str | None = None, workers: int = 1, min_confidence: float = 0.0,
-            progress: bool = True) -> dict:
+            folds: Sequence[int] | None = None, mask_cache: str | Path | None = None,
+            progress: bool = True, engine: str | None = None) -> dict:
     """The whole `predict` command; returns {"submission", "images", "cells", "triples", "combine", "seconds"}."""
+    from kit.layout import list_image_ids, read_sample_submission
+
     t0 = time.perf_counter()
     run_dir, images_dir = Path(run_dir), Path(images_dir)
     if not images_dir.is_dir():
         raise DataError(f"images folder not found: {images_dir}")
     if ids_from:
-        ids, sizes = read_ids_sizes(ids_from)
+        ids, sizes = read_sample_submission(ids_from)
     else:
         ids, sizes = list_image_ids(images_dir), None
         if not ids:
             raise DataError(f"no images (<ID>_red/green/blue/yellow.png) in {images_dir}")
-    predictor = Predictor(run_dir, tta=tta, device=device)
+    log = (lambda line: print(line, file=sys.stderr, flush=True)) if progress else None
+    predictor = Predictor(run_dir, tta=tta, device=device, folds=folds, mask_cache=mask_cache, engine=engine, log=log)
     spec = spec or read_combine_spec(run_dir, predictor.cfg)
-    masks = MaskSource(predictor.cfg, images_dir, workers=workers)
-    results = predictor.predict_folder(images_dir, ids, masks, progress=progress)
+    if log:  # before the long work: the estimate from measured figures (kit.runtime)
+        from kit.images import image_size
+
+        known = sizes or {}
+        for line in predictor.estimate({i: known.get(i) or image_size(images_dir, i) for i in ids
+                                        if i in known or (images_dir / f"{i}_red.png").exists()}):
+            log(line)
+    results = predictor.predict_folder(images_dir, ids, predictor.run_masks(images_dir), progress=progress,
+                                       workers=workers)
     missing = [i for i in ids if i not in results]
     if missing:  # e.g. listed in the sample submission but no image file
         raise DataError(f"no prediction for {len(missing)} image(s), e.g. {missing[0]}: are they in {images_dir}?")
     preds = build_predictions(results, spec, min_confidence)
-    path = write_and_validate(out, preds, ids, sizes, sample=ids_from, images=images_dir)
+    path = write_and_validate(out, preds, ids, sizes, sample=ids_from,
+                              image_sizes={i: (r.width, r.height) for i, r in results.items()})
     return {
         "submission": str(path),
         "images": len(ids),
@@ -498,16 +569,33 @@ def predict(run_dir: str | Path, images_dir: str | Path, out: str | Path = "subm
     }
 
 
+def parse_folds_option(text: str | None) -> list[int] | None:
+    """``--folds 0,2`` -> [0, 2]; None stays None."""
+    if text is None:
+        return None
+    try:
+        folds = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise ConfigError(f"--folds: expected fold numbers separated by commas, got {text[:40]!r}") from None
+    if not folds or any(f < 0 for f in folds):
+        raise ConfigError(f"--folds: expected fold numbers >= 0, got {text[:40]!r}")
+    return folds
+
+
 def configure_predict(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--run", required=True, type=Path, help="run folder (config.yaml, cell/ and image/ fold checkpoints)")
+    parser.add_argument("--run", required=True, type=Path, help="run folder (config.yaml, manifest.json, cell/ and image/ fold checkpoints)")
     parser.add_argument("--images", required=True, type=Path, help="folder of <ID>_{red,green,blue,yellow}.png images")
     parser.add_argument("--out", type=Path, default=Path("submission/submission.csv"), help="submission CSV (default submission/submission.csv)")
     parser.add_argument("--ids-from", type=Path, help="sample_submission.csv: the IDs, their order and sizes (default: every image in --images)")
     parser.add_argument("--tta", type=int, choices=(1, 2, 4, 8), help="flip TTA: 1 none, 2 +h-flip, 4 +v-flips, 8 all (default: the run's predict.tta)")
     parser.add_argument("--device", help="cpu, cuda, cuda:N (default: the run's train.device)")
-    parser.add_argument("--workers", type=int, default=1, help="segmentation worker processes (default 1)")
+    parser.add_argument("--folds", help="comma list of the folds to use (default: every fold of the run; a missing one is an error)")
+    parser.add_argument("--mask-cache", type=Path, help="mask cache root for these images (default: the run's mask cache)")
+    parser.add_argument("--workers", type=int, default=1, help="processes that decode, segment and tile images (default 1)")
     parser.add_argument("--combine", help="override the tuned combination, e.g. geometric:0.5 or image_only")
     parser.add_argument("--min-confidence", type=float, default=0.0, help="drop triples below this confidence (default 0: keep all 19 per cell)")
+    parser.add_argument("--engine", choices=("auto", "baseline", "torch", "jit", "onnx", "compile"),
+                        help="how the CNNs run (default: the run's predict.engine, auto = fastest measured here)")
     parser.set_defaults(func=_run_predict)
 
 
@@ -529,8 +617,11 @@ def parse_combine_option(text: str) -> CombineSpec:
 
 def _run_predict(args) -> int:
     spec = parse_combine_option(args.combine) if args.combine else None
+    if args.workers < 1:
+        raise ConfigError(f"--workers must be at least 1, got {args.workers}")
     info = predict(args.run, args.images, args.out, ids_from=args.ids_from, spec=spec, tta=args.tta,
-                   device=args.device, workers=args.workers, min_confidence=args.min_confidence)
+                   device=args.device, workers=args.workers, min_confidence=args.min_confidence,
+                   folds=parse_folds_option(args.folds), mask_cache=args.mask_cache, engine=args.engine)
     print(f"wrote {info['submission']}: {info['images']} images, {info['cells']} cells, {info['triples']} triples "
           f"(combine {info['combine']}, {info['seconds']:.1f} s); validated")
     return 0

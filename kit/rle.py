@@ -15,8 +15,9 @@ fourth count on, the difference to the count two places earlier; 5 bits per char
 
 This module reproduces those bytes without pycocotools' full-frame copies:
 
-- `encode_binary_mask(mask) -> str`: one mask; byte-identical to `reference_encode_binary_mask`
-  (the host's code, kept here for tests and benchmarks) except that it returns ``str``.
+- `encode_binary_mask(mask) -> str`: one mask; byte-identical to the host's published encoder
+  (kept as ``tests/helpers.py:reference_encode_binary_mask`` for the tests and benchmarks) except
+  that it returns ``str``.
 - `encode_label_image(labels) -> {cell_id: str}`: every cell of a label image from one pass over
   the image (run boundaries found on the C-ordered array, put in column-major order; no per-cell
   full-frame mask), each string identical to ``encode_binary_mask(labels == id)``.
@@ -52,7 +53,6 @@ __all__ = [
     "MaskRuns",
     "counts_to_string",
     "string_to_counts",
-    "reference_encode_binary_mask",
 ]
 
 
@@ -194,7 +194,7 @@ def encode_binary_mask(mask: np.ndarray) -> str:
     """One boolean mask -> the competition's mask string (base64 text).
 
     `mask` is H x W bool (singleton axes are squeezed, as in the host's code). Byte-identical to
-    `reference_encode_binary_mask(mask).decode()`.
+    the host's encoder (``tests/helpers.py:reference_encode_binary_mask``), decoded to ``str``.
     """
     mask = np.asarray(mask)
     if mask.dtype != bool:
@@ -259,23 +259,6 @@ def encode_label_image(labels: np.ndarray) -> dict[int, str]:
         chunk = data[offsets[j]:offsets[j + 1]]
         out[int(cell)] = base64.b64encode(zlib.compress(chunk, 9)).decode("ascii")
     return out
-
-
-def reference_encode_binary_mask(mask: np.ndarray) -> bytes:
-    """The host's published encoder, verbatim in substance (pycocotools, full frame). For tests."""
-    from pycocotools import mask as coco_mask
-
-    if mask.dtype != bool:
-        raise ValueError(f"encode_binary_mask expects a binary mask, received dtype == {mask.dtype}")
-    mask = np.squeeze(mask)
-    if len(mask.shape) != 2:
-        raise ValueError(f"encode_binary_mask expects a 2d mask, received shape == {mask.shape}")
-    mask_to_encode = mask.reshape(mask.shape[0], mask.shape[1], 1)
-    mask_to_encode = mask_to_encode.astype(np.uint8)
-    mask_to_encode = np.asfortranarray(mask_to_encode)
-    encoded_mask = coco_mask.encode(mask_to_encode)[0]["counts"]
-    binary_str = zlib.compress(encoded_mask, zlib.Z_BEST_COMPRESSION)
-    return base64.b64encode(binary_str)
 
 
 # ----------------------------------------------------------------------------------------------

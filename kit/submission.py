@@ -200,7 +200,7 @@ def write_submission(
         seen: set[str] = set()
         for i in ids:
             if i in seen:
-                raise DataError(f"{path}: ID {i} listed twice in ids")
+                raise DataError(f"ID {i} listed twice in the IDs to write to {path}")
             seen.add(i)
         unknown = [k for k in predictions if k not in seen]
         if unknown:
@@ -300,37 +300,25 @@ def read_submission(path: str | os.PathLike) -> dict[str, ImagePrediction]:
 # validation
 # ----------------------------------------------------------------------------------------------
 
-def _image_size(folder: Path, image_id: str) -> tuple[int, int] | None:
-    """(width, height) of an image's red channel from its header only; None when absent."""
-    from PIL import Image
-
-    from kit.images import CHANNELS, EXTENSIONS
-
-    for channel in CHANNELS:
-        for ext in EXTENSIONS:
-            p = folder / f"{image_id}_{channel}{ext}"
-            if p.is_file():
-                with Image.open(p) as im:
-                    return im.size
-    return None
-
-
 def validate_submission(
     path: str | os.PathLike,
     sample: str | os.PathLike | None = None,
     images: str | os.PathLike | None = None,
     *,
+    image_sizes: dict[str, tuple[int, int]] | None = None,
     check_masks: bool = True,
     progress: bool = False,
 ) -> list[str]:
     """Every problem of a submission file, one message each (empty list: the file is valid).
 
     Checks the columns; IDs (non-empty, unique; the same set as `sample` when given); width/height
-    (positive integers, equal to the sample's and to the image files' in folder `images`); every
+    (positive integers, equal to the sample's and to the image files' in folder `images`, read from
+    their headers, or to `image_sizes` ({ID: (width, height)}) for images already decoded); every
     triple (class id 0..18, finite confidence) and, with `check_masks`, that every mask decodes
     to the row's width x height. Messages name the CSV line, the ID and the triple index.
     A missing file raises DataError.
     """
+    from kit.images import ImageReadError, image_size
     from kit.rle import RLEError, mask_runs
 
     path = Path(path)
@@ -383,11 +371,20 @@ def validate_submission(
             sw, sh = sample_rows[image_id]
             if (sw, sh) != (width, height) and None not in (sw, sh, width, height):
                 problems.append(f"{where}: size {width} x {height}, the sample says {sw} x {sh}")
-        if image_dir is not None and image_id:
-            size = _image_size(image_dir, image_id)
+        if (image_dir is not None or image_sizes is not None) and image_id:
+            size = None
+            if image_sizes is not None:
+                size = image_sizes.get(image_id)
+            else:
+                try:
+                    size = image_size(image_dir, image_id)
+                except ImageReadError as exc:
+                    problems.append(f"{where}: {exc}" if not str(exc).startswith("missing channel file")
+                                    else f"{where}: no image file {image_id}_<channel>.png in {image_dir}")
+                    size = False
             if size is None:
-                problems.append(f"{where}: no image file {image_id}_<channel>.png in {image_dir}")
-            elif width is not None and height is not None and size != (width, height):
+                problems.append(f"{where}: no decoded image {image_id}")
+            elif size and width is not None and height is not None and tuple(size) != (width, height):
                 problems.append(f"{where}: size {width} x {height}, the image is {size[0]} x {size[1]}")
         triples, triple_problems = _parse_triples(row.get("PredictionString"), check_floor=True)
         problems.extend(f"{where}: {p}" for p in triple_problems)

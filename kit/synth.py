@@ -2,23 +2,35 @@
 
 Every image is a confocal-like field of cells that touch each other and the border, four channels
 as on the HPA: red (microtubules), green (protein of interest), blue (nuclei), yellow
-(endoplasmic reticulum). A field of any size is the same physical field (cell count drawn around
-18, the real median per 2048 px image) drawn at that size, so a 512 px image looks like a
-downscaled 2048 px field. What is drawn, and why:
+(endoplasmic reticulum). Lengths below are microscope px: the pixels of a real 2048 px field.
 
-* geometry: star-shaped cells with smooth random outlines (harmonics + a noise wobble), elongated
-  and with the nucleus often off-centre; where two cells compete for a pixel the nearer in
-  normalised distance wins, so contacts look like real cell-cell borders. One nucleus per cell
-  (textured ellipse with some irregularity, dark nucleoli); about 3% of cells are mitotic (rounded,
-  chromatin condensed to a metaphase plate, which is then the nucleus, with a spindle). In each
-  field 15-45% of the cells are placed against a neighbour so that their nuclei touch, nearly
-  touch (gap up to 4 px at 2048) or press flat together (overlap up to 0.5 px, the earlier
-  nucleus keeps the shared pixels): a segmenter must split them. About 6% of cells lie in another
-  focal plane (all four channels of that cell blurred by 4-9 px at 2048).
-* red: microtubules radiating and curving from the centrosome by the nucleus; yellow: a
-  reticular ER network, denser and with sheets near the nucleus, bright nuclear rim. Both follow a
-  thickness profile that fades at free edges and dips in a slight valley where cells touch (as in
-  real images, and what lets a watershed find the contacts).
+Size and scale (``--size``, ``--field-px``): the real fields are 1728, 2048 or 3072 px at one
+microscope resolution (the same cells, cropped differently), so an image of 1728 px or more is
+drawn at that resolution: a 3072 px field shows 2.25x the area of a 2048 px one, with cells of
+the same size. A smaller image is a whole 2048 px field downscaled to the size (what the demo at
+256 px and the image-level models at 512 px need: a field's worth of cells, each ~40 / 80 px
+across); ``field_px`` overrides this (``--size 512 --field-px 512``: a 512 px crop at full
+resolution, 1-3 cells). Cells per field follow the real train table (median 17 per 2048 px field,
+10-35 for the 10-90% range; 27 per 3072 px field); the cell line's spread area is ~120k px, and
+when the cells do not fit they are squeezed (a field of 46 cells has ~75k px cells, as real ones).
+
+What is drawn, and why (`benchmarks/realism.py` measures it against the real fields):
+
+* geometry: star-shaped cells with random outlines (harmonics, 0-6 lobes, dents and arms, a
+  noise wobble), elongated and with the nucleus often off-centre; where two cells compete for a
+  pixel the nearer in normalised distance wins (every cell keeps a ring of cytoplasm around its
+  nucleus), so contacts look like real cell-cell borders. One nucleus per cell, ~0.2-0.3 of the
+  cell's area (textured ellipse, some kidney-shaped, lobed or with a waist, dark nucleoli);
+  about 3% of cells are mitotic (rounded, chromatin condensed to a metaphase plate or a
+  prometaphase clump, which is then the nucleus, with a spindle). In each field 15-45% of the
+  cells are placed against a neighbour so that their nuclei touch, nearly touch (gap up to 4 px)
+  or press flat together (overlap up to 0.5 px, the earlier nucleus keeps the shared pixels): a
+  segmenter must split them. Some fields grow in colonies. About 6% of cells lie in another focal
+  plane (all four channels of that cell blurred by 4-9 px).
+* red: a meshwork of curving microtubules (a third radiate from the centrosome); yellow: a
+  granular reticular ER network, denser and with sheets near the nucleus, bright nuclear rim.
+  Both follow a thickness profile that fades at free edges and dips where cells touch (a wide
+  slight valley, or in confluent fields a thin shallow seam).
 * green: one pattern per class (see `_render_patterns`): nucleoplasm sparing nucleoli, nuclear
   rim, a few large nucleoli, tiny dots inside nucleoli, many speckles, a few nuclear bodies, ER
   following yellow, a perinuclear Golgi cap on the centrosome side, wavy intermediate filaments
@@ -26,17 +38,27 @@ downscaled 2048 px field. What is drawn, and why:
   a spindle (mitotic cells only), one or two centrosome dots, plasma-membrane rim, short
   mitochondrial threads, one juxtanuclear aggresome, diffuse cytosol, vesicle dots; Negative
   cells show only the weak non-specific signal every cell has.
-* staining and camera: green is punctate (`_puncta`): Poisson puncta of sigma 0.9-1.6 px at
-  2048 px (1 per 20-65 px^2, exponential brightness) over a diffuse share of 10-50%, multiplied
-  into the pattern, so the pattern sets where and how densely puncta lie (at 2048 px the
-  neighbour-pixel correlation at 1 / 3 / 8 px is about 0.70 / 0.46 / 0.27, median of 6 fields;
-  a real HPA field gives 0.73 / 0.38 / 0.15); debris (dust, antibody clumps, some fluorescent in
-  other channels too); per-cell and per-image intensity (15% of images faint); optical blur
-  (PSF sigma 0.7-1.3 px at 2048 in focus, 10% of images 3-7 px out of focus), out-of-focus halo,
-  uneven illumination (off-centre vignetting up to 35% plus a linear gradient up to +-20%), modest
-  shot + read noise and a subtracted dark level (so most background pixels are exactly 0). Gains
-  put each channel's robust maximum at a random level; 16-bit files are the same image at 65535
-  full scale (finer levels), so both depths agree after `kit.images.to_float`.
+* staining and camera: green is punctate (`_puncta`): Poisson puncta of sigma 0.9-1.6 px
+  (1 per 20-65 px^2, exponential brightness) over a diffuse share of 10-50%, multiplied into the
+  pattern; debris (dust, antibody clumps, some fluorescent in other channels too); per-cell and
+  per-image intensity (15% of images faint); optical blur (PSF sigma 0.9-1.4 px in focus, 10% of
+  images 3-7 px out of focus), out-of-focus halo, uneven illumination (off-centre vignetting up
+  to 35% plus a linear gradient up to +-20%), shot + read noise at the microscope's resolution
+  (a downscaled field averages it down) and a subtracted dark level (so the background is
+  mostly exact 0). Gains put each channel's in-cell 99th percentile at a level drawn from the
+  real fields' range; 16-bit files are the same image at 65535 full scale (finer levels), so
+  both depths agree after `kit.images.to_float`.
+
+Styles (``--style``, `STYLES`; `Style` holds the knobs): ``default`` is the median real field.
+The others draw the cases segmenters and classifiers fail on elsewhere: ``confluent`` (2.3x the
+cells, grown into every gap, thin shallow seams, touching nuclei, neighbours equally bright),
+``irregular`` (long arms, dents, ruffled slowly fading edges, deeply lobed nuclei),
+``textured`` (coarse chromatin, 3-7 large dark nucleoli, lobes and waists: nuclei that look
+like two), ``mitotic`` (a quarter of the cells in mitosis), ``heterogeneous`` (each label shown
+by its own share of the cells, 10-50% Negative cells, stain levels that differ 2-3x between
+cells), ``dim`` (0.15-0.45x the brightness, 3x the noise, more faint and out-of-focus fields)
+and ``hard`` (all of them at once); ``mixed`` draws one style per image (a third ``default``,
+the rest alike) from the image's own stream, for benchmarks. `truth/images.csv` says which.
 
 Labels: an image's label set is drawn from the real label-combination frequencies of the 2021
 train.csv (`kit/data/label_sets.csv`, see `build_label_table`). Within an image each interphase
@@ -59,13 +81,18 @@ Files written by `generate_dataset(out, ...)` (Kaggle layout plus truth)::
     out/truth/<ID>_cell_mask.png    uint16, 0 = background, 1..N = cells
     out/truth/<ID>_nuclei_mask.png  uint16, nucleus k lies inside cell k, one nucleus per cell
     out/truth/cell_labels.csv  ID,cell_id,Label  (Label "18" for a Negative cell)
-    out/synth.json             the generation arguments (n_train, n_test, sizes, seed, bit_depth)
+    out/truth/images.csv       ID,split,size,field_px,style  (each image's scale and style)
+    out/synth.json             the generation arguments (n_train, n_test, sizes, seed, bit_depth,
+                               style, field_px)
     out/.synth/<split>/<ID>.json  resume record of one finished image (labels, solution masks)
 
-Resume: each image's PNGs are written atomically, then its record; the CSVs are written last.
+Resume: each image's PNGs are written atomically (`kit.atomic.atomic_path`: a hidden
+``.<name>.<random>.tmp.png`` renamed when complete), then its record; the CSVs are written last.
 A rerun with the same arguments skips every image that has a record (an interrupted run
-resumes; a rerun of a complete one only rewrites the CSVs, byte-identical); other arguments into
-a folder with a synth.json are refused with an error naming the differences (`workers` is free).
+resumes; a rerun of a complete one only rewrites the CSVs, byte-identical) and deletes the
+temporaries a kill left of its own files (never taken for another dataset's); other arguments
+into a folder with a synth.json are refused with an error naming the differences (`workers` is
+free). Two runs into one folder at the same time are not supported.
 
 Sizes: ``sizes=[2048, 3072]`` (``--sizes 2048,3072``) draws each image's side from the real HPA
 mix (2048: 17,955, 3072: 3,842, 4096: 9 images of the 2021 train set; uniform for sizes outside
@@ -74,7 +101,8 @@ CSVs carry each image's width and height. The default is one size (``--size``).
 
 Determinism: image i of split s is drawn from ``numpy.random.default_rng([seed, s, i])`` only
 (split into independent streams for geometry, labels, patterns and camera, so fixing the labels
-leaves the rest unchanged), never from worker order: the bytes do not depend on `workers`.
+leaves the rest unchanged; its size and, for ``mixed``, its style have streams of their own),
+never from worker order: the bytes do not depend on `workers`.
 Same seed, same bytes with the pinned numpy and OpenCV. The shape geometry on the pixel grid
 avoids vectorised sin/cos/arctan (whose last bit may differ between CPU SIMD paths), so the truth
 masks are the most robust part; float rendering through OpenCV filters and numpy's exp could in
@@ -85,7 +113,8 @@ from __future__ import annotations
 
 import hashlib
 import math
-from dataclasses import dataclass, field
+import re
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import cv2
@@ -109,7 +138,7 @@ def build_label_table(train_csv: str | Path, out: str | Path = LABEL_TABLE) -> P
     """Write the label-combination frequency table (``Label,count``) from a real train.csv.
 
     `kit/data/label_sets.csv` was made with
-    ``build_label_table("../shared/data/hpa_real/labels/hpa2021_train.csv")``: the 21,806 images
+    ``build_label_table("<the competition's train.csv>")``: the 21,806 images
     of the HPA 2021 train.csv, label strings folded and sorted by `kit.labels.read_labels_csv`
     (372 distinct sets). Only the counts are shipped, not the csv.
     """
@@ -146,6 +175,123 @@ def label_table() -> tuple[list[list[int]], np.ndarray]:
 def draw_image_labels(rng: np.random.Generator) -> list[int]:
     sets, p = label_table()
     return list(sets[int(rng.choice(len(sets), p=p))])
+
+
+# --------------------------------------------------------------------------------------------
+# styles: what kind of field to draw
+
+
+@dataclass(frozen=True)
+class Style:
+    """The knobs of one kind of field (`STYLES` holds the named presets; see the module doc).
+
+    Ranges are (low, high) of a uniform draw per field; lengths are microscope px (a 2048 px
+    field's pixels) and scale with the output size.
+    """
+
+    name: str = "default"
+    density: float = 1.0  # x the real cells-per-field distribution (median 17 per 2048 px field)
+    packing: tuple = (0.6, 1.1)  # most summed cell area / field area: crowded fields squeeze cells
+    spread: float = 1.0  # x cell shape radius (> 1: cells grow into every gap, borders by contact)
+    p_cluster: float = 0.15  # fields whose cells grow in a few colonies instead of evenly
+    p_touch: tuple = (0.15, 0.45)  # share of cells placed against a neighbour (touching nuclei)
+    valley: tuple = (0.1, 0.5)  # cytoplasm dip where two cells touch (0: an invisible seam)
+    valley_px: tuple = (10.0, 20.0)  # its width
+    outline: float = 1.5  # x the harmonic irregularity of cell outlines
+    protrusions: float = 3.0  # mean lobes / dents per cell outline
+    arm: tuple = (0.15, 0.6)  # lobe / dent size (x cell radius); sharp lobes are arms
+    ruffle: float = 0.0  # fine (10 px) outline wobble
+    lamella_px: tuple = (20.0, 30.0)  # the cytoplasm fades over this much at free edges
+    nuc_offset: tuple = (0.0, 0.4)  # nucleus off the cell's centre (x cell radius)
+    level_sd: float = 0.3  # log-sd of a cell's tubulin / ER stain level (a step at contacts)
+    elong_sd: float = 0.3  # log-sd of cell elongation (median 1.4)
+    nuc_size: float = 1.0  # x the typical nucleus area (`NUC_AREA`)
+    p_lobed: float = 0.15  # nuclei with lobes, a kidney notch or a waist
+    lobe_depth: float = 1.0  # x their depth
+    chromatin: float = 0.8  # x the chromatin texture contrast
+    nucleoli: tuple = (1, 4)  # dark nucleoli per nucleus (count range)
+    nucleolus_dark: tuple = (0.45, 0.75)  # how much of the DNA stain a nucleolus lacks
+    nucleolus_size: tuple = (0.1, 0.24)  # nucleolus radius (x nucleus radius)
+    p_mitotic: float = 0.03
+    per_label: bool = False  # heterogeneous: each label shown by its own share of the cells
+    p_neg: tuple = (-0.15, 0.15)  # share of Negative cells in a positive field (< 0: none)
+    p_keep: tuple = (0.7, 1.0)  # chance that a cell shows a given label of its image
+    cell_sd: float = 0.15  # log-sd of the per-cell stain level
+    amp: tuple = (0.6, 1.0)  # per cell and label pattern strength
+    gain: tuple = (1.0, 1.0)  # x every channel's brightness (dim fields < 1)
+    noise: float = 1.0  # x camera noise (sd)
+    p_faint: float = 0.15  # fields whose green is hardly above the background
+    p_defocus: float = 0.1  # fields out of focus
+
+
+_DEFAULT = Style()
+STYLES: dict[str, Style] = {
+    "default": _DEFAULT,
+    # confluent monolayer: many cells pressed together, thin shallow seams, many touching nuclei,
+    # neighbours of the same brightness, nuclei far off their cell's centre
+    "confluent": replace(_DEFAULT, name="confluent", density=2.3, packing=(1.1, 1.4), p_cluster=0.0,
+                         spread=1.5, p_touch=(0.45, 0.75), valley=(0.0, 0.15), valley_px=(1.5, 4.0), level_sd=0.08,
+                         nuc_offset=(0.2, 0.6)),
+    # irregular outlines: long arms, dents, ruffled edges, elongated cells whose edges fade out
+    # slowly, deeply lobed nuclei
+    "irregular": replace(_DEFAULT, name="irregular", outline=1.8, protrusions=4.0, arm=(0.3, 1.1), ruffle=0.05,
+                         elong_sd=0.45, lamella_px=(40.0, 90.0), p_lobed=0.45, lobe_depth=1.4),
+    # textured nuclei: coarse chromatin, several large dark nucleoli, lobes and waists (the
+    # nuclei a segmenter takes for two)
+    "textured": replace(_DEFAULT, name="textured", chromatin=2.4, nucleoli=(3, 7), nucleolus_dark=(0.7, 0.95),
+                        nucleolus_size=(0.15, 0.35), p_lobed=0.4, lobe_depth=1.5),
+    # many mitotic cells: rounded, condensed chromatin plates and clumps, spindles
+    "mitotic": replace(_DEFAULT, name="mitotic", p_mitotic=0.25),
+    # heterogeneous cells: each label in its own share of the cells, more Negative cells, and
+    # very different stain levels between cells
+    "heterogeneous": replace(_DEFAULT, name="heterogeneous", per_label=True, p_neg=(0.1, 0.5), cell_sd=0.6,
+                             amp=(0.25, 1.0)),
+    # dim, noisy, often out-of-focus fields
+    "dim": replace(_DEFAULT, name="dim", gain=(0.15, 0.45), noise=3.0, p_faint=0.4, p_defocus=0.3),
+}
+# all of the above at once (a little milder each)
+STYLES["hard"] = replace(
+    STYLES["confluent"], name="hard", spread=1.3, outline=1.6, protrusions=3.0, arm=(0.25, 0.9), ruffle=0.04, elong_sd=0.4,
+    lamella_px=(30.0, 70.0), p_lobed=0.4, lobe_depth=1.3, chromatin=2.0, nucleoli=(2, 6),
+    nucleolus_dark=(0.6, 0.9), nucleolus_size=(0.12, 0.3), p_mitotic=0.1, per_label=True, p_neg=(0.1, 0.4),
+    cell_sd=0.5, amp=(0.3, 1.0), gain=(0.3, 0.8), noise=2.0, p_faint=0.25, p_defocus=0.15)
+MIXED = "mixed"  # per image one of STYLES: default a third of the time, each other style alike
+STYLE_NAMES = (*STYLES, MIXED)
+
+
+def get_style(style: "str | Style") -> Style:
+    """The `Style` named `style` (a `Style` passes through)."""
+    if isinstance(style, Style):
+        return style
+    if style not in STYLES:
+        raise ConfigError(f"--style must be one of {', '.join(STYLE_NAMES)}, got {style!r}")
+    return STYLES[style]
+
+
+def image_style(seed: int, split: str, index: int, style: str) -> str:
+    """The style of image `index`: `style` itself, or for ``mixed`` a draw from the image's own
+    stream ``default_rng([seed, split, index, 11])`` (independent of order and workers)."""
+    if style != MIXED:
+        get_style(style)
+        return style
+    names = list(STYLES)
+    w = np.array([1 / 3 if n == "default" else 2 / 3 / (len(names) - 1) for n in names])
+    rng = np.random.default_rng([int(seed), SPLITS[split], int(index), 11])
+    return names[int(rng.choice(len(names), p=w))]
+
+
+# the real HPA fields are 1728, 2048 or 3072 px at one microscope resolution; smaller images are
+# whole fields downscaled (see `default_field_px`)
+FULL_RES_MIN = 1728
+CELL_AREA = 132_000.0  # median spread area of a cell (microscope px) before contacts and cropping
+NUC_AREA = 32_000.0  # median nucleus area (microscope px) before it is fitted into its cell
+
+
+def default_field_px(size: int) -> int:
+    """The side of the field an image of `size` px shows, in microscope px: the size itself for
+    sizes of real fields (>= 1728, at the microscope's resolution) and a whole 2048 px field
+    downscaled below that (so a 256 px demo field holds as many cells as a real one)."""
+    return int(size) if int(size) >= FULL_RES_MIN else REF_SIZE
 
 
 # --------------------------------------------------------------------------------------------
@@ -218,12 +364,23 @@ def _harmonics(rng, n: int, amp: float) -> list[tuple[int, float, float]]:
     return [(m, float(rng.normal(0, amp / m)), float(rng.uniform(0, 2 * math.pi))) for m in range(2, 2 + n)]
 
 
-def _polar_dist(u: np.ndarray, v: np.ndarray, harm) -> np.ndarray:
-    """rho / r(theta) for points (u, v) and a star shape r = 1 + sum a cos(m theta + phase).
+def _bumps(rng, n: int, amp: tuple[float, float], powers=(4, 8, 16)) -> list[tuple[float, float, int]]:
+    """`n` outline lobes (amp > 0: protrusion, < 0: dent) as (amp, direction, power)."""
+    out = []
+    for _ in range(n):
+        a = float(rng.uniform(*amp))
+        out.append((a if rng.random() < 0.7 else -0.6 * a, float(rng.uniform(0, 2 * math.pi)),
+                    int(powers[int(rng.integers(len(powers)))])))
+    return out
 
-    cos(m theta) and sin(m theta) come from powers of (u + iv) / rho, so only exactly rounded
-    operations (+, *, /, sqrt) touch the pixel grid: the truth masks are the same bytes on any
-    machine (no libm or SIMD transcendental functions).
+
+def _polar_dist(u: np.ndarray, v: np.ndarray, harm, bumps=()) -> np.ndarray:
+    """rho / r(theta) for points (u, v) and a star shape
+    r = 1 + sum a cos(m theta + phase) + sum b ((1 + cos(theta - phi)) / 2) ** p.
+
+    cos(m theta) and sin(m theta) come from powers of (u + iv) / rho, a lobe's power from repeated
+    squaring, so only exactly rounded operations (+, *, /, sqrt) touch the pixel grid: the truth
+    masks are the same bytes on any machine (no libm or SIMD transcendental functions).
     """
     rho = np.sqrt(u * u + v * v)
     inv = np.maximum(rho, 1e-12)
@@ -238,8 +395,37 @@ def _polar_dist(u: np.ndarray, v: np.ndarray, harm) -> np.ndarray:
             m_done += 1
         r += (a * math.cos(ph)) * cm
         r -= (a * math.sin(ph)) * sm
+    for b, phi, p in bumps:
+        lobe = (cr * (0.5 * math.cos(phi)) + sr * (0.5 * math.sin(phi))) + 0.5
+        while p > 1:  # p is a power of two
+            lobe = lobe * lobe
+            p //= 2
+        r += b * lobe
+    np.maximum(r, 0.25, out=r)  # a deep dent never pinches the shape off its centre
     np.divide(rho, r, out=rho)
     return rho
+
+
+def _shape_radius(harm, bumps, psi: float) -> float:
+    """r(psi) of the star shape `_polar_dist` draws, at one angle (scalar maths)."""
+    r = 1.0 + sum(a * math.cos(m * psi + ph) for m, a, ph in harm)
+    r += sum(b * ((1 + math.cos(psi - phi)) / 2) ** p for b, phi, p in bumps)
+    return max(r, 0.25)
+
+
+def _reach(harm, bumps) -> float:
+    """How far a star shape reaches, in units of its radius: the largest r(theta) over 256
+    directions (a lobe is at least 0.2 rad wide), plus a margin, rounded up to 0.01 (so that
+    the last bit of a vectorised cos cannot move a bounding box)."""
+    if not bumps:
+        return 1.0 + sum(abs(a) for _, a, _ in harm)
+    psi = np.arange(256) * (2 * math.pi / 256)
+    r = np.ones(256)
+    for m, a, ph in harm:
+        r += a * np.cos(m * psi + ph)
+    for b, phi, p in bumps:
+        r += b * ((1 + np.cos(psi - phi)) / 2) ** p
+    return math.ceil((float(r.max()) * 1.03 + 0.01) * 100) / 100
 
 
 # --------------------------------------------------------------------------------------------
@@ -265,6 +451,10 @@ class Cell:
     charm: list
     mitotic: bool = False
     labels: list[int] = field(default_factory=list)  # location labels shown (empty = Negative)
+    nbump: list = field(default_factory=list)  # nuclear lobes / notches (see `_bumps`)
+    cbump: list = field(default_factory=list)  # cell protrusions / dents
+    nreach: float = 1.3  # `_reach` of the nucleus and the cell shape
+    creach: float = 2.0
     bbox: tuple[int, int, int, int] = (0, 0, 0, 0)  # y0, y1, x0, x1 (end exclusive)
 
     def nucleus_dist(self, yy, xx):
@@ -273,11 +463,11 @@ class Cell:
         c, s = math.cos(self.nang), math.sin(self.nang)
         u = (dx * c + dy * s) / self.na
         v = (-dx * s + dy * c) / self.nb
-        return _polar_dist(u, v, self.nharm)
+        return _polar_dist(u, v, self.nharm, self.nbump)
 
     def nucleus_dist_box(self, bbox) -> np.ndarray:
-        """`nucleus_dist` over a bbox: the exact shape near the nucleus, the plain ellipse (its
-        irregularity is a few percent) farther out, where it only weights perinuclear density."""
+        """`nucleus_dist` over a bbox: the exact shape near the nucleus (wherever it can reach),
+        the plain ellipse farther out, where it only weights perinuclear density."""
         y0, y1, x0, x1 = bbox
         yy, xx = _grid(bbox)
         dy, dx = yy - self.ny, xx - self.nx
@@ -285,7 +475,7 @@ class Cell:
         u = (dx * c + dy * s) / self.na
         v = (-dx * s + dy * c) / self.nb
         out = np.sqrt(u * u + v * v)
-        e = max(self.na, self.nb) * 1.4 + 2
+        e = max(self.na, self.nb) * self.nreach * 1.2 + 2
         a0, a1 = max(y0, int(self.ny - e)), min(y1, int(self.ny + e) + 2)
         b0, b1 = max(x0, int(self.nx - e)), min(x1, int(self.nx + e) + 2)
         if a0 < a1 and b0 < b1:
@@ -299,7 +489,7 @@ class Cell:
         e = math.sqrt(self.elong)
         u = (dx * c + dy * s) / (e * self.R)
         v = (-dx * s + dy * c) * (e / self.R)
-        return _polar_dist(u, v, self.charm)
+        return _polar_dist(u, v, self.charm, self.cbump)
 
     @property
     def rn(self) -> float:
@@ -318,51 +508,88 @@ class SynthField:
     cell_labels: list[list[int]]  # per cell id 1..N: class ids (location labels, or [18])
     image_labels: list[int]
     mitotic: list[bool]
+    style: str = "default"
+    field_px: int = REF_SIZE  # the field's side in microscope px (= size at full resolution)
 
     def label_string(self) -> str:
         return format_label(self.image_labels)
 
 
-def _rim_radius(na: float, nb: float, nang: float, harm, theta: float) -> float:
+def _rim_radius(na: float, nb: float, nang: float, harm, theta: float, bumps=()) -> float:
     """Distance from a nucleus centre to its rim in image direction `theta` (exact for the
     star-shaped ellipse that `Cell.nucleus_dist` draws)."""
     c, s_ = math.cos(theta - nang), math.sin(theta - nang)
     k = math.hypot(c / na, s_ / nb)  # rho per unit distance along the ray
     psi = math.atan2(s_ / nb, c / na)
-    r = 1.0 + sum(a * math.cos(m * psi + ph) for m, a, ph in harm)
-    return r / k
+    return _shape_radius(harm, bumps, psi) / k
 
 
-def _place_cells(rng: np.random.Generator, size: int, n_cells: int, n_mitotic: int) -> list[Cell]:
-    s = size / REF_SIZE
+def _nuclear_lobes(rng, nang: float, scale: float = 1.0) -> list[tuple[float, float, int]]:
+    """Irregular nuclei: a kidney notch, 2-3 lobes, or a peanut (a waist across the long axis,
+    which a distance transform sees as two nuclei). `scale` deepens them (at most 0.7)."""
+    kind = rng.random()
+    if kind < 0.35:
+        phi = float(rng.uniform(0, 2 * math.pi))
+        return [(-min(0.7, float(rng.uniform(0.25, 0.45)) * scale), phi, int(rng.choice([8, 16])))]
+    if kind < 0.7:
+        k = int(rng.integers(2, 4))
+        base = float(rng.uniform(0, 2 * math.pi))
+        return [(min(0.7, float(rng.uniform(0.12, 0.28)) * scale), base + 2 * math.pi * j / k
+                 + float(rng.normal(0, 0.3)), int(rng.choice([4, 8]))) for j in range(k)]
+    a = -min(0.7, float(rng.uniform(0.15, 0.32)) * scale)
+    return [(a, nang + math.pi / 2, 8), (a, nang - math.pi / 2, 8)]
+
+
+def _place_cells(rng: np.random.Generator, size: int, n_cells: int, n_mitotic: int,
+                 st: Style = _DEFAULT, field_px: int = REF_SIZE) -> list[Cell]:
+    s = size / field_px  # output px per microscope px
     area = float(size * size)
-    confluence = rng.uniform(0.75, 1.5)  # summed disc area / field area; >1 means crowded
-    r_mean = math.sqrt(confluence * area / (n_cells * math.pi))
+    # the cell line's spread area (cells spread more where they have room), squeezed when the
+    # cells do not fit: crowded fields have smaller cells (real: 74k px median with 46 cells,
+    # 100-160k px with 10-20)
+    a_free = CELL_AREA * float(np.exp(rng.normal(0, 0.25))) * (17.0 * field_px ** 2 / REF_SIZE ** 2
+                                                                 / max(n_cells, 1)) ** 0.5 * s * s
+    a_cell = min(a_free, float(rng.uniform(*st.packing)) * area / max(n_cells, 1))
+    r_mean = math.sqrt(a_cell / math.pi)
+    a_nuc = NUC_AREA * st.nuc_size * float(np.exp(rng.normal(0, 0.2))) * s * s
+    # some fields grow in colonies (and leave much of the field empty)
+    colonies = None
+    if rng.random() < st.p_cluster:
+        k = 1 + int(rng.poisson(1.5))
+        colonies = (rng.uniform(0.1, 0.9, (k, 2)) * size, r_mean * math.sqrt(n_cells / k) * 0.9)
     cells: list[Cell] = []
     centres = np.zeros((0, 2))
     nrad = np.zeros(0)
     crad = np.zeros(0)
     mitotic_flags = [True] * n_mitotic + [False] * (n_cells - n_mitotic)
-    p_touch = float(rng.uniform(0.15, 0.45))  # share of cells placed against a neighbour
+    p_touch = float(rng.uniform(*st.p_touch))  # share of cells placed against a neighbour
     for mit in mitotic_flags:
-        R = r_mean * float(np.exp(rng.normal(0, 0.22)))
+        R = r_mean * float(np.exp(rng.normal(0, 0.15)))
         R = max(R, 40 * s)
+        # nuclei shrink less than cells when crowded
+        # nuclei vary less than cells (real: 24-35k px in fields of 74-156k px cells)
+        rn_free = math.sqrt(a_nuc * float(np.exp(rng.normal(0, 0.25))) / math.pi)
+        nharm = _harmonics(rng, 4, 0.05 if not mit else 0.02)
+        cang = float(rng.uniform(0, math.pi))
+        nang = cang + float(rng.normal(0, 0.25))
         if mit:
             R *= 0.7
             elong = float(rng.uniform(1.0, 1.15))
             charm = _harmonics(rng, 3, 0.04)
+            cbump = []
             rn = R * rng.uniform(0.45, 0.55)
             na, nb = rn * 1.0, rn * 1.0
+            nbump = []
         else:
-            elong = float(np.clip(rng.lognormal(math.log(1.4), 0.25), 1.0, 2.6))
-            charm = _harmonics(rng, 4, 0.22)
-            rn = R * rng.uniform(0.3, 0.42)
+            elong = float(np.clip(rng.lognormal(math.log(1.4), st.elong_sd), 1.0, 3.5))
+            charm = _harmonics(rng, 4, 0.22 * st.outline)
+            cbump = _bumps(rng, int(rng.poisson(st.protrusions)), st.arm, (4, 8, 16, 32, 64))
+            rn = min(rn_free, 0.72 * R)
             e = rng.uniform(0.0, 0.25)
             na, nb = rn * (1 + e), rn * (1 - e)
-        rn_max = max(na, nb) * 1.08
-        nharm = _harmonics(rng, 4, 0.05 if not mit else 0.02)
-        cang = float(rng.uniform(0, math.pi))
-        nang = cang + float(rng.normal(0, 0.25))
+            nbump = _nuclear_lobes(rng, nang, st.lobe_depth) if rng.random() < st.p_lobed else []
+        nreach = _reach(nharm, nbump)
+        rn_max = max(na, nb) * nreach * 1.02
         # a fraction of the cells grow right against a neighbour (daughter pairs, crowding): their
         # nuclei touch or nearly touch, so a segmenter must split them
         buddies = [c for c in cells if not c.mitotic]
@@ -371,8 +598,8 @@ def _place_cells(rng: np.random.Generator, size: int, n_cells: int, n_mitotic: i
             buddy = buddies[int(rng.integers(len(buddies)))]
             th = float(rng.uniform(0, 2 * math.pi))
             gap = float(rng.uniform(-0.5, 4.0)) * max(s, 0.25)  # px; < 0: pressed flat together
-            d0 = (_rim_radius(buddy.na, buddy.nb, buddy.nang, buddy.nharm, th)
-                  + _rim_radius(na, nb, nang, nharm, th + math.pi) + gap)
+            d0 = (_rim_radius(buddy.na, buddy.nb, buddy.nang, buddy.nharm, th, buddy.nbump)
+                  + _rim_radius(na, nb, nang, nharm, th + math.pi, nbump) + gap)
             p = np.array([buddy.ny + d0 * math.sin(th), buddy.nx + d0 * math.cos(th)])
             if not (0 <= p[0] < size and 0 <= p[1] < size):
                 buddy = None
@@ -383,7 +610,13 @@ def _place_cells(rng: np.random.Generator, size: int, n_cells: int, n_mitotic: i
                     buddy = None
         if buddy is None:
             for _ in range(80):
-                p = rng.uniform(0, size, 2)
+                if colonies is None:
+                    p = rng.uniform(0, size, 2)
+                else:
+                    cen, spread = colonies
+                    p = cen[int(rng.integers(len(cen)))] + rng.normal(0, spread, 2)
+                    if not (0 <= p[0] < size and 0 <= p[1] < size):
+                        continue
                 if len(centres):
                     d = np.hypot(*(centres - p).T)
                     # nuclei may touch (as in dense real fields), never overlap
@@ -392,7 +625,7 @@ def _place_cells(rng: np.random.Generator, size: int, n_cells: int, n_mitotic: i
                 break
             else:
                 continue
-        off = R * rng.uniform(0.0, 0.4) * (0.2 if mit else 1.0)  # nucleus often off-centre
+        off = R * rng.uniform(*st.nuc_offset) * (0.2 if mit else 1.0)  # nucleus often off-centre
         if buddy is not None:  # the cell body lies away from its neighbour
             cy, cx = p[0] + off * math.sin(th), p[1] + off * math.cos(th)
         else:
@@ -401,8 +634,9 @@ def _place_cells(rng: np.random.Generator, size: int, n_cells: int, n_mitotic: i
             cx = p[1] + sign * off * math.cos(cang)
         cells.append(Cell(
             id=len(cells) + 1, ny=float(p[0]), nx=float(p[1]), na=float(na), nb=float(nb),
-            nang=nang, nharm=nharm,
-            cy=float(cy), cx=float(cx), R=float(R), elong=elong, cang=cang, charm=charm, mitotic=mit,
+            nang=nang, nharm=nharm, cy=float(cy), cx=float(cx), R=float(R * (1.0 if mit else st.spread)),
+            elong=elong, cang=cang, charm=charm, mitotic=mit,
+            nbump=nbump, cbump=cbump, nreach=nreach, creach=_reach(charm, cbump),
         ))
         centres = np.vstack([centres, p[None]])
         nrad = np.append(nrad, rn_max)
@@ -416,32 +650,43 @@ def _grid(bbox) -> tuple[np.ndarray, np.ndarray]:
     return (np.arange(y0, y1, dtype=np.float32)[:, None], np.arange(x0, x1, dtype=np.float32)[None, :])
 
 
-def _rasterise(cells: list[Cell], size: int, wobble: np.ndarray, rng: np.random.Generator):
+def _rasterise(cells: list[Cell], size: int, wobble: np.ndarray, rng: np.random.Generator,
+               ruffle: np.ndarray | None = None):
     """Cell and nucleus label images plus each pixel's normalised distance within its cell.
 
     `wobble` (a smooth noise field larger than the image) makes outlines and the contacts
-    between cells irregular: each cell reads it at its own offset.
+    between cells irregular: each cell reads it at its own offset; `ruffle` (same shape, finer,
+    already scaled) adds ruffled edges. The distance factor stays >= 0.77, so a cell never
+    reaches past 1.3 of its shape's extent.
     """
     pad = (wobble.shape[0] - size) // 2
     best = np.full((size, size), np.inf, np.float32)
     lab = np.zeros((size, size), np.uint16)
     nuc = np.zeros((size, size), np.uint16)
     for c in cells:
-        ext = c.R * math.sqrt(c.elong) * (1 + sum(abs(a) for _, a, _ in c.charm)) * 1.3 + 2
-        ext = max(ext, max(c.na, c.nb) * 1.2 + abs(c.cy - c.ny) + abs(c.cx - c.nx) + 2)
+        ext = c.R * math.sqrt(c.elong) * c.creach * 1.3 + 2
+        ext = max(ext, max(c.na, c.nb) * c.nreach * 1.45 + abs(c.cy - c.ny) + abs(c.cx - c.nx) + 2)
         y0, y1 = max(0, int(min(c.cy, c.ny) - ext)), min(size, int(max(c.cy, c.ny) + ext) + 2)
         x0, x1 = max(0, int(min(c.cx, c.nx) - ext)), min(size, int(max(c.cx, c.nx) + ext) + 2)
         c.bbox = (y0, y1, x0, x1)
         yy, xx = _grid(c.bbox)
         oy, ox = rng.integers(0, 2 * pad + 1, 2)
-        d = c.cell_dist(yy, xx) * (1 + 0.13 * wobble[oy + y0: oy + y1, ox + x0: ox + x1])
+        f = 1 + 0.13 * wobble[oy + y0: oy + y1, ox + x0: ox + x1]
+        if ruffle is not None:
+            f = np.maximum(f + ruffle[oy + y0: oy + y1, ox + x0: ox + x1], 0.77)
+        d = c.cell_dist(yy, xx) * f
+        # every cell keeps some cytoplasm around its nucleus (a ring of 0.4 nucleus radii, won
+        # against a neighbour's body; between two close nuclei the midline decides)
+        dn = c.dn = c.nucleus_dist_box(c.bbox)  # kept for the renderers
+        ring = dn < 1.4
+        d[ring] = np.minimum(d[ring], 0.35 * dn[ring])
         b = best[y0:y1, x0:x1]
         take = (d < 1.0) & (d < b)
         b[take] = d[take]
         lab[y0:y1, x0:x1][take] = c.id
     for c in cells:  # nuclei override: the nucleus always belongs to its own cell
         y0, y1, x0, x1 = c.bbox
-        dn = c.dn = c.nucleus_dist_box(c.bbox)  # kept for the renderers
+        dn = c.dn
         inside = (dn < 1.0) & (nuc[y0:y1, x0:x1] == 0)
         lab[y0:y1, x0:x1][inside] = c.id
         nuc[y0:y1, x0:x1][inside] = c.id
@@ -461,7 +706,7 @@ def _rasterise(cells: list[Cell], size: int, wobble: np.ndarray, rng: np.random.
 
 
 def _assign_labels(rng: np.random.Generator, cells: list[Cell], image_labels: list[int],
-                   heterogeneity: bool = True) -> None:
+                   heterogeneity: bool = True, st: Style = _DEFAULT) -> None:
     """Give each cell a subset of the image labels (see module doc for the rule)."""
     if image_labels == [NEGATIVE] or not image_labels:
         for c in cells:
@@ -469,12 +714,14 @@ def _assign_labels(rng: np.random.Generator, cells: list[Cell], image_labels: li
         return
     locs = [l for l in image_labels if l != NEGATIVE]
     inter = [l for l in locs if l != MITOSIS]
-    p_neg = rng.uniform(0.0, 0.3) if heterogeneity else 0.0
-    p_keep = rng.uniform(0.55, 1.0) if heterogeneity else 1.0
+    p_neg = max(0.0, rng.uniform(*st.p_neg)) if heterogeneity else 0.0
+    p_keep = rng.uniform(*st.p_keep) if heterogeneity else 1.0
+    # heterogeneous fields: each label is shown by its own share of the cells
+    share = {l: float(rng.uniform(0.15, 1.0)) if (heterogeneity and st.per_label) else p_keep for l in inter}
     for c in cells:
         if c.mitotic:
             # rounded mitotic cells: no nucleus, so only cytoplasmic patterns and the spindle
-            shown = [l for l in inter if l >= 6 and rng.random() < p_keep]
+            shown = [l for l in inter if l >= 6 and rng.random() < share[l]]
             if MITOSIS in locs:
                 shown.append(MITOSIS)
             c.labels = sorted(shown)
@@ -482,7 +729,7 @@ def _assign_labels(rng: np.random.Generator, cells: list[Cell], image_labels: li
         if not inter or rng.random() < p_neg:
             c.labels = []
             continue
-        shown = [l for l in inter if rng.random() < p_keep]
+        shown = [l for l in inter if rng.random() < share[l]]
         if not shown:
             shown = [inter[int(rng.integers(len(inter)))]]
         c.labels = sorted(shown)
@@ -531,16 +778,18 @@ def _sample_in(rng, ctx: _Ctx, mask: np.ndarray, n: int, weight: np.ndarray | No
     return ys + rng.uniform(-0.5, 0.5, n), xs + rng.uniform(-0.5, 0.5, n)
 
 
-def _nucleoli(rng, c: Cell):
-    """Nucleoli as (y, x, radius) inside the nucleus."""
+def _nucleoli(rng, c: Cell, counts: tuple = (1, 4), size: tuple = (0.1, 0.24)):
+    """Nucleoli as (y, x, radius) inside the nucleus; `counts`: (fewest, most); `size`: radius
+    range in nucleus radii (large ones lie closer to the centre)."""
     if c.mitotic:
         return []
-    k = int(rng.integers(1, 5))
+    k = int(rng.integers(counts[0], counts[1] + 1))
     out = []
     for _ in range(k):
-        r = c.rn * rng.uniform(0.1, 0.22)
+        f = float(rng.uniform(*size))
+        r = c.rn * f
         ang = rng.uniform(0, 2 * math.pi)
-        rad = rng.uniform(0, 0.55)
+        rad = rng.uniform(0, max(0.2, 0.8 - 1.2 * f))
         y = c.ny + rad * c.nb * math.sin(ang)
         x = c.nx + rad * c.na * math.cos(ang)
         out.append((y, x, r))
@@ -565,12 +814,20 @@ def _nucleoli_map(ctx: _Ctx, nucleoli) -> np.ndarray:
 
 
 def _microtubules(rng, ctx: _Ctx, centro, thick: int) -> np.ndarray:
+    """A meshwork of curving filaments: a third radiate from the centrosome, the rest run
+    across the cytoplasm in all directions (real fields show a dense tangle, not an aster)."""
     c = ctx.c
-    n = int(np.clip(0.4 * c.R / ctx.s, 30, 200))  # ~80 for a typical cell
-    step = max(2.0, 12 * ctx.s)
+    # ~250 for a typical cell at full resolution; fewer where the output pixels cannot show them
+    n = int(np.clip(min(1.2 * c.R / ctx.s, 4 * c.R), 40, 500))
+    step = max(2.0, 10 * ctx.s)
     n_steps = int(2.2 * c.R / step) + 2
-    start = np.array([centro[1] - ctx.x0, centro[0] - ctx.y0]) + rng.normal(0, 0.15 * c.rn, (n, 2))
-    paths = _walks(rng, start, rng.uniform(0, 2 * math.pi, n), n_steps, step, 0.09)
+    k = n // 3
+    start = np.array([centro[1] - ctx.x0, centro[0] - ctx.y0]) + rng.normal(0, 0.15 * c.rn, (k, 2))
+    ys, xs = _sample_in(rng, ctx, ctx.cyto, n - k)
+    start = np.concatenate([start, np.stack([xs, ys], 1)]) if ys.size else start
+    # filaments of many lengths (short ones look broken, as in a dense tangle)
+    steps = step * rng.uniform(0.25, 1.0, len(start))
+    paths = _walks(rng, start, rng.uniform(0, 2 * math.pi, len(start)), n_steps, steps, 0.18)
     # filaments of different brightness (bundles vs single tubules)
     m = np.zeros(ctx.shape, np.float32)
     for grp, val in ((paths[: n // 3], 1.0), (paths[n // 3:], 0.55)):
@@ -579,14 +836,14 @@ def _microtubules(rng, ctx: _Ctx, centro, thick: int) -> np.ndarray:
 
 
 def _render_patterns(rng, ctx: _Ctx, labels: list[int], er_local, mt_local, nucleoli,
-                     nucleoli_map, centro, spindle, thick) -> np.ndarray:
+                     nucleoli_map, centro, spindle, thick, amp_range=(0.6, 1.0)) -> np.ndarray:
     """Sum of the green patterns of one cell (unmasked values, masked by the caller)."""
     c = ctx.c
     s = ctx.s
     g = np.zeros(ctx.shape, np.float32)
     sp = lambda px: max(0.6, px * s)  # a size given in 2048 px -> output px (min 0.6)
     for l in labels:
-        amp = float(rng.uniform(0.6, 1.0))
+        amp = float(rng.uniform(*amp_range))
         if l == 0:  # nucleoplasm, sparing nucleoli
             p = ctx.nuc_fill * (1 - 0.85 * nucleoli_map)
         elif l == 1:  # nuclear membrane: thin rim of the nucleus
@@ -682,8 +939,11 @@ def _render_patterns(rng, ctx: _Ctx, labels: list[int], er_local, mt_local, nucl
     return g
 
 
-# channel: (robust maximum after gain, normal range, faint range); faint applies to green only
-_LEVELS = {"red": (0.25, 0.6), "green": (0.3, 0.8), "blue": (0.5, 0.9), "yellow": (0.2, 0.5)}
+# each channel's in-cell 99th percentile after gain (8-bit value / 255), drawn per field in
+# these ranges: the four real Kaggle fields give red 0.49-0.98, green 0.28-0.96 (0.02 in the
+# Negative field), blue 0.46-0.72, yellow 0.46-0.81 (some saturate, as here)
+_LEVELS = {"red": (0.55, 1.0), "green": (0.28, 0.9), "blue": (0.45, 0.72), "yellow": (0.55, 0.9)}
+_FAINT = (0.01, 0.06)  # green of a faint or Negative field
 
 
 def _puncta(rng: np.random.Generator, shape: tuple[int, int], s: float) -> np.ndarray:
@@ -713,37 +973,39 @@ def _illumination(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.n
     return yy, xx, float(rng.uniform(0.0, 0.35)), float(rng.uniform(-0.2, 0.2)), float(rng.uniform(0, 2 * math.pi))
 
 
-def _finish(rng: np.random.Generator, size: int, channels, negative: bool = False) -> np.ndarray:
+def _finish(rng: np.random.Generator, size: int, channels, refs, s: float, st: Style = _DEFAULT,
+            negative: bool = False) -> np.ndarray:
     """Gain, out-of-focus haze and blur, shot/read noise and offset -> H x W x 4 in [0, 1].
 
-    Noise is specified for a 512 px image and grows with the size (a 512 px field is in effect
-    binned from a larger one); the background is mostly exact zeros, as in real HPA images.
+    `refs`: each channel's in-cell 99th percentile before gain (it is set to a level drawn from
+    `_LEVELS`); `s`: output px per microscope px. Noise is specified at the microscope's
+    resolution (at 2048 px a pixel is smooth at the 1 px scale, as real fields are); a
+    downscaled field averages 1/s^2 pixels into one, so its noise is s times smaller. The
+    background is mostly exact zeros (a subtracted dark level), as in real HPA images.
     """
     H, W = channels[0].shape
-    z = size / 512
-    # optical blur: sigma 0.7-1.3 px at 2048 px in focus, 3-7 px out of focus (10% of images)
-    focus = float(rng.uniform(0.7, 1.3) if rng.random() < 0.9 else rng.uniform(3.0, 7.0)) * size / REF_SIZE
+    sn = min(1.0, s)
+    # optical blur: sigma 0.9-1.4 microscope px in focus, 3-7 px out of focus
+    focus = float(rng.uniform(0.9, 1.4) if rng.random() >= st.p_defocus else rng.uniform(3.0, 7.0)) * s
     yy, xx, vig, grad, gang = _illumination(rng, size)
     cy, cx = (float(v) for v in rng.uniform(-0.4, 0.4, 2))
     light = (1 - vig * 0.5 * ((yy - cy) ** 2 + (xx - cx) ** 2)) + grad * (math.sin(gang) * yy + math.cos(gang) * xx)
     light = np.clip(light, 0.3, None).astype(np.float32)
-    faint = rng.random() < 0.15 or negative  # no specific staining: the camera shows little
+    faint = rng.random() < st.p_faint or negative  # no specific staining: the camera shows little
+    gain = float(rng.uniform(*st.gain))
     small = (max(8, W // 8), max(8, H // 8))
     out = np.empty((H, W, 4), np.float32)
-    for i, (name, ch) in enumerate(zip(("red", "green", "blue", "yellow"), channels)):
-        lo, hi = (0.03, 0.12) if (faint and name == "green") else _LEVELS[name]
-        # robust maximum; a few tiny bright structures (fibrillar centres, centrosomes) may
-        # saturate a little, as they do in real images, but do not set the scale alone
-        ref = max(float(np.percentile(ch[::2, ::2], 99.9)), 0.4 * float(ch.max()))
-        x = ch * np.float32(rng.uniform(lo, hi) / ref if ref > 1e-6 else 0.0)
+    for i, (name, ch, ref) in enumerate(zip(("red", "green", "blue", "yellow"), channels, refs)):
+        lo, hi = _FAINT if (faint and name == "green") else _LEVELS[name]
+        x = ch * np.float32(rng.uniform(lo, hi) * gain / ref if ref > 1e-6 else 0.0)
         # out-of-focus light: a wide halo around everything bright
         halo = cv2.resize(_blur(cv2.resize(x, small, interpolation=cv2.INTER_AREA), 2.5), (W, H),
                           interpolation=cv2.INTER_LINEAR)
         x = (_blur(x, focus) + float(rng.uniform(0.03, 0.12)) * halo) * light
-        # per-pixel noise: modest at every size (real 2048 px puncta stand well above it)
-        shot = float(rng.uniform(0.002, 0.008)) * math.sqrt(z)
-        read = float(rng.uniform(0.0015, 0.005)) * z ** 0.25
-        offset = float(rng.uniform(-1.5, 0.3)) * read  # dark level subtracted: many exact zeros
+        shot = float(rng.uniform(0.0008, 0.004)) * (sn * st.noise) ** 2  # variance per unit signal
+        read = float(rng.uniform(0.0025, 0.007)) * sn * st.noise
+        # dark level subtracted: the background and the dimmest cytoplasm are exact zeros
+        offset = -float(rng.uniform(0.0, 0.008)) * gain - float(rng.uniform(-0.3, 1.5)) * read
         # shot (variance ~ signal) and read noise in one Gaussian draw
         x += np.sqrt(np.maximum(x, 0) * shot + read * read) * rng.standard_normal((H, W), dtype=np.float32)
         x += offset
@@ -751,37 +1013,49 @@ def _finish(rng: np.random.Generator, size: int, channels, negative: bool = Fals
     return out
 
 
-def make_field(rng: np.random.Generator | int, size: int = 512, labels: list[int] | None = None,
+def draw_field(rng: np.random.Generator | int, size: int = 512, labels: list[int] | None = None,
                n_cells: int | None = None, heterogeneity: bool = True,
-               n_mitotic: int | None = None) -> SynthField:
+               n_mitotic: int | None = None, *, style: "str | Style" = "default",
+               field_px: int | None = None) -> SynthField:
     """Draw one synthetic field of `size` x `size` pixels.
 
     `labels` fixes the image label set (default: drawn from the real frequencies); with
     ``heterogeneity=False`` every interphase cell shows every label (used to render one class).
-    Returns a `SynthField` with a float32 RGBY image in [0, 1] before quantisation.
+    `style` names a preset of `STYLES` (or is a `Style`); `field_px` is the field's side in
+    microscope px (default `default_field_px(size)`: the size itself from 1728 px up, else a
+    downscaled 2048 px field). Returns a `SynthField` with a float32 RGBY image in [0, 1]
+    before quantisation.
     """
+    st = get_style(style)
     if not isinstance(rng, np.random.Generator):
         rng = np.random.default_rng(rng)
     size = int(size)
-    s = size / REF_SIZE
+    field_px = int(field_px or default_field_px(size))
+    s = size / field_px  # output px per microscope px
     # independent streams: changing the labels leaves geometry, textures and noise unchanged
     rng, rng_lab, rng_pat, rng_img = rng.spawn(4)
     if labels is None:
         labels = draw_image_labels(rng_lab)
     labels = sorted(set(int(l) for l in labels))
     if n_cells is None:
-        n_cells = int(np.clip(round(rng.lognormal(math.log(18), 0.45)), 5, 45))
+        # the real train table: median 17 cells per 2048 px field (10-35 for 10-90%), 27 per 3072
+        rel = field_px / REF_SIZE
+        med = 17.0 * st.density * rel ** 1.15
+        n_cells = int(np.clip(round(rng.lognormal(math.log(med), 0.48)), 4, max(8, round(110 * rel * rel))))
     if n_mitotic is None:
-        n_mitotic = int(rng.binomial(n_cells, 0.03))
+        n_mitotic = int(rng.binomial(n_cells, st.p_mitotic))
         if MITOSIS in labels:
             n_mitotic = max(n_mitotic, int(rng.integers(1, 4)))
     n_mitotic = min(n_mitotic, n_cells)
-    cells = _place_cells(rng, size, n_cells, n_mitotic)
+    cells = _place_cells(rng, size, n_cells, n_mitotic, st, field_px)
     pad = max(8, size // 8)
     # clipped below so that a cell never reaches past 1 / (1 - 0.13 * 1.75) = 1.3 of its radius
     wobble = np.maximum(_noise(rng, (size + 2 * pad, size + 2 * pad), max(1.0, 90 * s)), -1.75)
-    lab, nuc, dcell = _rasterise(cells, size, wobble, rng)
-    _assign_labels(rng_lab, cells, labels, heterogeneity)
+    ruffle = None
+    if st.ruffle > 0:
+        ruffle = (st.ruffle * np.clip(_noise(rng, wobble.shape, max(0.7, 10 * s)), -2, 2)).astype(np.float32)
+    lab, nuc, dcell = _rasterise(cells, size, wobble, rng, ruffle)
+    _assign_labels(rng_lab, cells, labels, heterogeneity, st)
 
     # distances to background and to contacts between cells (the image border is neither:
     # cells go on beyond it), for thickness profiles, valleys and rims
@@ -795,11 +1069,12 @@ def make_field(rng: np.random.Generator | int, size: int = 512, labels: list[int
     contact[:-1, :] |= dv
     edge_bg = cv2.distanceTransform((lp > 0).astype(np.uint8), cv2.DIST_L2, 3)[1:-1, 1:-1]
     edge_int = cv2.distanceTransform((~contact).astype(np.uint8), cv2.DIST_L2, 3)[1:-1, 1:-1]
-    valley = float(rng_img.uniform(0.0, 0.5))
+    valley = float(rng_img.uniform(*st.valley))
+    valley_w = max(0.5, float(rng_img.uniform(*st.valley_px)) * s)
     # cytoplasm thickness: a dome over the cell, thin lamella at free edges (fall-off within
-    # ~25 px at 2048) and a slight valley where two cells touch
-    le = max(25 * s, 1.0)
-    prof = (1 - np.exp(-edge_bg / le)) * (1 - valley * np.exp(-edge_int / (0.6 * le))) * (1.15 - 0.5 * dcell * dcell)
+    # ~25 microscope px) and a valley where two cells touch (wide and slight, or a thin seam)
+    le = max(float(rng_img.uniform(*st.lamella_px)) * s, 1.0)
+    prof = (1 - np.exp(-edge_bg / le)) * (1 - valley * np.exp(-edge_int / valley_w)) * (1.15 - 0.5 * dcell * dcell)
     prof = np.where(lab > 0, prof, 0).astype(np.float32)
     edge = np.minimum(edge_bg, edge_int)
 
@@ -808,38 +1083,50 @@ def make_field(rng: np.random.Generator | int, size: int = 512, labels: list[int
     green = np.zeros((H, W), np.float32)
     blue = np.zeros((H, W), np.float32)
     yellow = np.zeros((H, W), np.float32)
-    thick = max(1, int(round(size / 900)))
+    thick = max(1, int(round(2.2 * s)))
 
     # ER network: the zero set of smooth noise is a net of curved tubules
-    # (mesh ~25 px at 2048; below ~1 px per tubule it blurs into the fine texture it is)
-    er_noise = _noise(rng_img, (H, W), max(0.7, 6 * s))
+    # (mesh ~15 microscope px; below ~1 px per tubule it blurs into the fine texture it is)
+    er_noise = _noise(rng_img, (H, W), max(0.7, 4 * s))
     er_net = np.exp(-(er_noise / 0.4) ** 2).astype(np.float32)
-    chroma = _noise(rng_img, (H, W), max(0.7, 5 * s))
+    # chromatin: fine grain, and coarse clumps made from the same noise (one random draw)
+    chroma_fine = _noise(rng_img, (H, W), max(0.6, 1.8 * s))
+    chroma = _blur(chroma_fine, max(0.6, 4.8 * s))
+    chroma *= np.float32(1.0 / max(float(chroma[::4, ::4].std()), 1e-6))
+    tex_field = 1 + st.chromatin * (0.22 * np.clip(chroma_fine, -2.5, 2.5) + 0.16 * np.clip(chroma, -2.5, 2.5))
+    np.maximum(tex_field, 0.15, out=tex_field)
 
-    cell_level = np.exp(rng_img.normal(0, 0.35, len(cells) + 1)).astype(np.float32)
+    cell_level = np.exp(rng_img.normal(0, st.cell_sd, len(cells) + 1)).astype(np.float32)
     # the odd cell lies in another focal plane (rounded up, or on top of its neighbours)
     defocus = rng_img.random(len(cells) + 1) < 0.06
     for c in cells:
         ctx = _Ctx(c, lab, nuc, dcell, edge, prof, s)
         own = ctx.own
         b_local = np.zeros(ctx.shape, np.float32)
-        nucleoli = _nucleoli(rng, c)
+        nucleoli = _nucleoli(rng, c, st.nucleoli, st.nucleolus_size)
         nmap = _nucleoli_map(ctx, nucleoli)
         ang = rng.uniform(0, 2 * math.pi)
         centro = (c.ny + 1.15 * c.rn * math.sin(ang), c.nx + 1.15 * c.rn * math.cos(ang))
         spindle = None
         if c.mitotic:
-            # metaphase: chromatin condensed to a plate, spindle poles on either side
+            # metaphase: chromatin condensed to a plate, spindle poles on either side; or
+            # prometaphase: an irregular clump of condensed chromosomes (one piece: star-shaped)
             pa = c.cang + math.pi / 2
-            plate = np.abs((ctx.xx - c.nx) * math.cos(pa) + (ctx.yy - c.ny) * math.sin(pa))
-            along = np.abs(-(ctx.xx - c.nx) * math.sin(pa) + (ctx.yy - c.ny) * math.cos(pa))
-            chrom = np.clip(1.0 - plate / (0.22 * c.rn), 0, 1) * np.clip(1.0 - along / (0.95 * c.rn), 0, 1)
-            chrom = (chrom > 0.05).astype(np.float32) * own
+            if rng.random() < 0.6:
+                plate = np.abs((ctx.xx - c.nx) * math.cos(pa) + (ctx.yy - c.ny) * math.sin(pa))
+                along = np.abs(-(ctx.xx - c.nx) * math.sin(pa) + (ctx.yy - c.ny) * math.cos(pa))
+                chrom = np.clip(1.0 - plate / (0.22 * c.rn), 0, 1) * np.clip(1.0 - along / (0.95 * c.rn), 0, 1)
+                chrom = (chrom > 0.05).astype(np.float32) * own
+            else:
+                rc = 0.75 * c.rn
+                chrom = (_polar_dist((ctx.xx - c.nx) / rc, (ctx.yy - c.ny) / rc, _harmonics(rng, 6, 0.5)) < 1.0)
+                chrom = chrom.astype(np.float32) * own
             nuc[ctx.sl][ctx.nuc & (chrom == 0)] = 0  # the nucleus of a mitotic cell is its chromatin
             nuc[ctx.sl][(chrom > 0) & own] = c.id
             ctx.nuc = nuc[ctx.sl] == c.id
             ctx.cyto = own & ~ctx.nuc
-            b_local += chrom * (0.85 + 0.25 * np.clip(chroma[ctx.sl], -1, 1)) * 1.1
+            # condensed chromatin stains about twice as bright as an interphase nucleus
+            b_local += chrom * (0.85 + 0.3 * np.clip(chroma_fine[ctx.sl], -1.5, 1.5)) * 1.6
             pole_d = 0.95 * c.rn
             poles = [(c.ny + pole_d * math.sin(pa), c.nx + pole_d * math.cos(pa)),
                      (c.ny - pole_d * math.sin(pa), c.nx - pole_d * math.cos(pa))]
@@ -861,22 +1148,23 @@ def make_field(rng: np.random.Generator | int, size: int = 512, labels: list[int
             mt = spindle * 1.2 + 0.35 * ctx.prof
             centro = poles[0]
         else:
-            # DNA: clumpy chromatin, dark nucleoli, nuclei of quite different brightness
-            tex = 0.75 + 0.25 * np.clip(chroma[ctx.sl], -2, 2) / 2
-            b = ctx.nuc_fill * tex * (1 - 0.6 * nmap) * float(np.exp(rng.normal(-0.35, 0.3)))
+            # DNA: clumpy, grainy chromatin, dark nucleoli, nuclei of quite different brightness
+            dark = float(rng.uniform(*st.nucleolus_dark))
+            b = ctx.nuc_fill * tex_field[ctx.sl] * (1 - dark * nmap) * float(np.exp(rng.normal(-0.35, 0.3)))
             b_local += b * ctx.nuc
-            mt = _microtubules(rng, ctx, centro, thick) * own * 0.8
-            mt = _blur(mt, max(0.6, 2 * s)) * 1.6 * (ctx.prof + 0.2) * np.where(ctx.nuc, 0.3, 1.0)
-            mt += 0.22 * ctx.prof
-        level = float(np.exp(rng.normal(0, 0.3)))  # cells differ in tubulin/ER content
+            mt = _microtubules(rng, ctx, centro, max(1, int(round(1.2 * s)))) * own * 0.8
+            mt = _blur(mt, max(0.6, 0.8 * s)) * 1.6 * (ctx.prof + 0.1) * np.where(ctx.nuc, 0.3, 1.0)
+            mt += 0.05 * ctx.prof
+        level = float(np.exp(rng.normal(0, st.level_sd)))  # cells differ in tubulin/ER content
         r_local = mt * level * float(rng.uniform(0.8, 1.2)) * own
         # tubular network everywhere, sheets (diffuse) close to the nucleus
-        er = (0.15 + 0.5 * ctx.pn + 0.7 * er_net[ctx.sl]) * (0.35 + 0.65 * ctx.pn) * ctx.prof
+        er = (0.06 + 0.35 * ctx.pn + 0.9 * er_net[ctx.sl]) * (0.35 + 0.65 * ctx.pn) * ctx.prof
         er = np.where(ctx.nuc, 0.12 * ctx.prof, er)
         er += 0.5 * np.exp(-(((ctx.dn - 1.0) * c.rn) / max(0.7, 6 * s)) ** 2) * own * (not c.mitotic)
         er_l = er.astype(np.float32) * own
         y_local = er_l * level * float(rng.uniform(0.8, 1.2))
-        gl = _render_patterns(rng_pat, ctx, c.labels, er_l, mt * own, nucleoli, nmap, centro, spindle, thick)
+        gl = _render_patterns(rng_pat, ctx, c.labels, er_l, mt * own, nucleoli, nmap, centro, spindle, thick,
+                              st.amp)
         gl = gl * own * cell_level[c.id] + 0.025 * ctx.prof  # non-specific background of every cell
         layers = [r_local, gl, b_local, y_local]
         if defocus[c.id]:
@@ -885,9 +1173,14 @@ def make_field(rng: np.random.Generator | int, size: int = 512, labels: list[int
         for dst, x in zip((red, green, blue, yellow), layers):
             dst[ctx.sl] += x
 
-    # antibody staining is punctate: bright puncta 2-4 px across (at 2048 px) over a faint
-    # diffuse part; the pattern sets where and how densely they lie
+    # antibody staining is punctate: bright puncta 2-4 px across (microscope px) over a faint
+    # diffuse part; the pattern sets where and how densely they lie; the ER stain is granular
     green *= _puncta(rng_img, (H, W), s)
+    yellow *= 0.5 + 0.5 * _puncta(rng_img, (H, W), s)
+    # the gains are set on the stain in the cells, before debris (which may then saturate)
+    inside = lab[::2, ::2] > 0
+    refs = [float(np.percentile(ch[::2, ::2][inside], 99)) if inside.any() else float(ch.max())
+            for ch in (red, green, blue, yellow)]
     # debris: dust and antibody aggregates anywhere, cells or background, brightest in green,
     # some also fluorescent in the other channels; a few larger irregular clumps
     k = int(rng_img.poisson(2.5))
@@ -909,12 +1202,14 @@ def make_field(rng: np.random.Generator | int, size: int = 512, labels: list[int
                 if w > 0:
                     ch += w * spots
     clean = np.stack([red, green, blue, yellow], axis=-1)
-    image = _finish(rng_img, size, (red, green, blue, yellow), negative=not any(c.labels for c in cells))
+    image = _finish(rng_img, size, (red, green, blue, yellow), refs, s, st,
+                    negative=not any(c.labels for c in cells))
     cell_labels = [list(c.labels) if c.labels else [NEGATIVE] for c in cells]
     locs = sorted({l for c in cells for l in c.labels})
     image_labels = locs if locs else [NEGATIVE]
     return SynthField(image=image, clean=clean, cells=lab, nuclei=nuc, cell_labels=cell_labels,
-                      image_labels=image_labels, mitotic=[c.mitotic for c in cells])
+                      image_labels=image_labels, mitotic=[c.mitotic for c in cells], style=st.name,
+                      field_px=field_px)
 
 
 def quantise(image: np.ndarray, bit_depth: int = 8) -> np.ndarray:
@@ -978,6 +1273,29 @@ def image_size(seed: int, split: str, index: int, sizes) -> int:
     return sizes[int(rng.choice(len(sizes), p=size_weights(sizes)))]
 
 
+# `kit.atomic.atomic_path` writes `<stem><suffix>` as `.<stem>.<8 random chars>.tmp<suffix>` first
+_TEMP_NAME = re.compile(r"^\.(?P<stem>[^/]+)\.[A-Za-z0-9_]{8}\.tmp(\.[A-Za-z0-9]+)?$")
+_OWN_FILES = {"train", "sample_submission", "train_solution", "test_solution", "cell_labels", "images", "synth"}
+
+
+def _temp_stem(name: str) -> str | None:
+    """The final file's stem when `name` is an atomic_path temporary, else None."""
+    m = _TEMP_NAME.match(name)
+    return m.group("stem") if m else None
+
+
+def _remove_own_temporaries(out: Path, ids: set[str]) -> None:
+    """Delete the temporaries a killed run of this dataset left (its PNGs, records and CSVs):
+    never finished, never renamed, so nothing else will; other files are left alone."""
+    for folder in (out, out / "train", out / "test", out / "truth", out / ".synth" / "train", out / ".synth" / "test"):
+        if not folder.is_dir():
+            continue
+        for p in folder.iterdir():
+            stem = _temp_stem(p.name)
+            if stem and (stem in _OWN_FILES or stem.split("_", 1)[0] in ids) and p.is_file():
+                p.unlink(missing_ok=True)
+
+
 def _record_path(out: Path, split: str, iid: str) -> Path:
     return Path(out) / ".synth" / split / f"{iid}.json"
 
@@ -985,15 +1303,16 @@ def _record_path(out: Path, split: str, iid: str) -> Path:
 def _generate_one(job: tuple) -> tuple:
     import json
 
-    out, split, index, size, seed, bit_depth = job
+    out, split, index, size, seed, bit_depth, style, field_px = job
     iid = image_id(seed, split, index)
     rec = _record_path(Path(out), split, iid)
     if rec.is_file():  # finished in an earlier run with the same arguments: skip
         r = json.loads(rec.read_text())
-        return split, iid, r["label"], r["pred"], [tuple(x) for x in r["rows"]], r["size"]
+        return (split, iid, r["label"], r["pred"], [tuple(x) for x in r["rows"]], r["size"], r["style"],
+                r["field_px"])
     cv2.setNumThreads(0)
     rng = np.random.default_rng([int(seed), SPLITS[split], int(index)])
-    f = make_field(rng, size)
+    f = draw_field(rng, size, style=style, field_px=field_px)
     q = quantise(f.image, bit_depth)
     folder = Path(out) / split
     for k, ch in enumerate(("red", "green", "blue", "yellow")):
@@ -1006,16 +1325,20 @@ def _generate_one(job: tuple) -> tuple:
     rows = [(iid, k, format_label(ls)) for k, ls in zip(ids, f.cell_labels)]
     # the record is written last: it marks the image's files complete
     with atomic_open(rec, "w") as fh:
-        json.dump({"label": f.label_string(), "pred": pred, "rows": rows, "size": size}, fh)
-    return split, iid, f.label_string(), pred, rows, size
+        json.dump({"label": f.label_string(), "pred": pred, "rows": rows, "size": size, "style": f.style,
+                   "field_px": f.field_px}, fh)
+    return split, iid, f.label_string(), pred, rows, size, f.style, f.field_px
 
 
 def generate_dataset(out: str | Path, n_train: int, n_test: int, size: int = 512, seed: int = 0,
-                     bit_depth: int = 8, workers: int = 1, sizes=None) -> Path:
+                     bit_depth: int = 8, workers: int = 1, sizes=None, style: str = "default",
+                     field_px: int | None = None) -> Path:
     """Write a synthetic dataset in the Kaggle layout with truth (see module doc); returns `out`.
 
     `sizes` (e.g. ``[2048, 3072]``) mixes image sizes, drawn per image with the real HPA
-    weights (`size_weights`); default: every image is `size` px. The arguments are recorded in
+    weights (`size_weights`); default: every image is `size` px. `style` is one of
+    `STYLE_NAMES` (``mixed``: one style per image, `image_style`); `field_px` the side of every
+    field in microscope px (default: `default_field_px` of each image's size). The arguments are recorded in
     ``out/synth.json``; a rerun with the same arguments skips the images already finished
     (each marked by ``out/.synth/<split>/<ID>.json``, written after its PNGs) and rewrites the
     CSVs, so an interrupted run resumes; other arguments into the same folder are refused.
@@ -1031,9 +1354,14 @@ def generate_dataset(out: str | Path, n_train: int, n_test: int, size: int = 512
         raise ConfigError(f"--size must be at least 64 px, got {min(sizes)}")
     if bit_depth not in (8, 16):
         raise ConfigError(f"--bit-depth must be 8 or 16, got {bit_depth}")
+    if style != MIXED:
+        get_style(style)
+    if field_px is not None and int(field_px) < 64:
+        raise ConfigError(f"--field-px must be at least 64 px, got {field_px}")
     out = Path(out)
-    params = {"generator": "kit.synth", "version": 2, "n_train": int(n_train), "n_test": int(n_test),
-              "sizes": sizes, "seed": int(seed), "bit_depth": int(bit_depth)}
+    params = {"generator": "kit.synth", "version": 3, "n_train": int(n_train), "n_test": int(n_test),
+              "sizes": sizes, "seed": int(seed), "bit_depth": int(bit_depth), "style": str(style),
+              "field_px": None if field_px is None else int(field_px)}
     meta = out / "synth.json"
     if meta.is_file():
         try:
@@ -1045,15 +1373,21 @@ def generate_dataset(out: str | Path, n_train: int, n_test: int, size: int = 512
                              if not isinstance(old, dict) or old.get(k) != v) if isinstance(old, dict) else "unreadable"
             raise ConfigError(f"{out} already holds another dataset made with other arguments ({meta}: {diff}); "
                               "repeat the same arguments to resume, or choose an empty or new --out folder")
-    # refuse to mix with another dataset: files of IDs we will not write would stay behind
+    # refuse to mix with another dataset: files of IDs we will not write would stay behind.
+    # Only finished files count: a hidden temporary (`.<ID>_<ch>.<rand>.tmp.png`) is what a kill
+    # during a write leaves, never a file of a dataset
+    ours_all: set[str] = set()
     for split, n in (("train", n_train), ("test", n_test)):
         ours = {image_id(seed, split, i) for i in range(n)}
+        ours_all |= ours
         folder = out / split
-        stale = sorted(p.name for p in folder.glob("*.png") if p.name.rsplit("_", 1)[0] not in ours) \
+        stale = sorted(p.name for p in folder.glob("*.png")
+                       if not _temp_stem(p.name) and p.name.rsplit("_", 1)[0] not in ours) \
             if folder.is_dir() else []
         if stale:
             raise ConfigError(f"{folder} already holds {len(stale)} image file(s) of another dataset "
                               f"(e.g. {stale[0]}); choose an empty or new --out folder")
+    _remove_own_temporaries(out, ours_all)
     if not meta.is_file():  # an earlier folder without synth.json: its records cannot be trusted
         import shutil
 
@@ -1062,8 +1396,8 @@ def generate_dataset(out: str | Path, n_train: int, n_test: int, size: int = 512
         (out / sub).mkdir(parents=True, exist_ok=True)
     with atomic_open(meta, "w") as fh:
         json.dump(params, fh, indent=1)
-    jobs = [(str(out), "train", i, image_size(seed, "train", i, sizes), seed, bit_depth) for i in range(n_train)]
-    jobs += [(str(out), "test", i, image_size(seed, "test", i, sizes), seed, bit_depth) for i in range(n_test)]
+    jobs = [(str(out), split, i, image_size(seed, split, i, sizes), seed, bit_depth, image_style(seed, split, i, style),
+             field_px) for split, n in (("train", n_train), ("test", n_test)) for i in range(n)]
     todo = sum(not _record_path(out, j[1], image_id(seed, j[1], j[2])).is_file() for j in jobs)
     bar = dict(total=len(jobs), initial=0, desc="synth", unit="img", disable=None)
     results = list(tqdm(pool_map(_generate_one, jobs, workers if todo > 1 else 1), **bar))
@@ -1089,6 +1423,10 @@ def generate_dataset(out: str | Path, n_train: int, n_test: int, size: int = 512
         for r in results:
             for iid, k, label in r[4]:
                 f.write(f"{iid},{k},{label}\n")
+    with atomic_open(out / "truth" / "images.csv", "w", newline="") as f:
+        f.write("ID,split,size,field_px,style\n")
+        for r in results:
+            f.write(f"{r[1]},{r[0]},{r[5]},{r[7]},{r[6]}\n")
     return out
 
 
@@ -1096,13 +1434,23 @@ def configure_synth(parser) -> None:
     parser.add_argument("--out", required=True, help="output folder (Kaggle layout + truth/)")
     parser.add_argument("--train", type=int, default=64, help="number of train images (default 64)")
     parser.add_argument("--test", type=int, default=16, help="number of test images (default 16)")
-    parser.add_argument("--size", type=int, default=512, help="image side in pixels (default 512)")
+    parser.add_argument("--size", type=int, default=512,
+                        help="image side in pixels (default 512); from 1728 px up the image is at the real "
+                             "microscope resolution (a 3072 px field holds 2.25x the area of a 2048 px one), "
+                             "below it a whole 2048 px field downscaled (see --field-px)")
     parser.add_argument("--sizes", default=None, metavar="PX,PX",
                         help="mix of image sides, e.g. 2048,3072, drawn per image with the real HPA "
                              "weights (2048: 17,955 images, 3072: 3,842); overrides --size")
     parser.add_argument("--seed", type=int, default=0, help="random seed (same seed, same bytes)")
     parser.add_argument("--bit-depth", type=int, default=8, choices=(8, 16), help="PNG bit depth")
     parser.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
+    parser.add_argument("--style", default="default", choices=STYLE_NAMES,
+                        help="kind of field: default (like the real median field), confluent, irregular, "
+                             "textured, mitotic, heterogeneous, dim, hard (all of them) or mixed (one per "
+                             "image, a third default); see kit/synth.py")
+    parser.add_argument("--field-px", type=int, default=None, metavar="PX",
+                        help="side of the field in microscope px (default: the size from 1728 px up, else "
+                             "2048): e.g. --size 512 --field-px 512 draws 512 px crops at full resolution")
     parser.set_defaults(func=_run_synth)
 
 
@@ -1116,7 +1464,8 @@ def _run_synth(args) -> int:
         if not sizes:
             raise ConfigError(f"--sizes must name at least one size, got {args.sizes!r}")
     out = generate_dataset(args.out, args.train, args.test, args.size, args.seed, args.bit_depth, args.workers,
-                           sizes=sizes)
+                           sizes=sizes, style=args.style, field_px=args.field_px)
     what = ",".join(map(str, sorted(set(sizes)))) if sizes else str(args.size)
-    print(f"wrote {args.train} train + {args.test} test images ({what} px, {args.bit_depth}-bit) to {out}")
+    print(f"wrote {args.train} train + {args.test} test images ({what} px, {args.bit_depth}-bit, style "
+          f"{args.style}) to {out}")
     return 0

@@ -6,12 +6,14 @@
     python -m kit lr-find --config RUN_DIR/config.yaml --out DIR [--kind cell|image]
 
 Inputs: labels (``data.train_csv``, kit.labels), folds (``data.folds_file``, kit.folds: ``ID,fold``),
-cell tiles (tile cache of kit.cells) for the cell model, downscaled fields (field cache, built here
-on first use) for the image model; see kit.datasets. Every cell is trained on its image's labels.
+cell tiles (tile cache of kit.cells) for the cell model, downscaled fields (kit.fields) for the image
+model, made where missing by one `kit.prepare` pass; see kit.torchdata. Every cell is trained on its
+image's labels.
 
 Run folder (rank 0 writes, every file atomically)::
 
-    <run_dir>/config.yaml                  resolved config
+    <run_dir>/config.yaml                  the resolved config, written once (a rerun must not change how it trains)
+    <run_dir>/manifest.json                the run's inputs (kit.manifest: caches, folds file and sha256, folds, sizes)
     <run_dir>/train_metrics.json           per kind and fold: best validation metrics
     <run_dir>/<kind>/fold<k>/last.pt       checkpoint after the latest epoch (resume from here)
                             best.pt        checkpoint of the best validation macro-AP
@@ -23,7 +25,7 @@ Run folder (rank 0 writes, every file atomically)::
 Checkpoint dict (torchvision-reference style): ``model, optimizer, lr_scheduler, scaler, epoch``
 (epochs completed), ``config`` (plain dict), ``best_score, best_epoch, history, batch_losses, rng``
 (python, numpy, torch and CUDA generator states). Data order and augmentation depend only on
-(seed, epoch) (kit.datasets.EpochSampler), so ``--resume`` continues exactly where it stopped.
+(seed, epoch) (kit.torchdata.EpochSampler), so ``--resume`` continues exactly where it stopped.
 """
 from __future__ import annotations
 
@@ -46,6 +48,7 @@ import torch.nn as nn
 
 from kit.atomic import atomic_open, atomic_path
 from kit.config import Config, config_hash, load_config, save_config, to_dict
+from kit.device import resolve_device
 from kit.errors import ConfigError, DataError, KitError
 from kit.labels import NUM_CLASSES
 from kit.models import build_from_config, preprocess, unwrap
@@ -60,7 +63,9 @@ METRIC_COLUMNS = ("train_loss", "valid_loss", "accuracy_multi", "precision", "mi
 
 def dist_info() -> tuple[int, int, int]:
     """(rank, world_size, local_rank) from torchrun's environment (0, 1, 0 when not distributed)."""
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
+    from kit.device import local_rank
+
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), local_rank()
 
 
 def setup_distributed(device: torch.device) -> tuple[int, int]:
@@ -75,18 +80,6 @@ def setup_distributed(device: torch.device) -> tuple[int, int]:
 def _barrier(world: int) -> None:
     if world > 1:
         torch.distributed.barrier()
-
-
-def resolve_device(name: str = "auto") -> torch.device:
-    """``auto``: this rank's GPU when CUDA is available, else the CPU."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", dist_info()[2] % torch.cuda.device_count())
-        return torch.device("cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"config key train.device: {name!r} requested but CUDA is not available")
-    return dev
 
 
 # ---------------------------------------------------------------------------------------------
@@ -139,16 +132,21 @@ def _targets(table) -> np.ndarray:
 def make_dataset(cfg: Config, kind: str, table, train: bool, progress: bool = True, build: bool = True):
     """The Dataset of `kind` over the images of `table` (augmented when `train`).
 
-    build: create missing cache entries first (cell tiles via kit.cells, downscaled fields)."""
-    from kit import datasets as kd
+    build: make missing inputs first (`kit.prepare.prepare_run`: cell tiles, downscaled fields)."""
+    from kit import torchdata
+    from kit.manifest import resolve_inputs
 
     targets = _targets(table)
     ids = table["ID"].tolist()
     tcfg = cfg.train_for(kind)
+    inputs = resolve_inputs(cfg, folds=False)
+    if build:
+        from kit.prepare import prepare_run
+
+        prepare_run(inputs, ids, (kind,), workers=max(1, tcfg.workers), progress=progress)
     if kind == "cell":
-        tile_dir = kd.ensure_tiles(cfg.data, ids, max(1, tcfg.workers), progress) if build else kd.resolve_tile_dir(cfg.data)
-        ds = kd.CellTileDataset(
-            tile_dir, ids, targets, augment=train and tcfg.augment,
+        ds = torchdata.CellTileDataset(
+            inputs.tile_dir, ids, targets, augment=train and tcfg.augment,
             max_cells_per_image=tcfg.max_cells_per_image if train else 0, seed=tcfg.seed,
         )
         if len(ds.missing) == len(ids):
@@ -157,16 +155,14 @@ def make_dataset(cfg: Config, kind: str, table, train: bool, progress: bool = Tr
                 f"(kit.cells) for these images first"
             )
     else:
-        field_dir = (kd.build_field_cache(cfg.data, ids, workers=max(1, tcfg.workers), progress=progress)
-                     if build else kd.field_cache_dir(cfg.data))
-        ds = kd.FieldDataset(field_dir, ids, targets, augment=train and tcfg.augment)
+        ds = torchdata.FieldDataset(inputs.field_dir, ids, targets, augment=train and tcfg.augment)
     return ds
 
 
 def make_loader(ds, tcfg, sampler, device: torch.device, batch_size: int | None = None):
     from torch.utils.data import DataLoader
 
-    from kit.datasets import worker_init_fn
+    from kit.torchdata import worker_init_fn
 
     kwargs = {}
     if tcfg.workers > 0:
@@ -217,6 +213,19 @@ def make_scheduler(optimizer, tcfg, total_steps: int):
             return 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
         return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+
+
+def measured_layout(tcfg, model: nn.Module, side: int, device: torch.device):
+    """`tcfg` with ``channels_last: auto`` resolved: the layout measured faster for a training step of
+    this model on this machine (`kit.throughput.training_layout`, cached per machine + model)."""
+    if tcfg.channels_last != "auto":
+        return tcfg
+    from kit.throughput import default_batch, training_layout
+
+    n = default_batch(side, min(tcfg.batch_size, 16))
+    example = np.random.default_rng(0).integers(0, 256, (n, 4, side, side), dtype=np.uint8)
+    layout = training_layout(model, example, device, amp=tcfg.amp, cache=True)
+    return dataclasses.replace(tcfg, channels_last=bool(layout["channels_last"]))
 
 
 def _forward_loss(model, loss_fn, x, y, device, amp: bool, channels_last: bool):
@@ -511,11 +520,12 @@ def _write_epochs_csv(path: Path, history: list[dict]) -> None:
 
 
 def train_fold(cfg: Config, kind: str, fold: int, resume: bool = False, stop_after: int | None = None,
-               progress: bool = True) -> dict:
+               progress: bool = True, build: bool = True) -> dict:
     """Train the `kind` ("cell"/"image") model on all folds but `fold`, validate on `fold`.
 
     resume: continue from ``last.pt`` when it exists (exactly: same batches, augmentations, RNG).
     stop_after: stop once this many epochs are completed (a time-limited session; resume later).
+    build: make missing tiles/fields of the fold's images first (`train_all` made them already).
     Returns the best epoch's validation metrics plus ``fold, kind, best_epoch, epochs_done,
     n_train, n_valid, fold_dir, weights_sha256``. Under torchrun every rank trains; rank 0 writes.
     """
@@ -540,8 +550,8 @@ def train_fold(cfg: Config, kind: str, fold: int, resume: bool = False, stop_aft
         raise ConfigError(f"fold {fold}: no training images left (data.single_label_only={cfg.data.single_label_only})")
     # Rank 0 builds caches (field cache) first; the others then find them complete.
     if is_main:
-        train_ds = make_dataset(cfg, kind, train_df, train=True, progress=progress)
-        valid_ds = make_dataset(cfg, kind, valid_df, train=False, progress=progress)
+        train_ds = make_dataset(cfg, kind, train_df, train=True, progress=progress, build=build)
+        valid_ds = make_dataset(cfg, kind, valid_df, train=False, progress=progress, build=build)
         _barrier(world)
     else:
         _barrier(world)
@@ -551,11 +561,12 @@ def train_fold(cfg: Config, kind: str, fold: int, resume: bool = False, stop_aft
     if missing:
         say(f"note: {missing} image(s) have no cell tiles and are skipped")
 
-    from kit.datasets import EpochSampler, balancing_weights
     from kit.losses import build_loss, pos_weight_from_targets
+    from kit.torchdata import EpochSampler, balancing_weights
 
     _seed_everything(tcfg.seed)
     model = build_from_config(mcfg).to(device)
+    tcfg = measured_layout(tcfg, model, cfg.data.tile_size if kind == "cell" else cfg.data.field_size, device)
     if tcfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     pos_weight = None
@@ -690,25 +701,50 @@ def _fold_list(cfg: Config, folds) -> list[int]:
     return [int(f) for f in folds]
 
 
+def write_run_config(cfg: Config, resume: bool = False) -> Path:
+    """Write ``RUN_DIR/config.yaml`` once. An existing one is kept as it is: a rerun may change only
+    what does not change training (paths, workers, device, folds, the predict section); anything
+    else is a ConfigError naming the keys, with or without --resume."""
+    cfg_path = Path(cfg.run_dir) / "config.yaml"
+    if not cfg_path.is_file():
+        return save_config(cfg, cfg_path)
+    old_sig, new_sig = _training_signature(load_config(cfg_path)), _training_signature(cfg)
+    changed = sorted(k for k in set(old_sig) | set(new_sig) if old_sig.get(k) != new_sig.get(k))
+    if changed:
+        how = "a resumed run must train the same way" if resume else "a run folder trains one way"
+        raise ConfigError(f"{'--resume: ' if resume else ''}{', '.join(changed)} differ from {cfg_path}; {how} "
+                          f"(resume with --config {cfg_path}, or use a new --run-dir)")
+    return cfg_path
+
+
 def train_all(cfg: Config, kinds: Sequence[str] = KINDS, folds=None, resume: bool = False,
-              progress: bool = True) -> dict:
-    """Train every requested kind and fold; writes config.yaml and train_metrics.json (rank 0).
+              progress: bool = True, prepare: bool = True) -> dict:
+    """Train every requested kind and fold; writes config.yaml and manifest.json once, and
+    train_metrics.json (rank 0). The inputs of every fold are made first, in one `kit.prepare` pass
+    (`prepare=False`: the caller just made them).
 
     folds: None -> cfg.train.folds; "all", an int or a list. Returns ``{kind: {fold: metrics}}``.
     """
+    from kit.manifest import resolve_inputs, write_manifest
+
     ensure_run_dir(cfg)
     run_dir = Path(cfg.run_dir)
     rank = dist_info()[0]
-    cfg_path = run_dir / "config.yaml"
-    if rank == 0:
-        if resume and cfg_path.is_file():
-            old_sig, new_sig = _training_signature(load_config(cfg_path)), _training_signature(cfg)
-            changed = sorted(k for k in set(old_sig) | set(new_sig) if old_sig.get(k) != new_sig.get(k))
-            if changed:
-                raise ConfigError(f"--resume: {', '.join(changed)} differ from {cfg_path}; a resumed run must "
-                                  f"train the same way (resume with --config {cfg_path}, or use a new --run-dir)")
-        save_config(cfg, cfg_path)
+    inputs = resolve_inputs(cfg)  # ConfigError when train.folds names a fold the folds file lacks
     fold_ids = _fold_list(cfg, folds)
+    available = _fold_list(cfg, "all")
+    unknown = sorted(set(fold_ids) - set(available))
+    if unknown:
+        raise ConfigError(f"fold(s) {', '.join(map(str, unknown))} not in {cfg.data.folds_file} "
+                          f"(it has folds {', '.join(map(str, available))})")
+    if rank == 0:
+        write_run_config(cfg, resume)
+        write_manifest(run_dir, inputs)
+        if prepare:
+            from kit.prepare import prepare_run
+
+            prepare_run(inputs, load_fold_table(cfg)["ID"].tolist(), kinds, workers=max(1, cfg.train.workers),
+                        progress=progress)
     results: dict = {}
     metrics_path = run_dir / "train_metrics.json"
     if rank == 0 and metrics_path.is_file():
@@ -719,7 +755,7 @@ def train_all(cfg: Config, kinds: Sequence[str] = KINDS, folds=None, resume: boo
     for kind in kinds:
         results.setdefault(kind, {})
         for fold in fold_ids:
-            r = train_fold(cfg, kind, fold, resume=resume, progress=progress)
+            r = train_fold(cfg, kind, fold, resume=resume, progress=progress, build=False)  # prepared above
             results[kind][str(fold)] = {k: v for k, v in r.items() if k not in ("rank",)}
             if rank == 0:
                 with atomic_open(metrics_path, "w") as f:
@@ -756,8 +792,8 @@ def lr_find(cfg: Config, kind: str = "cell", fold: int | None = None, start_lr: 
     Returns ``{"lrs", "losses" (smoothed), "raw_losses", "suggestion"}``."""
     from tqdm import tqdm
 
-    from kit.datasets import EpochSampler
     from kit.losses import build_loss
+    from kit.torchdata import EpochSampler
 
     tcfg = cfg.train_for(kind)
     device = resolve_device(tcfg.device)
@@ -767,6 +803,7 @@ def lr_find(cfg: Config, kind: str = "cell", fold: int | None = None, start_lr: 
     ds = make_dataset(cfg, kind, train_df, train=True, progress=progress)
     _seed_everything(tcfg.seed)
     model = build_from_config(cfg.model(kind)).to(device)
+    tcfg = measured_layout(tcfg, model, cfg.data.tile_size if kind == "cell" else cfg.data.field_size, device)
     if tcfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     loss_fn = build_loss(tcfg).to(device)

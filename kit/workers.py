@@ -8,6 +8,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import sys
+from collections import deque
 from typing import Callable, Iterable, Iterator, TypeVar
 
 T = TypeVar("T")
@@ -30,10 +31,12 @@ def can_spawn() -> bool:
 
 
 def pool_map(fn: Callable[[T], R], jobs: Iterable[T], workers: int = 1, *, ordered: bool = True,
-             chunksize: int = 1) -> Iterator[R]:
+             chunksize: int = 1, window: int | None = None) -> Iterator[R]:
     """Yield ``fn(job)`` for each job: in this process when ``workers <= 1`` (or one job), else in a
     spawn pool of at most `workers` processes (results in job order when `ordered`).
 
+    `window` bounds the jobs in flight (results in job order): for large results that the caller
+    consumes slower than the pool makes them (decoded images), so memory stays bounded.
     `fn` must be a module-level function (spawn pickles it by name).
     """
     jobs = list(jobs)
@@ -42,5 +45,15 @@ def pool_map(fn: Callable[[T], R], jobs: Iterable[T], workers: int = 1, *, order
         yield from map(fn, jobs)
         return
     with multiprocessing.get_context("spawn").Pool(workers, initializer=init_worker) as pool:
-        imap = pool.imap if ordered else pool.imap_unordered
-        yield from imap(fn, jobs, chunksize=chunksize)
+        if window is None:
+            imap = pool.imap if ordered else pool.imap_unordered
+            yield from imap(fn, jobs, chunksize=chunksize)
+            return
+        todo = iter(jobs)
+        pending = deque(pool.apply_async(fn, (job,)) for _, job in zip(range(max(1, window)), todo))
+        while pending:
+            result = pending.popleft().get()
+            for job in todo:
+                pending.append(pool.apply_async(fn, (job,)))
+                break
+            yield result

@@ -29,3 +29,14 @@ def tiny_dataset(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("tiny_synth")
     generate_dataset(out, n_train=12, n_test=4, size=256, seed=7, bit_depth=8)
     return out
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _throughput_cache(tmp_path_factory):
+    """The throughput probe's cache (kit.throughput) in a temporary file, never in the user's home."""
+    import os
+
+    os.environ.setdefault("KIT_THROUGHPUT_CACHE", str(tmp_path_factory.mktemp("throughput") / "throughput.json"))
+    # the suite runs the baseline path unless a test switches the probe on (tests/test_throughput.py):
+    # probing every tiny test model would add minutes on a shared 2-core machine
+    os.environ.setdefault("KIT_THROUGHPUT_PROBE", "0")

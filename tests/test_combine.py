@@ -12,13 +12,13 @@ from kit.combine import (
     candidate_specs,
     cell_ap_per_class,
     combine,
-    match_cells,
     rank01,
-    truth_from_solution,
     visible_fraction,
 )
 from kit.errors import ConfigError, DataError
 from kit.labels import NEGATIVE, NUM_CLASSES
+from kit.masks import truth_from_solution
+from kit.matching import match_labels
 
 
 def _probs(rows: list[dict[int, float]], fill: float = 0.1) -> np.ndarray:
@@ -137,18 +137,6 @@ def test_cell_ap_exact_values_and_unverified_classes_ignored():
     assert ap[0] == pytest.approx(1 / 3)
 
 
-def test_match_cells_uses_iou_threshold():
-    true = np.zeros((10, 10), np.int32)
-    true[0:5, 0:5] = 1  # 25 px
-    true[5:10, 5:10] = 2
-    pred = np.zeros_like(true)
-    pred[0:5, 0:4] = 7  # IoU 20/25 = 0.8 with cell 1
-    pred[5:10, 5:8] = 3  # IoU 15/25 = 0.6 with cell 2: a match (>= as the metric)
-    pred[0:2, 6:9] = 4  # touches nothing
-    assert match_cells(pred, true) == {7: 1, 3: 2}
-    assert match_cells(pred, true, iou=0.61) == {7: 1}
-
-
 def test_fast_cell_map_equals_kit_metric():
     """The tuner's shortcut (match once, then sort per class) scores exactly as kit.metric."""
     from kit.metric import evaluate_predictions
@@ -184,7 +172,7 @@ def test_fast_cell_map_equals_kit_metric():
         submission[image_id] = ImagePrediction(
             40, 40, [(c, float(scores[r, c]), pred_rle[j]) for r, j in enumerate(ids) for c in range(NUM_CLASSES)])
         labels, cls = truth_from_solution(solution[image_id])
-        match = match_cells(pred, labels)
+        match = match_labels(pred, labels)
         t = np.zeros((len(ids), NUM_CLASSES), bool)
         for r, j in enumerate(ids):
             if j in match:
@@ -206,22 +194,6 @@ def test_fast_cell_map_equals_kit_metric():
         else:
             assert ap[c] == pytest.approx(ref, abs=1e-12)
     assert np.nanmean(ap) == pytest.approx(expected["mAP"], abs=1e-12)
-
-
-def test_truth_from_solution_builds_label_image():
-    from kit.rle import encode_label_image
-    from kit.submission import ImagePrediction
-
-    labels = np.zeros((6, 8), np.int32)
-    labels[1:3, 1:4] = 1
-    labels[3:6, 4:8] = 2
-    rle = encode_label_image(labels)
-    row = ImagePrediction(8, 6, [(0, 1.0, rle[2]), (16, 1.0, rle[2]), (NEGATIVE, 1.0, rle[1])])
-    out, classes = truth_from_solution(row)
-    # ids follow first appearance: cell 2 of the input is 1 here
-    np.testing.assert_array_equal(out == 1, labels == 2)
-    np.testing.assert_array_equal(out == 2, labels == 1)
-    assert classes == {1: [0, 16], 2: [NEGATIVE]}
 
 
 def test_candidate_specs_cover_the_sweep():

@@ -1,4 +1,4 @@
-"""kit.images: reading a sample's four channels, bad inputs, and depth-independent scaling."""
+"""kit.images: reading a sample's four channels, headers, bad inputs, and depth-independent scaling."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -12,7 +12,9 @@ from kit.images import (
     CHANNELS,
     ImageReadError,
     channel_path,
+    image_size,
     read_channel,
+    read_image_info,
     read_sample,
     stack_channels,
     to_float,
@@ -221,3 +223,63 @@ def test_to_uint8_both_depths():
     np.testing.assert_array_equal(edges, [0, 0, 1, 1, 255])  # nearest, never above 255
     with pytest.raises(TypeError):
         to_uint8(np.zeros(3, np.float32))
+
+
+# ---------------------------------------------------------------------------------- headers
+@pytest.mark.parametrize("ext, dtype", [
+    (".png", np.uint8), (".png", np.uint16), (".tif", np.uint8), (".tif", np.uint16), (".jpg", np.uint8),
+])
+def test_read_image_info_matches_decoded(tmp_path, ext, dtype):
+    path = tmp_path / f"x_red{ext}"
+    cv2.imwrite(str(path), np.zeros((30, 50), dtype))
+    info = read_image_info(path)
+    assert (info.width, info.height) == (50, 30)
+    assert info.bit_depth == (8 if dtype == np.uint8 else 16)
+    assert info.samples == 1
+    assert info.format == {".png": "png", ".tif": "tiff", ".jpg": "jpeg"}[ext]
+
+
+def test_read_image_info_tiff_with_ifd_first(tmp_path):
+    from PIL import Image  # PIL writes the IFD before the strips, cv2 after: both layouts are parsed
+
+    path = tmp_path / "p_red.tif"
+    Image.fromarray(np.arange(40 * 20, dtype=np.uint16).reshape(20, 40)).save(path)
+    info = read_image_info(path)
+    assert (info.width, info.height, info.bit_depth) == (40, 20, 16)
+    path.write_bytes(path.read_bytes()[:-50])
+    with pytest.raises(ImageReadError, match="truncated TIFF.*p_red.tif"):
+        read_image_info(path)
+
+
+@pytest.mark.parametrize("ext, cut, words", [
+    (".png", 0.5, "truncated PNG"),
+    (".png", 20, "truncated PNG"),
+    (".tif", 0.5, "truncated TIFF"),
+    (".jpg", 0.5, "truncated JPEG"),
+    (".png", 0, "empty file"),
+])
+def test_read_image_info_detects_truncation(tmp_path, ext, cut, words):
+    path = tmp_path / f"x_red{ext}"
+    cv2.imwrite(str(path), np.random.default_rng(0).integers(0, 255, (64, 64)).astype(np.uint8))
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * cut)] if isinstance(cut, float) else data[:cut])
+    with pytest.raises(ImageReadError) as info:
+        read_image_info(path)
+    assert words in str(info.value) and str(path) in str(info.value)
+
+
+def test_read_image_info_non_image(tmp_path):
+    path = tmp_path / "x_red.png"
+    path.write_text("not an image at all")
+    with pytest.raises(ImageReadError, match="x_red.png"):
+        read_image_info(path)
+    with pytest.raises(ImageReadError, match="missing"):
+        read_image_info(tmp_path / "absent.png")
+
+
+def test_image_size_reads_the_first_channel_header(tmp_path):
+    write_sample(tmp_path, "s", shape=(20, 36), ext=".tif")
+    assert image_size(tmp_path, "s") == (36, 20)
+    with pytest.raises(ImageReadError, match="missing channel file"):
+        image_size(tmp_path, "absent")
+

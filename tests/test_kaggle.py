@@ -1,4 +1,5 @@
-"""kit.kaggle: metadata validation, bundle layout, credentials, push commands, runtime estimate.
+"""kit.kaggle: metadata validation, bundle layout, the build folder, credentials, push commands, runtime
+estimate, kernel rendering.
 
 Builds here bundle one tiny pure-Python distribution (tqdm) instead of the kit's full run-time set,
 so each takes about a second; the full set is exercised by tests/test_kernel_offline.py.
@@ -15,7 +16,9 @@ from pathlib import Path
 
 import pytest
 
+from conftest import REPO
 from kit import kaggle as kg
+from kit.kaggle import runtime, staging
 from kit.errors import ConfigError, KitError
 
 SECRET = "0123456789abcdef0123456789abcdef"
@@ -181,7 +184,7 @@ def test_build_lays_out_three_folders_ready_for_the_kaggle_cli(fake_run, tmp_pat
     slim = torch.load(out / "weights/run/cell/fold1/best.pt", weights_only=True)
     assert sorted(slim) == ["config", "epoch", "model"]  # optimizer and RNG states dropped
     assert torch.equal(slim["model"]["w"], torch.full((8,), 1.0))
-    assert wm["files"]["run/cell/fold1/best.pt"] == kg._sha256(out / "weights/run/cell/fold1/best.pt")
+    assert wm["files"]["run/cell/fold1/best.pt"] == staging.sha256(out / "weights/run/cell/fold1/best.pt")
     # code: the kit wheel, the pinned wheel, the manifest, pinned requirements; no torch anywhere
     wheels = sorted(p.name for p in (out / "code/wheels").glob("*.whl"))
     assert len(wheels) == 2 and wheels[0].startswith("hpa_kit-") and wheels[1].startswith("tqdm-")
@@ -235,13 +238,162 @@ def test_the_kit_wheel_is_pure_python_with_package_data_and_no_torch(tmp_path):
     with zipfile.ZipFile(whl) as zf:
         names = set(zf.namelist())
         meta = zf.read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
-    assert "kit/kaggle.py" in names and "kit/cli.py" in names
-    data_files = [p.relative_to(kg.REPO).as_posix() for p in (kg.REPO / "kit" / "data").glob("*.csv")]
-    assert data_files and set(data_files) <= names
+    assert "kit/kaggle/__init__.py" in names and "kit/cli.py" in names
+    # package data: tables, the kernel templates with their prelude and README, the config presets
+    data_files = [p.relative_to(REPO).as_posix() for pattern in ("kit/data/*.csv", "kit/kernels/*", "kit/configs/*.yaml")
+                  for p in REPO.glob(pattern) if p.is_file() and "__pycache__" not in p.parts]
+    assert {"kit/kernels/infer.py", "kit/kernels/train.py", "kit/kernels/prelude.py", "kit/kernels/README.md",
+            "kit/configs/default.yaml"} <= set(data_files)
+    assert set(data_files) <= names
     requires = [line for line in meta.splitlines() if line.startswith("Requires-Dist:")]
     hard = [r for r in requires if "extra ==" not in r]
     assert hard and not any("torch" in r for r in hard), hard
-    assert not list(kg.REPO.glob("*.egg-info"))
+    assert not list(REPO.glob("*.egg-info"))
+
+
+# ----------------------------------------------------------------------------------------------
+# the build folder: built fresh, moved into place, nothing of the user's lost or published
+
+
+def _stage_leftovers(out: Path) -> list[Path]:
+    return sorted(out.parent.glob(f".{out.name}.kit-*"))
+
+
+def test_build_refuses_an_out_folder_holding_a_users_file(fake_run, tmp_path, no_credentials, capsys):
+    out = tmp_path / "out"
+    user_file = out / "weights" / "resnet50-0676ba61.pth"
+    user_file.parent.mkdir(parents=True)
+    user_file.write_bytes(b"the user's ImageNet weights")
+    from kit.cli import main
+
+    args = ["kernel", "build", "--run", str(fake_run), "--user", "someone", "--out", str(out), "--package", "tqdm"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert str(user_file) in err and "did not write" in err and "--force" in err
+    assert user_file.read_bytes() == b"the user's ImageNet weights"  # kept, and nothing else written there
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == ["weights", "weights/resnet50-0676ba61.pth"]
+    assert _stage_leftovers(out) == []
+    # --force replaces the folder (the user asked for it): only what the build wrote remains
+    assert main(args + ["--force"]) == 0
+    assert not user_file.exists()
+    record = json.loads((out / "kit-build.json").read_text())["files"]
+    assert sorted(record) == sorted(p.relative_to(out).as_posix() for p in out.rglob("*")
+                                    if p.is_file() and p.name != "kit-build.json")
+    assert record["weights/run/config.yaml"]["sha256"] == staging.sha256(out / "weights/run/config.yaml")
+
+
+def test_rebuild_replaces_an_earlier_build_whole(fake_run, tmp_path, no_credentials):
+    out = tmp_path / "out"
+    small_build(fake_run, out, train_kernel=True)
+    tqdm_wheel = next((out / "code/wheels").glob("tqdm-*.whl"))
+    logged: list[str] = []
+    kg.build(kg.BuildOptions(run_dir=fake_run, user="someone", out=out, packages=["tqdm"]), log=logged.append)
+    assert not (out / "kernel-train").exists()  # nothing of the earlier build survives
+    assert list(kg.load_build(out)["kernels"]) == ["infer"]
+    assert any("1 from the earlier build" in line for line in logged), logged  # its wheels were reused
+    assert (out / "code/wheels" / tqdm_wheel.name).is_file()
+    assert _stage_leftovers(out) == []
+
+
+def test_a_failed_build_leaves_the_earlier_one_as_it_was(fake_run, tmp_path, no_credentials):
+    out = tmp_path / "out"
+    small_build(fake_run, out)
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    (fake_run / "image/fold0/best.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ConfigError, match="image/fold0/best.pt"):
+        small_build(fake_run, out)
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert _stage_leftovers(out) == []
+
+
+def test_build_removes_the_staging_folder_of_a_killed_build(fake_run, tmp_path, no_credentials):
+    out = tmp_path / "out"
+    dead = tmp_path / ".out.kit-build-999999999-abcd"  # no such process
+    (dead / "code").mkdir(parents=True)
+    alive = tmp_path / f".out.kit-build-{os.getpid()}-abcd"  # a build still running
+    alive.mkdir()
+    small_build(fake_run, out)
+    assert not dead.exists() and alive.is_dir()
+
+
+def test_build_never_replaces_a_folder_it_reads_or_a_file(fake_run, tmp_path, no_credentials):
+    with pytest.raises(ConfigError, match="which the build reads"):
+        small_build(fake_run, fake_run.parent, force=True)  # --out runs/ would delete the run
+    assert (fake_run / "config.yaml").is_file()
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(ConfigError, match="not a folder"):
+        small_build(fake_run, tmp_path / "a-file")
+
+
+def test_push_never_publishes_a_file_the_build_did_not_write(fake_run, tmp_path, with_credentials, monkeypatch,
+                                                            capsys):
+    out = tmp_path / "out"
+    small_build(fake_run, out)
+    notes = out / "code" / "notes.txt"
+    notes.write_text("private notes")
+    from kit.cli import main
+
+    assert main(["kernel", "push", "--out", str(out), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert str(notes) in err and "not written by `kit kernel build`" in err
+    calls = tmp_path / "calls.txt"
+    _fake_kaggle(tmp_path / "bin", calls, monkeypatch)
+    with pytest.raises(ConfigError, match="notes.txt"):
+        kg.push(out, mode="new", log=lambda *_: None)
+    assert not calls.exists()  # nothing was run
+    notes.unlink()
+    wheel = next((out / "code/wheels").glob("tqdm-*.whl"))
+    wheel.write_bytes(wheel.read_bytes() + b"\0")
+    with pytest.raises(ConfigError, match="changed since the build"):
+        kg.push_commands(out)
+    # a rebuild over it needs no --force: every file there is one the build wrote
+    small_build(fake_run, out)
+    assert len(kg.push_commands(out, mode="new")) == 3
+
+
+# ----------------------------------------------------------------------------------------------
+# kernel templates: settings and the one shared prelude
+
+
+def test_both_kernels_hold_the_one_prelude(fake_run, tmp_path, no_credentials):
+    from kit.kaggle import render
+
+    out = tmp_path / "out"
+    small_build(fake_run, out, train_kernel=True)
+    body = render.prelude_body()
+    assert "def install(code: Path)" in body and "def torch_stack_pins()" in body and '"""' in body
+    for path, name in ((out / "kernel/infer.py", "infer"), (out / "kernel-train/train.py", "train")):
+        text = path.read_text()
+        assert text.count(body) == 1, path  # rendered in whole, once
+        template = render.template_text(name)
+        assert "def install(" not in template and "def find_dataset(" not in template  # written once, in the prelude
+        assert text.index("from __future__") < text.index(body)  # the kernel's own __future__ line comes first
+    with pytest.raises(KitError, match="no kernel template"):
+        render.render_kernel("nope", {})
+
+
+def test_prelude_finds_the_datasets_and_the_competition(tmp_path, monkeypatch, capsys):
+    import kit.kernels.prelude as prelude
+
+    root = tmp_path / "input"
+    (root / "renamed-by-kaggle" / "inner").mkdir(parents=True)
+    (root / "renamed-by-kaggle" / "inner" / "kit-bundle.json").write_text("{}")
+    comp = root / "nested" / "hpa"
+    (comp / "test").mkdir(parents=True)
+    (comp / "sample_submission.csv").write_text("ID\n")
+    monkeypatch.setenv("KAGGLE_INPUT_ROOT", str(root))
+    monkeypatch.setenv("KIT_SCRATCH_DIR", str(tmp_path / "scratch"))
+    assert prelude.find_dataset("kit-bundle.json", "hpa-kit-code") == root / "renamed-by-kaggle" / "inner"
+    assert prelude.find_competition("hpa-single-cell-image-classification", "test", "sample_submission.csv") == comp
+    with pytest.raises(SystemExit, match="train/ and train.csv"):
+        prelude.find_competition("hpa-single-cell-image-classification", "train", "train.csv")
+    with pytest.raises(SystemExit, match="attach the 'hpa-kit-weights' dataset"):
+        prelude.find_dataset("kit-weights.json", "hpa-kit-weights")
+    with zipfile.ZipFile(root / "renamed-by-kaggle" / "wheels.zip", "w") as zf:  # Kaggle kept the archive
+        zf.writestr("wheels/x-1-py3-none-any.whl", b"w")
+    got = prelude.unpacked(root / "renamed-by-kaggle", "wheels")
+    assert (got / "x-1-py3-none-any.whl").read_bytes() == b"w"
+    assert any(p.startswith("torch==") for p in prelude.torch_stack_pins())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -400,9 +552,28 @@ def test_estimate_grows_with_work_and_says_when_it_will_not_finish():
     assert not cpu.fits and "WILL NOT FINISH" in cpu.lines()[0]
     # twice the images, about twice the time (less the fixed set-up)
     double = kg.estimate_runtime(1118, hardware="t4", cell_backbone="resnet18", tile_size=128, n_folds=1)
-    assert double.seconds - kg.FIXED_OVERHEAD_S == pytest.approx(2 * (small.seconds - kg.FIXED_OVERHEAD_S))
+    assert double.seconds - runtime.FIXED_OVERHEAD_S == pytest.approx(2 * (small.seconds - runtime.FIXED_OVERHEAD_S))
     with pytest.raises(ConfigError, match="--hardware"):
         kg.estimate_runtime(10, hardware="tpu")
+
+
+def test_estimate_uses_this_machines_measured_figures_where_there_are_some():
+    from kit import runtime as measured
+
+    figures = measured.load_figures()
+    if not figures.get("per_mpx") or not figures.get("cnn"):
+        pytest.skip("kit/data/runtime_figures.json has no measured CPU/CNN figures")
+    table = runtime.HARDWARE["here-cpu"]
+    none = runtime.measured_hardware("here-cpu", "resnet50", figures={})
+    assert none["cpu_s_per_image"] == table["cpu_s_per_image"] and none["effective_gflops"] == table["effective_gflops"]
+    hw = runtime.measured_hardware("here-cpu", "resnet50", figures=figures)
+    assert hw["cpu_s_per_image"] == pytest.approx(measured.cpu_s_per_field(figures)[0])
+    # kit bench counts 2 FLOPs per multiply-add, the GFLOPs table counts multiply-adds
+    assert hw["effective_gflops"] == pytest.approx(measured.measured_gflops(figures, "resnet50")[0] / 2)
+    assert "measured by kit bench" in hw["source"]
+    t4 = runtime.measured_hardware("t4", figures=figures)  # a GPU's CNN rate is not this CPU's
+    assert t4["effective_gflops"] == runtime.HARDWARE["t4"]["effective_gflops"]
+    assert t4["cpu_s_per_image"] == hw["cpu_s_per_image"]
 
 
 def test_build_prints_the_estimate_from_the_run_config(fake_run, tmp_path, no_credentials):
@@ -414,6 +585,48 @@ def test_build_prints_the_estimate_from_the_run_config(fake_run, tmp_path, no_cr
     expected = kg.estimate_runtime(100, hardware="kaggle-cpu", cell_backbone="resnet18", image_backbone="resnet34",
                                    tile_size=96, field_size=256, tta=2, n_folds=2)
     assert f"{expected.hours:.2f} h" in line
+
+
+def _write_run_manifest(run: Path, folds: list[int], tile_size: int = 80, field_size: int = 320) -> None:
+    """The manifest `kit train` writes, with sizes other than the config's (the manifest is what counts)."""
+    from kit.manifest import RunManifest, write_manifest
+
+    write_manifest(run, RunManifest(
+        data_dir="/data", images_dir="/data/train", labels_file="/data/train.csv", folds_file="/folds.csv",
+        folds_sha256="0" * 64, folds=folds, mask_cache="/cache/masks/classical-abc", mask_backend="classical",
+        mask_params={}, tile_dir="/cache/tiles/tiles-80-abc", tile_size=tile_size, field_dir="/cache/fields/f",
+        field_size=field_size, kit_version="0"))
+
+
+def test_build_reads_the_run_inputs_from_its_manifest(fake_run, tmp_path, no_credentials, capsys):
+    _write_run_manifest(fake_run, folds=[0])
+    logged: list[str] = []
+    out = tmp_path / "out"
+    kg.build(kg.BuildOptions(run_dir=fake_run, user="someone", out=out, packages=["tqdm"], gpu=False, n_test=100),
+             log=logged.append)
+    assert (out / "weights/run/manifest.json").read_bytes() == (fake_run / "manifest.json").read_bytes()
+    assert any(l.startswith(f"run {fake_run}: folds [0], segmentation classical, tiles 80 px") for l in logged), logged
+    # sizes from the manifest, backbones and TTA from config.yaml, the folds predict will use
+    expected = kg.estimate_runtime(100, hardware="kaggle-cpu", cell_backbone="resnet18", image_backbone="resnet34",
+                                   tile_size=80, field_size=320, tta=2, n_folds=1)
+    line = next(l for l in logged if l.startswith("runtime estimate"))
+    assert f"{expected.hours:.2f} h" in line
+    from kit.cli import main
+
+    assert main(["kernel", "estimate", "--run", str(fake_run), "--hardware", "kaggle-cpu", "--n-test", "100"]) == 0
+    assert f"{expected.hours:.2f} h" in capsys.readouterr().out
+
+
+def test_build_refuses_a_run_whose_folds_lack_checkpoints(fake_run, tmp_path, no_credentials):
+    _write_run_manifest(fake_run, folds=[0, 1])  # image/fold1/best.pt was never trained
+    with pytest.raises(KitError, match="image/fold1/best.pt not found") as err:
+        small_build(fake_run, tmp_path / "out")
+    assert "--folds 0" in str(err.value)
+    assert not (tmp_path / "out").exists()
+    # the folds the kernel's predict is told to use are the ones that must be complete
+    manifest = small_build(fake_run, tmp_path / "out", predict_args=["--folds", "0"])
+    assert "'predict_args': ['--folds', '0']" in (tmp_path / "out/kernel/infer.py").read_text()
+    assert manifest["estimate"]["hours"] > 0
 
 
 # ----------------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ What is simulated, and how:
   is to run, not to score; training one takes ~2 minutes here), read by the real `kit predict`.
   ``KIT_KERNEL_TEST_RUN=RUN_DIR`` uses a trained run instead (e.g. one `python -m kit demo` wrote).
 The bundle's wheels come from this machine's local wheel index (``/opt/pypi/files``, when present),
-and what it lacks is repacked from the installed distributions (`kit.kaggle.repack_installed`);
+and what it lacks is repacked from the installed distributions (`kit.kaggle.wheels.repack_installed`);
 nothing is downloaded.
 """
 from __future__ import annotations
@@ -89,7 +89,7 @@ def _image_venv(root: Path) -> Path:
     site = next((venv / "lib").glob("python*/site-packages"))
     exposed = root / "image-site-packages"
     exposed.mkdir()
-    installed = kg._installed()
+    installed = kg.installed_distributions()
     stack = [n for n in kg.protected_names(installed) if n in installed]
     for name in stack:
         dist = installed[name]
@@ -204,7 +204,7 @@ def test_kernel_process_had_no_network(kaggle_sim):
 
 
 def test_train_kernel_trains_its_fold_offline(kaggle_sim):
-    """kernels/train/train.py in the same simulated Kaggle: folds, segmentation + tiles, one fold of both models."""
+    """The train kernel (kit/kernels/train.py) in the same simulated Kaggle: folds, segmentation + tiles, one fold of both models."""
     env = {**kaggle_sim["env"], "KAGGLE_WORKING_DIR": str(kaggle_sim["work"].parent / "working-train")}
     proc = subprocess.run([*kaggle_sim["prefix"], str(kaggle_sim["venv"] / "bin" / "python"),
                            str(kaggle_sim["out"] / "kernel-train" / "train.py")],

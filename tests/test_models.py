@@ -42,6 +42,19 @@ def test_head_options_pool_neck_dropout():
     assert model.fc.in_features == 32
 
 
+def test_catavgmax_concatenates_and_the_old_name_still_works():
+    from kit.config import load_config
+
+    model = build_model("resnet18", pool="catavgmax")
+    assert model.pool.kind == "catavgmax" and model.fc.in_features == 2 * 512
+    with pytest.warns(DeprecationWarning, match="catavgmax"):
+        old = build_model("resnet18", pool="avgmax")
+    assert old.pool.kind == "catavgmax" and old.fc.in_features == 2 * 512
+    with pytest.warns(DeprecationWarning, match="catavgmax"):
+        cfg = load_config(None, ["model.pool=avgmax"])
+    assert cfg.cell_model.pool == cfg.image_model.pool == "catavgmax"
+
+
 def test_adapt_input_conv_matches_timm_rule():
     w = torch.randn(8, 3, 7, 7)
     w4 = adapt_input_conv(4, w)

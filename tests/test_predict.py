@@ -17,9 +17,7 @@ from kit.errors import KitError  # noqa: E402
 from kit.labels import NUM_CLASSES  # noqa: E402
 from kit.predict import (  # noqa: E402
     FoldEnsemble,
-    MaskSource,
     Predictor,
-    dihedral,
     parse_combine_option,
     predict,
 )
@@ -60,10 +58,12 @@ def run_dir(tiny_dataset, tmp_path_factory) -> Path:
 
 
 def test_dihedral_gives_eight_distinct_transforms():
-    x = torch.arange(12.0).reshape(1, 1, 3, 4)[..., :3]  # 3 x 3, no symmetry
+    from kit.inference import dihedral_np as dihedral
+
+    x = np.arange(12.0).reshape(1, 1, 3, 4)[..., :3]  # 3 x 3, no symmetry
     outs = [dihedral(x, k) for k in range(8)]
-    assert torch.equal(outs[0], x)
-    assert torch.equal(outs[1], x.flip(-1))
+    assert np.array_equal(outs[0], x)
+    assert np.array_equal(outs[1], x[..., ::-1])
     assert len({tuple(o.flatten().tolist()) for o in outs}) == 8
 
 
@@ -115,7 +115,7 @@ def test_predict_resumes_after_interruption_with_the_same_result(tiny_dataset, t
     test_dir = tiny_dataset / "test"
     sample = tiny_dataset / "sample_submission.csv"
     predictor = Predictor(run)
-    masks = MaskSource(predictor.cfg, test_dir)
+    masks = predictor.run_masks(test_dir)
     ids = [line.split(",")[0] for line in sample.read_text().splitlines()[1:]]
     # "killed" after two images: their results are cached, the rest are not
     partial = predictor.predict_folder(test_dir, ids, masks, progress=False, stop_after=2)
@@ -139,7 +139,7 @@ def test_predict_resumes_after_interruption_with_the_same_result(tiny_dataset, t
 
 def test_prediction_cache_is_keyed_by_the_checkpoints(run_dir, tiny_dataset):
     predictor = Predictor(run_dir)
-    masks = MaskSource(predictor.cfg, tiny_dataset / "test")
+    masks = predictor.run_masks(tiny_dataset / "test")
     before = predictor.cache_dir(tiny_dataset / "test", masks)
     ckpt = run_dir / "cell" / "fold0" / "best.pt"
     st = ckpt.stat()
@@ -175,3 +175,131 @@ def test_predict_command_line(run_dir, tiny_dataset, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "validated" in proc.stdout
     assert validate_submission(out, sample=tiny_dataset / "sample_submission.csv") == []
+
+
+# ------------------------------------------------------------------------- reliability (issue 16)
+
+
+def _with_manifest(run: Path, data_dir: Path, n_folds: int = 2) -> Path:
+    """The run's manifest as `kit train` writes it: a folds file of the train IDs and its folds."""
+    from kit.manifest import resolve_inputs, write_manifest
+
+    ids = [line.split(",")[0] for line in (data_dir / "train.csv").read_text().splitlines()[1:]]
+    folds = run.parent / "folds.csv"
+    folds.write_text("ID,fold\n" + "".join(f"{i},{k % n_folds}\n" for k, i in enumerate(ids)))
+    cfg = load_config(run / "config.yaml", [f"data.folds_file={folds}"])
+    write_manifest(run, resolve_inputs(cfg))
+    return run
+
+
+def test_predict_refuses_a_run_with_a_missing_fold(tiny_dataset, tmp_path):
+    """Issue 16.6: the run's folds come from its manifest; a missing checkpoint is an error."""
+    run = _with_manifest(make_run(tmp_path, tiny_dataset), tiny_dataset)
+    (run / "cell" / "fold1" / "best.pt").unlink()
+    sample = tiny_dataset / "sample_submission.csv"
+    with pytest.raises(KitError, match=r"cell/fold1/best.pt not found.*--folds 0"):
+        predict(run, tiny_dataset / "test", tmp_path / "a.csv", ids_from=sample, progress=False)
+    assert not (tmp_path / "a.csv").exists()
+    info = predict(run, tiny_dataset / "test", tmp_path / "b.csv", ids_from=sample, folds=[0], progress=False)
+    assert info["images"] == 4 and (tmp_path / "b.csv").is_file()
+    with pytest.raises(KitError, match="fold1"):  # a named fold must exist too
+        predict(run, tiny_dataset / "test", tmp_path / "c.csv", ids_from=sample, folds=[0, 1], progress=False)
+
+
+def test_a_fixed_image_is_predicted_again_not_served_from_a_failure(tiny_dataset, tmp_path):
+    """Issue 16.1: empty a channel, predict (error), restore it, predict again: the row has cells."""
+    import shutil
+
+    from kit.errors import DataError
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_dataset / "test", data / "test")
+    shutil.copy(tiny_dataset / "sample_submission.csv", data / "sample_submission.csv")
+    run = make_run(tmp_path, tiny_dataset, n_folds=1)
+    image_id = (data / "sample_submission.csv").read_text().splitlines()[1].split(",")[0]
+    channel = data / "test" / f"{image_id}_blue.png"
+    backup = tmp_path / "backup.png"
+    shutil.copy2(channel, backup)
+    channel.write_bytes(b"")
+    with pytest.raises(DataError, match="empty file"):
+        predict(run, data / "test", tmp_path / "s.csv", ids_from=data / "sample_submission.csv", progress=False)
+    shutil.move(backup, channel)
+    predict(run, data / "test", tmp_path / "s.csv", ids_from=data / "sample_submission.csv", progress=False)
+    assert read_submission(tmp_path / "s.csv")[image_id].triples
+
+
+def test_a_rejected_submission_never_replaces_the_previous_one(run_dir, tiny_dataset, tmp_path):
+    """Issue 16.7: the temporary file is validated, then renamed."""
+    from kit.errors import DataError
+    from kit.predict import write_and_validate
+    from kit.submission import ImagePrediction
+
+    out = tmp_path / "submission.csv"
+    out.write_text("the previous good file\n")
+    sample = tiny_dataset / "sample_submission.csv"
+    ids = [line.split(",")[0] for line in sample.read_text().splitlines()[1:]]
+    wrong = {i: ImagePrediction(64, 64, []) for i in ids}  # sizes the sample does not have
+    with pytest.raises(DataError, match="submission is invalid and was not written"):
+        write_and_validate(out, wrong, ids, None, sample=sample)
+    assert out.read_text() == "the previous good file\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["submission.csv"]  # no temp file left
+
+
+def test_a_duplicated_id_in_ids_from_names_that_file(run_dir, tiny_dataset, tmp_path):
+    """Issue 16.11: the error names the file with the duplicate (and its line), not the output."""
+    from kit.errors import DataError
+
+    lines = (tiny_dataset / "sample_submission.csv").read_text().splitlines()
+    dup = tmp_path / "ids.csv"
+    dup.write_text("\n".join(lines + [lines[1]]) + "\n")
+    with pytest.raises(DataError) as err:
+        predict(run_dir, tiny_dataset / "test", tmp_path / "out.csv", ids_from=dup, progress=False)
+    assert str(dup) in str(err.value) and f"line {len(lines) + 1}" in str(err.value)
+    assert "out.csv" not in str(err.value)
+
+
+def test_temp_files_a_killed_write_left_beside_the_submission_are_removed(run_dir, tiny_dataset, tmp_path):
+    """Issue 16.11: a later run cleans the hidden half-written file of a killed one."""
+    out = tmp_path / "sub" / "submission.csv"
+    out.parent.mkdir()
+    stale = out.parent / ".submission.k1ll3d.tmp.csv"
+    stale.write_bytes(b"x" * 1000)
+    os.utime(stale, (1, 1))
+    predict(run_dir, tiny_dataset / "test", out, ids_from=tiny_dataset / "sample_submission.csv", progress=False)
+    assert out.is_file() and not stale.exists()
+
+
+def test_a_failing_optional_source_does_not_stop_the_prediction(run_dir, tiny_dataset, tmp_path):
+    """The classification ceiling's true cells are optional: a missing true mask is reported, the
+    submission's own predictions are all made (from the same decode)."""
+    import shutil
+
+    from kit.masks import TruthMasks
+
+    truth = tmp_path / "truth"
+    shutil.copytree(tiny_dataset / "truth", truth)
+    ids = [line.split(",")[0] for line in (tiny_dataset / "sample_submission.csv").read_text().splitlines()[1:]]
+    (truth / f"{ids[0]}_cell_mask.png").write_bytes(b"not a png")
+    predictor = Predictor(run_dir)
+    failures: dict = {}
+    results, true_results = predictor.predict_sources(tiny_dataset / "test", ids,
+                                                      [predictor.run_masks(tiny_dataset / "test"), TruthMasks(truth)],
+                                                      progress=False, failures=failures)
+    assert sorted(results) == sorted(ids) and sorted(true_results) == sorted(ids[1:])
+    [(failed_id, message)] = failures[TruthMasks(truth).key]
+    assert failed_id == ids[0] and "cell_mask.png" in message
+    with pytest.raises(KitError, match="cell_mask.png"):  # without a failures dict every source must succeed
+        predictor.predict_sources(tiny_dataset / "test", ids[:1], [predictor.run_masks(tiny_dataset / "test"),
+                                                                   TruthMasks(truth)], progress=False)
+
+
+def test_fold_ensemble_gives_the_same_probabilities_on_every_engine(run_dir, monkeypatch):
+    """predict's engines (the probe's choice, ONNX Runtime, TorchScript) against the plain baseline."""
+    pytest.importorskip("onnxruntime")
+    monkeypatch.setenv("KIT_THROUGHPUT_PROBE", "1")
+    tiles = np.random.default_rng(1).integers(0, 255, size=(7, 4, 32, 32), dtype=np.uint8)
+    base = FoldEnsemble(run_dir, "cell", "cpu", tta=2, batch_size=4, engine="baseline").predict(tiles)
+    for engine in ("auto", "onnx", "jit"):
+        ens = FoldEnsemble(run_dir, "cell", "cpu", tta=2, batch_size=4, engine=engine)
+        assert np.abs(ens.predict(tiles) - base).max() <= 1e-5, engine
+    assert ens.runner_for().path.engine == "jit"

@@ -52,7 +52,7 @@ def real_dataset(tmp_path_factory) -> Path:
 
 def test_check_data_accepts_real_png_and_jpeg_fields(real_dataset):
     from kit.cli import main
-    from kit.dataset import check_data
+    from kit.check_data import check_data
 
     problems = check_data(real_dataset, decode=True, workers=1)
     assert [p for p in problems if p.severity == "error"] == []

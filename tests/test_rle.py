@@ -7,6 +7,7 @@ import zlib
 import numpy as np
 import pytest
 
+from helpers import reference_encode_binary_mask
 from kit.errors import DataError
 from kit.rle import (
     RLEError,
@@ -17,7 +18,6 @@ from kit.rle import (
     encode_label_image,
     mask_bbox,
     mask_runs,
-    reference_encode_binary_mask,
     string_to_counts,
 )
 

@@ -73,8 +73,8 @@ def test_same_seed_same_bytes_and_worker_count_irrelevant(tmp_path):
     a = synth.generate_dataset(tmp_path / "a", n_train=2, n_test=1, size=128, seed=3, bit_depth=8)
     b = synth.generate_dataset(tmp_path / "b", n_train=2, n_test=1, size=128, seed=3, bit_depth=8, workers=2)
     ba, bb = all_bytes(a), all_bytes(b)
-    # 6 PNGs per image, cell_labels.csv, 4 CSVs, synth.json, one resume record per image
-    assert len(ba) == 3 * 6 + 1 + 4 + 1 + 3 and ba == bb
+    # 6 PNGs per image, cell_labels.csv + images.csv, 4 CSVs, synth.json, one resume record per image
+    assert len(ba) == 3 * 6 + 2 + 4 + 1 + 3 and ba == bb
 
 
 def test_resume_skips_finished_images_and_refuses_other_arguments(tmp_path):
@@ -96,6 +96,51 @@ def test_resume_skips_finished_images_and_refuses_other_arguments(tmp_path):
     assert all_bytes(d) == ref
     with pytest.raises(ConfigError, match="another dataset.*bit_depth"):
         synth.generate_dataset(d, **kw, bit_depth=16)
+
+
+def _killed_during_write(out: Path, kw: dict, nth: int) -> None:
+    """Run generate_dataset in a child process that is SIGKILLed at its `nth` atomic rename:
+    the file being written is left as atomic_path's hidden temporary, as after a real kill."""
+    import subprocess
+    import sys
+
+    code = f"""
+import os, signal
+import kit.atomic
+n = [0]
+real = os.replace
+def replace(a, b):
+    n[0] += 1
+    if n[0] == {nth}:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(a, b)
+kit.atomic.os.replace = replace
+from kit.synth import generate_dataset
+generate_dataset({str(out)!r}, **{kw!r})
+"""
+    repo = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True, text=True)
+    assert r.returncode == -9, r.stderr
+
+
+def test_resume_after_kill_during_an_image_write(tmp_path, capsys):
+    """Issue 16 item 5: a kill during a PNG write leaves `.<ID>_<ch>.<rand>.tmp.png`; the rerun
+    must take it for its own leftover (not "another dataset"), finish, and clean it up."""
+    from kit.cli import main
+
+    kw = dict(n_train=2, n_test=1, size=64, seed=3)
+    ref = all_bytes(synth.generate_dataset(tmp_path / "ref", **kw))
+    # synth.json is the 1st rename; image 1 writes 4 channels + 2 truth PNGs + its record, so the
+    # 10th rename is the green channel of the second train image (in train/), the 13th its cell mask
+    for nth, where in ((10, "train"), (13, "truth")):
+        d = tmp_path / f"d{nth}"
+        _killed_during_write(d, kw, nth)
+        left = [p for p in (d / where).iterdir() if p.name.startswith(".") and p.name.endswith(".tmp.png")]
+        assert len(left) == 1, sorted(p.name for p in (d / where).iterdir())
+        args = ["synth", "--out", str(d), "--train", "2", "--test", "1", "--size", "64", "--seed", "3"]
+        assert main(args) == 0, capsys.readouterr().err
+        assert not left[0].exists(), (nth, left, sorted(p.name for p in (d / where).iterdir()))  # our own leftover is cleaned up
+        assert all_bytes(d) == ref
 
 
 def test_size_mix(tmp_path):
@@ -122,9 +167,9 @@ def test_different_seed_different_data(tmp_path):
     assert green(a) != green(b)
 
 
-def test_make_field_deterministic():
-    f1 = synth.make_field(np.random.default_rng([5, 0, 1]), 128)
-    f2 = synth.make_field(np.random.default_rng([5, 0, 1]), 128)
+def test_draw_field_deterministic():
+    f1 = synth.draw_field(np.random.default_rng([5, 0, 1]), 128)
+    f2 = synth.draw_field(np.random.default_rng([5, 0, 1]), 128)
     assert np.array_equal(f1.image, f2.image) and np.array_equal(f1.cells, f2.cells)
     assert f1.cell_labels == f2.cell_labels
 
@@ -179,13 +224,13 @@ def test_truth_consistent(tiny_dataset):
 
 
 def test_negative_image_has_only_negative_cells():
-    f = synth.make_field(np.random.default_rng(0), 128, labels=[NEGATIVE])
+    f = synth.draw_field(np.random.default_rng(0), 128, labels=[NEGATIVE])
     assert f.image_labels == [NEGATIVE] and all(ls == [NEGATIVE] for ls in f.cell_labels)
 
 
 def test_mitotic_spindle_only_in_mitotic_cells():
     for seed in range(4):
-        f = synth.make_field(np.random.default_rng(seed), 128, labels=[0, 11])
+        f = synth.draw_field(np.random.default_rng(seed), 128, labels=[0, 11])
         assert 11 in f.image_labels and any(f.mitotic)
         for ls, mit in zip(f.cell_labels, f.mitotic):
             assert (11 in ls) == mit
@@ -220,8 +265,8 @@ NUCLEAR = {0, 1, 2, 3, 4, 5}
 def test_every_class_pattern_renders(cls):
     """Same geometry, one class at a time: the class adds green where it belongs."""
     kw = dict(size=192, n_cells=8, heterogeneity=False, n_mitotic=2 if cls == 11 else 0)
-    f = synth.make_field(np.random.default_rng(11), labels=[cls], **kw)
-    neg = synth.make_field(np.random.default_rng(11), labels=[NEGATIVE], **kw)
+    f = synth.draw_field(np.random.default_rng(11), labels=[cls], **kw)
+    neg = synth.draw_field(np.random.default_rng(11), labels=[NEGATIVE], **kw)
     assert np.array_equal(f.cells, neg.cells)
     shown = np.isin(f.cells, [k + 1 for k, ls in enumerate(f.cell_labels) if cls in ls])
     assert shown.any()
@@ -241,7 +286,7 @@ def test_every_class_pattern_renders(cls):
 def test_classes_differ_from_each_other():
     """Green of class a vs b on the same geometry differ clearly (patterns are not one fill)."""
     kw = dict(size=160, n_cells=6, heterogeneity=False, n_mitotic=0)
-    greens = {c: synth.make_field(np.random.default_rng(2), labels=[c], **kw).clean[..., 1]
+    greens = {c: synth.draw_field(np.random.default_rng(2), labels=[c], **kw).clean[..., 1]
               for c in (0, 1, 2, 6, 9, 13, 14, 16, 17)}
     unit = {c: (g - g.mean()) / (g.std() + 1e-9) for c, g in greens.items()}
     for a in unit:
@@ -268,7 +313,7 @@ def test_16bit_matches_8bit(tmp_path):
 def test_scale_invariant_geometry(size):
     counts, fracs = [], []
     for seed in range(3):
-        f = synth.make_field(np.random.default_rng([seed, size]), size)
+        f = synth.draw_field(np.random.default_rng([seed, size]), size)
         n = int(f.cells.max())
         counts.append(n)
         fracs.append(np.median(np.bincount(f.cells.ravel())[1:]) / size ** 2)
@@ -281,7 +326,7 @@ def test_some_nuclei_touch_and_truth_stays_exact():
     near = total = 0
     k = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (5, 5))
     for seed in range(3):
-        f = synth.make_field(np.random.default_rng([seed, 42]), 512, n_cells=30)
+        f = synth.draw_field(np.random.default_rng([seed, 42]), 512, n_cells=30)
         n = int(f.nuclei.max())
         total += n
         for i in range(1, n + 1):
@@ -294,7 +339,7 @@ def test_some_nuclei_touch_and_truth_stays_exact():
 
 
 def test_large_field():
-    f = synth.make_field(np.random.default_rng(1), 1728, n_cells=18)
+    f = synth.draw_field(np.random.default_rng(1), 1728, n_cells=18)
     n = int(f.cells.max())
     assert 12 <= n <= 18
     assert 0.3 < (f.cells > 0).mean() < 0.98
@@ -334,3 +379,157 @@ def test_cli(tmp_path, capsys):
     assert main(["synth", "--out", str(tmp_path / "d"), "--train", "1", "--test", "1", "--size", "64"]) == 0
     assert main(["synth", "--out", str(tmp_path / "d"), "--train", "1", "--test", "1", "--seed", "9"]) == 2
     assert "another dataset" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------- styles, scale
+
+
+def _check_truth(f) -> None:
+    """The per-cell truth invariants every field keeps, whatever its style."""
+    ids = [int(k) for k in np.unique(f.cells) if k]
+    assert ids == list(range(1, len(ids) + 1)) == [int(k) for k in np.unique(f.nuclei) if k]
+    assert np.array_equal(f.cells[f.nuclei > 0], f.nuclei[f.nuclei > 0])  # cell k contains nucleus k
+    for k in ids:
+        assert cv2.connectedComponents((f.nuclei == k).astype(np.uint8))[0] == 2, f"nucleus {k} in pieces"
+        assert cv2.connectedComponents((f.cells == k).astype(np.uint8), connectivity=4)[0] == 2, f"cell {k}"
+    assert len(f.cell_labels) == len(ids)
+    locs = {l for ls in f.cell_labels for l in ls} - {NEGATIVE}
+    assert set(f.image_labels) == (locs or {NEGATIVE})  # union; Negative only when every cell is
+    assert all(ls == [NEGATIVE] or NEGATIVE not in ls for ls in f.cell_labels)
+
+
+@pytest.mark.parametrize("style", sorted(synth.STYLES))
+def test_every_style_keeps_the_truth_invariants_and_is_deterministic(style):
+    for seed in range(3):
+        f = synth.draw_field(np.random.default_rng([seed, 0, 9]), 192, style=style)
+        assert f.style == style and f.field_px == 2048
+        _check_truth(f)
+    g = synth.draw_field(np.random.default_rng([2, 0, 9]), 192, style=style)
+    assert np.array_equal(f.image, g.image) and np.array_equal(f.cells, g.cells)
+
+
+def _mean(style: str, fn, n: int = 4, size: int = 256, **kw) -> float:
+    return float(np.mean([fn(synth.draw_field(np.random.default_rng([s, 5]), size, style=style, **kw))
+                          for s in range(n)]))
+
+
+def test_styles_draw_what_they_say():
+    cells = lambda f: int(f.cells.max())
+    cover = lambda f: float((f.cells > 0).mean())
+    assert _mean("confluent", cells) > 1.6 * _mean("default", cells)
+    assert _mean("confluent", cover) > max(0.85, _mean("default", cover) + 0.15)
+    mitotic = lambda f: float(np.mean(f.mitotic))
+    assert _mean("mitotic", mitotic, n=3) > 0.15 > _mean("default", mitotic, n=3)
+    # dim: darker cells in every channel
+    level = lambda f: float(np.percentile(f.image[f.cells > 0], 99))
+    assert _mean("dim", level) < 0.6 * _mean("default", level)
+
+    # textured: more contrast inside the nuclei (chromatin and nucleoli), same geometry otherwise
+    def nuc_contrast(f):
+        b = f.clean[..., 2]
+        inner = cv2.erode((f.nuclei > 0).astype(np.uint8), np.ones((3, 3), np.uint8)) > 0
+        return float(b[inner].std() / b[inner].mean())
+
+    assert _mean("textured", nuc_contrast, n=3, size=384) > 1.3 * _mean("default", nuc_contrast, n=3, size=384)
+
+    # irregular outlines: less convex cells
+    def solidity(f):
+        out = []
+        for k in range(1, int(f.cells.max()) + 1):
+            m = (f.cells == k).astype(np.uint8)
+            c = max(cv2.findContours(m, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)[0], key=cv2.contourArea)
+            out.append(m.sum() / max(cv2.contourArea(cv2.convexHull(c)), 1))
+        return float(np.median(out))
+
+    assert _mean("irregular", solidity, n=3) < _mean("default", solidity, n=3) - 0.02
+
+    # heterogeneous: more of the cells of a positive field show only part of its labels
+    def partial(f):
+        return float(np.mean([set(ls) != set(f.image_labels) for ls in f.cell_labels]))
+
+    het = np.mean([partial(synth.draw_field(np.random.default_rng([s, 6]), 160, labels=[0, 14, 16],
+                                            style="heterogeneous")) for s in range(4)])
+    dft = np.mean([partial(synth.draw_field(np.random.default_rng([s, 6]), 160, labels=[0, 14, 16]))
+                   for s in range(4)])
+    assert het > dft + 0.2, (het, dft)
+
+
+def test_size_means_microscope_resolution_from_1728_px():
+    assert [synth.default_field_px(x) for x in (96, 256, 512, 1024, 1727, 1728, 2048, 3072)] == \
+        [2048] * 5 + [1728, 2048, 3072]
+    # a small image is a downscaled 2048 px field; with field_px it is a crop at full resolution
+    whole = synth.draw_field(np.random.default_rng(3), 256)
+    crop = synth.draw_field(np.random.default_rng(3), 256, field_px=512)
+    assert whole.field_px == 2048 and crop.field_px == 512
+    area = lambda f: np.median(np.bincount(f.cells.ravel())[1:]) * (f.field_px / 256) ** 2  # microscope px
+    assert int(crop.cells.max()) < int(whole.cells.max())
+    # the cells have the same size in microscope px, whatever the scale (within the field spread)
+    ratios = [area(synth.draw_field(np.random.default_rng([s, 1]), 256, field_px=768))
+              / area(synth.draw_field(np.random.default_rng([s, 1]), 256)) for s in range(6)]
+    assert 0.4 < float(np.median(ratios)) < 2.5, ratios
+
+
+def test_mixed_style_per_image_recorded_and_resumable(tmp_path):
+    from kit.errors import ConfigError
+
+    styles = [synth.image_style(4, "train", i, "mixed") for i in range(60)]
+    assert styles == [synth.image_style(4, "train", i, "mixed") for i in range(60)]
+    assert set(styles) == set(synth.STYLES) and 0.2 < styles.count("default") / 60 < 0.5
+    kw = dict(n_train=4, n_test=1, size=96, seed=4, style="mixed")
+    d = synth.generate_dataset(tmp_path / "m", **kw)
+    rows = pd.read_csv(d / "truth" / "images.csv", dtype=str)
+    assert list(rows.columns) == ["ID", "split", "size", "field_px", "style"]
+    assert rows["style"].tolist() == [synth.image_style(4, s, i, "mixed") for s, i in
+                                      [("train", 0), ("train", 1), ("train", 2), ("train", 3), ("test", 0)]]
+    assert (rows["field_px"] == "2048").all()
+    before = all_bytes(d)
+    synth.generate_dataset(d, **kw)
+    assert all_bytes(d) == before
+    with pytest.raises(ConfigError, match="style"):
+        synth.generate_dataset(d, **{**kw, "style": "hard"})
+    with pytest.raises(ConfigError, match="--style"):
+        synth.generate_dataset(tmp_path / "x", n_train=1, n_test=0, style="nope")
+
+
+def _realism():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "realism.py"
+    spec = importlib.util.spec_from_file_location("realism", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_realism_measures_what_the_truth_says():
+    """benchmarks/realism.py finds nuclei from the blue channel alone: on synthetic fields its
+    areas agree with the truth nuclei, and its cell figures with the truth masks."""
+    realism = _realism()
+    f = synth.draw_field(np.random.default_rng([0, 0, 0]), 512)
+    st = realism.field_stats(synth.quantise(f.image, 8), f.cells, f.field_px)
+    assert st["cells"] == int(f.cells.max())
+    interior = [k for k in range(1, int(f.cells.max()) + 1) if not np.isin(k, np.concatenate(
+        [f.cells[0], f.cells[-1], f.cells[:, 0], f.cells[:, -1]]))]
+    true_nuc = np.median([(f.nuclei == k).sum() for k in interior]) * (f.field_px / 512) ** 2
+    assert abs(st["nuc_px"] / true_nuc - 1) < 0.25, (st["nuc_px"], true_nuc)
+    assert 0.8 < st["solidity"] <= 1.0 and 0 < st["cover"] < 1
+
+
+REAL_FIELDS = Path(__file__).resolve().parents[2] / "shared" / "data" / "hpa_real" / "kaggle2021_fields"
+
+
+def test_default_fields_match_the_real_fields():
+    """The default style against the four real Kaggle fields (reference masks): cell and nucleus
+    areas (microscope px) and the nucleus/cell ratio of the synthetic fields lie within the real
+    fields' range, and so does the cells-per-field median of the real train table."""
+    require(REAL_FIELDS)
+    realism = _realism()
+    real = [realism.field_stats(img, cells) for _, img, cells in realism.real_kaggle_fields()]
+    # 512 px images are 2048 px fields downscaled: the same geometry, areas scaled back
+    syn = [realism.field_stats(synth.quantise(f.image, 8), f.cells, f.field_px)
+           for f in (synth.draw_field(np.random.default_rng([s, 0, s]), 512) for s in range(8))]
+    for key in ("cell_px", "nuc_px", "nc_ratio"):
+        lo, hi = min(r[key] for r in real), max(r[key] for r in real)
+        med = float(np.median([r[key] for r in syn]))
+        assert lo <= med <= hi, (key, med, lo, hi)
+    assert 13 <= np.median([r["cells"] for r in syn]) <= 24  # real train table: median 17 (IQR 13-24)

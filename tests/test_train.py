@@ -7,9 +7,10 @@ import pytest
 import torch
 
 from kit.config import ConfigError, config_hash, load_config, save_config
-from kit.datasets import EpochSampler, augment, write_random_tiles
+from kit.torchdata import EpochSampler, augment
 from kit.labels import format_label, to_multihot
 from kit.train import compute_metrics, fold_split, suggest_lr, train_fold
+from helpers import write_random_tiles
 
 
 def _write_dataset(root, n=12, folds=3, seed=0, tiles=True):
@@ -225,3 +226,17 @@ def test_resume_refuses_a_changed_training_config(tmp_path):
     save_config(_cfg(tmp_path, "train.epochs=2"), tmp_path / "run" / "config.yaml")
     with pytest.raises(ConfigError, match="train.epochs"):
         train_all(_cfg(tmp_path, "train.epochs=3"), kinds=("cell",), resume=True, progress=False)
+
+
+def test_config_yaml_is_written_once(tmp_path):
+    """A run folder trains one way: another training config is refused, with or without --resume."""
+    from kit.train import write_run_config
+
+    _write_dataset(tmp_path, tiles=False)
+    path = write_run_config(_cfg(tmp_path, "train.epochs=2"))
+    stamp = path.stat().st_mtime_ns
+    assert write_run_config(_cfg(tmp_path, "train.epochs=2", "train.workers=3")) == path  # kept as it is
+    assert path.stat().st_mtime_ns == stamp
+    with pytest.raises(ConfigError, match="train.lr differ .* a run folder trains one way"):
+        write_run_config(_cfg(tmp_path, "train.epochs=2", "train.lr=0.1"))
+

@@ -219,11 +219,9 @@ def _load_model(path: Path, device: str):
 
 
 def _resolve_device(device: str) -> str:
-    if device != "auto":
-        return device
-    import torch
+    from kit.device import resolve_device
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    return str(resolve_device(device))
 
 
 def _get_segmentator(nuclei_path: Path, cell_path: Path, device: str, scale_factor: float, padding: bool,
