@@ -1300,13 +1300,22 @@ def _record_path(out: Path, split: str, iid: str) -> Path:
     return Path(out) / ".synth" / split / f"{iid}.json"
 
 
+def _finished(out: Path, split: str, iid: str) -> bool:
+    """The image has its record and every file the record vouches for (a file lost since is redrawn:
+    same seed, same bytes)."""
+    out = Path(out)
+    files = [out / split / f"{iid}_{ch}.png" for ch in ("red", "green", "blue", "yellow")]
+    files += [out / "truth" / f"{iid}_{kind}_mask.png" for kind in ("cell", "nuclei")]
+    return _record_path(out, split, iid).is_file() and all(f.is_file() for f in files)
+
+
 def _generate_one(job: tuple) -> tuple:
     import json
 
     out, split, index, size, seed, bit_depth, style, field_px = job
     iid = image_id(seed, split, index)
     rec = _record_path(Path(out), split, iid)
-    if rec.is_file():  # finished in an earlier run with the same arguments: skip
+    if _finished(Path(out), split, iid):  # finished in an earlier run with the same arguments: skip
         r = json.loads(rec.read_text())
         return (split, iid, r["label"], r["pred"], [tuple(x) for x in r["rows"]], r["size"], r["style"],
                 r["field_px"])
@@ -1398,7 +1407,7 @@ def generate_dataset(out: str | Path, n_train: int, n_test: int, size: int = 512
         json.dump(params, fh, indent=1)
     jobs = [(str(out), split, i, image_size(seed, split, i, sizes), seed, bit_depth, image_style(seed, split, i, style),
              field_px) for split, n in (("train", n_train), ("test", n_test)) for i in range(n)]
-    todo = sum(not _record_path(out, j[1], image_id(seed, j[1], j[2])).is_file() for j in jobs)
+    todo = sum(not _finished(out, j[1], image_id(seed, j[1], j[2])) for j in jobs)
     bar = dict(total=len(jobs), initial=0, desc="synth", unit="img", disable=None)
     results = list(tqdm(pool_map(_generate_one, jobs, workers if todo > 1 else 1), **bar))
 
