@@ -29,6 +29,7 @@ import numpy as np
 
 from kit.atomic import atomic_open, atomic_path
 from kit.errors import ConfigError, DataError
+from kit.ids import check_id
 from kit.images import CHANNELS, full_scale, read_sample, to_float
 from kit.labels import CLASS_NAMES, NUM_CLASSES, read_labels_csv
 
@@ -342,6 +343,8 @@ def analyze(source: str | Path, out: str | Path, *, sample: str | None = None, i
     images = Path(images) if images is not None else None
     if images is not None and not images.is_dir():
         raise DataError(f"images folder not found: {images}")
+    if sample is not None:
+        check_id(sample, "--sample")
     csv_path, image_dir = _resolve_input(source, images)
     df = read_labels_csv(csv_path)
     stats = label_stats(df["labels"].tolist())

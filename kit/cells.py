@@ -47,6 +47,7 @@ from scipy import ndimage as ndi
 from kit.atomic import atomic_open, atomic_path
 from kit.cachekey import cache_key
 from kit.errors import ConfigError, DataError
+from kit.ids import check_id
 
 __all__ = [
     "TABLE_COLUMNS",
@@ -330,6 +331,7 @@ def prepare_tile_dir(out_dir: str | Path, size: int, mask_cache, mask_others: bo
 
 
 def _tile_paths(tile_dir: Path, image_id: str) -> tuple[Path, Path]:
+    check_id(image_id)
     return tile_dir / f"{image_id}.npy", tile_dir / f"{image_id}.csv"
 
 

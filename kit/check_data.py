@@ -22,7 +22,8 @@ from typing import Sequence
 
 import numpy as np
 
-from kit.errors import ConfigError, DataError
+from kit.errors import ConfigError, DataError, clip
+from kit.ids import id_problem
 from kit.images import CHANNELS, ImageReadError, read_channel, read_image_info
 from kit.labels import LabelError, parse_label
 from kit.layout import SPLITS, DatasetIndex
@@ -34,6 +35,7 @@ KINDS: dict[str, tuple[str, str]] = {
     "bad_csv": ("error", "CSV files that cannot be read, or bad rows/fields in them"),
     "bad_label": ("error", "bad Label values in train.csv"),
     "duplicate_id": ("error", "IDs listed more than once"),
+    "bad_id": ("error", "IDs that cannot be file names (empty, spaces, path separators, '..', control characters)"),
 
     "missing_channel": ("error", "channel files missing"),
     "unreadable_image": ("error", "empty, truncated or unreadable image files"),
@@ -59,7 +61,8 @@ SEVERITIES: tuple[str, ...] = ("error", "warning", "info")
 
 @dataclass(frozen=True)
 class Problem:
-    """One finding of `check_data`. `row` is the 1-based line in the CSV file (header = line 1)."""
+    """One finding of `check_data`. `row` is the 1-based line in the CSV file (header = line 1);
+    `image_id` of a bad ID is quoted and cut to a readable length, as in the message."""
 
     severity: str
     kind: str
@@ -92,7 +95,8 @@ def _read_csv(path: Path, required: tuple[str, ...], problems: list[Problem],
             missing = [c for c in required if c not in header]
             if missing:
                 problems.append(_problem(
-                    "bad_csv", f"{path}: missing column(s) {', '.join(missing)} (found {header})", path=str(path), row=1
+                    "bad_csv", f"{path}: missing column(s) {', '.join(missing)} (found {clip(','.join(header))})",
+                    path=str(path), row=1
                 ))
                 return None
             rows = []
@@ -114,17 +118,22 @@ def _read_csv(path: Path, required: tuple[str, ...], problems: list[Problem],
     return rows
 
 
-def _check_ids(path: Path, rows: list[tuple[int, str]], problems: list[Problem]) -> None:
+def _check_ids(path: Path, rows: list[tuple[int, str]], problems: list[Problem]) -> set[str]:
+    """Report bad (`kit.ids.id_problem`) and duplicated IDs of a CSV; returns the bad ones."""
     first: dict[str, int] = {}
+    bad: set[str] = set()
     for line, image_id in rows:
-        if not image_id.strip():
-            problems.append(_problem("bad_csv", f"{path}: line {line}: empty ID", path=str(path), row=line))
-            continue
-        if image_id != image_id.strip():
+        problem = id_problem(image_id)
+        if problem == "is empty":
+            problems.append(_problem("bad_id", f"{path}: line {line}: empty ID", path=str(path), row=line))
+        elif problem is not None:
             problems.append(_problem(
-                "bad_csv", f"{path}: line {line}: ID {image_id!r} has surrounding spaces",
-                path=str(path), row=line, image_id=image_id,
+                "bad_id", f"{path}: line {line}: ID {clip(image_id)} {problem} (an ID is a file-name stem)",
+                path=str(path), row=line, image_id=clip(image_id),
             ))
+        if problem is not None:
+            bad.add(image_id)
+            continue
         if image_id in first:
             problems.append(_problem(
                 "duplicate_id", f"{path}: line {line}: ID {image_id} already on line {first[image_id]}",
@@ -132,6 +141,7 @@ def _check_ids(path: Path, rows: list[tuple[int, str]], problems: list[Problem])
             ))
         else:
             first[image_id] = line
+    return bad
 
 
 def _check_sample(job: tuple[str, str, str, dict[str, list[str]], bool]) -> tuple[list[Problem], tuple | None]:
@@ -230,22 +240,25 @@ def check_data(
     train_label_ids: list[str] | None = None
     if train_csv.is_file():
         rows = _read_csv(train_csv, ("ID", "Label"), problems)
-        train_label_ids = None if rows is None else [r["ID"] for _, r in rows]
-        _check_ids(train_csv, [(line, r["ID"]) for line, r in rows or []], problems)
+        bad = _check_ids(train_csv, [(line, r["ID"]) for line, r in rows or []], problems)
+        train_label_ids = None if rows is None else [r["ID"] for _, r in rows if r["ID"] not in bad]
         for line, r in rows or []:
             image_id = r["ID"]
             try:
                 parse_label(r["Label"], row=line, image_id=image_id or None)
             except LabelError as exc:
-                problems.append(_problem("bad_label", f"{train_csv}: {exc}", path=str(train_csv), row=line, image_id=image_id))
+                problems.append(_problem("bad_label", f"{train_csv}: {exc}", path=str(train_csv), row=line,
+                                         image_id=clip(image_id) if image_id in bad else image_id))
 
     # sample_submission.csv.
     sub_sizes: dict[str, tuple[int, tuple[int, int] | None]] = {}
     sub_ids: list[str] | None = None
     if sub_csv.is_file():
         rows = _read_csv(sub_csv, ("ID",), problems, allow_empty=True)  # an empty test set is consistent
-        sub_ids = None if rows is None else [r["ID"] for _, r in rows]
-        _check_ids(sub_csv, [(line, r["ID"]) for line, r in rows or []], problems)
+        bad = _check_ids(sub_csv, [(line, r["ID"]) for line, r in rows or []], problems)
+        if rows is not None:
+            rows = [(line, r) for line, r in rows if r["ID"] not in bad]
+            sub_ids = [r["ID"] for _, r in rows]
         for line, r in rows or []:
             size = None
             if "ImageWidth" in r and "ImageHeight" in r:
@@ -254,8 +267,8 @@ def check_data(
                 except ValueError:
                     problems.append(_problem(
                         "bad_csv",
-                        f"{sub_csv}: line {line}: ImageWidth/ImageHeight {r['ImageWidth']!r}/{r['ImageHeight']!r} "
-                        f"are not integers (ID {r['ID']})",
+                        f"{sub_csv}: line {line}: ImageWidth/ImageHeight {clip(r['ImageWidth'])}/"
+                        f"{clip(r['ImageHeight'])} are not integers (ID {r['ID']})",
                         path=str(sub_csv), row=line, image_id=r["ID"],
                     ))
             sub_sizes.setdefault(r["ID"], (line, size))
@@ -264,7 +277,13 @@ def check_data(
     scans = {split: index.scan(split) for split in SPLITS}
     for split in SPLITS:
         for path in scans[split].stray:
-            problems.append(_problem("stray_file", f"{split}/{path.name}: not a channel image name", path=str(path)))
+            problems.append(_problem("stray_file", f"{split}/{clip(path.name, bare=True)}: not a channel image name",
+                                     path=str(path)))
+        for path, problem in scans[split].bad_ids:
+            problems.append(_problem(
+                "bad_id", f"{split}/{clip(path.name, bare=True)}: its ID {problem} (an ID is a file-name stem); "
+                "the file is not read", path=str(path),
+            ))
         if (root / split).is_dir() and not scans[split].samples:
             problems.append(_problem("no_images", f"{root / split}/ holds no channel images", path=str(root / split)))
     twins = index.train_folders.ambiguous()
@@ -409,4 +428,6 @@ def _run_check_data(args) -> int:
     else:
         print(f"check-data {args.dir} ({'decoded' if args.decode else 'headers and file ends; --decode decodes'})")
         print(summarize(problems, args.examples))
+    if n_err:  # the one line a script reads to learn why the exit status is 1
+        print(f"{n_err} error(s) in {args.dir}", file=sys.stderr)
     return 1 if n_err else 0

@@ -5,15 +5,27 @@ Each command lives in the module that does its job. That module defines
 arguments and sets ``func`` via ``parser.set_defaults(func=...)``; ``func(args)`` returns an exit
 code (None means 0). Modules are imported only when their command runs, so ``--help`` is instant
 and torch is never imported by commands that do not need it.
+
+Errors: a `kit.errors.KitError` (the user's mistake) and an OSError (the system refused a file
+operation on a path the user chose: not a folder, no permission, disk full, name too long) print
+one line, ``error: <message>``, and exit 2; so do argparse's errors (`KitParser`). Anything else is
+a bug and keeps its traceback. ``KIT_TRACEBACK=1`` shows the traceback of every error.
+Option types shared by the commands: every ``type=float`` option is finite (`finite_float`, nan
+and inf are never a setting), ``type=int`` quotes a bad value cut short, `folder_arg` is a
+folder to create or use (refused when it, or a parent, is a file) and `file_arg` a file to write
+(refused when it is a folder or a parent is a file), checked before any work starts.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
+import math
+import os
 import sys
+from pathlib import Path
 
 from kit import __version__
-from kit.errors import KitError
+from kit.errors import ConfigError, KitError, clip, one_line
 
 # command -> (module, one-line help). Order is the order of a typical project.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -49,10 +61,67 @@ def _print_overview() -> None:
     print("\nRun `python -m kit <command> --help` for a command's options.")
 
 
+def finite_float(text: str) -> float:
+    """A float option's value: a finite number (argparse reports the error on one line)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {clip(text)}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {clip(text)}")
+    return value
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {clip(text)}") from None
+
+
+def folder_arg(text: str) -> Path:
+    """A folder the command creates or fills: refused when it, or one of its parents, is a file."""
+    path = Path(text)
+    for p in (path, *path.parents):
+        if p.exists():
+            if not p.is_dir():
+                raise argparse.ArgumentTypeError(
+                    f"{clip(text, 200)} is not a folder" if p == path else f"{clip(str(p), 200)} is a file, not a folder")
+            break
+    return path
+
+
+def file_arg(text: str) -> Path:
+    """A file the command writes: refused when it is a folder, or when one of its parents is a file."""
+    path = Path(text)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{clip(text, 200)} is a folder: give a file name, e.g. "
+                                         f"{clip(str(path / 'submission.csv'), 200)}")
+    for p in path.parents:
+        if p.exists():
+            if not p.is_dir():
+                raise argparse.ArgumentTypeError(f"{clip(str(p), 200)} is a file, not a folder")
+            break
+    return path
+
+
+class KitParser(argparse.ArgumentParser):
+    """argparse with the kit's option types and one-line errors (a ConfigError naming the command)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # Looked up for every argument, in groups and sub-commands too.
+        self.register("type", float, finite_float)
+        self.register("type", int, _int)
+
+    def error(self, message: str):
+        raise ConfigError(f"{message} (see `{self.prog} --help`)")
+
+
 def build_parser(command: str) -> argparse.ArgumentParser:
     """The argument parser of one command (imports that command's module)."""
     module_name, help_line = COMMANDS[command]
-    parser = argparse.ArgumentParser(prog=f"python -m kit {command}", description=help_line)
+    parser = KitParser(prog=f"python -m kit {command}", description=help_line)
     module = importlib.import_module(module_name)
     getattr(module, "configure_" + command.replace("-", "_"))(parser)
     return parser
@@ -68,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     command = argv[0]
     if command not in COMMANDS:
-        print(f"error: unknown command {command!r}; run `python -m kit --help` for the list", file=sys.stderr)
+        print(f"error: unknown command {clip(command)}; run `python -m kit --help` for the list", file=sys.stderr)
         return 2
     try:
         parser = build_parser(command)
@@ -76,8 +145,23 @@ def main(argv: list[str] | None = None) -> int:
         result = args.func(args)
         return int(result or 0)
     except KitError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return _fail(str(exc))
+    except OSError as exc:
+        return _fail(_os_message(exc) + " (KIT_TRACEBACK=1 shows where)")
     except KeyboardInterrupt:
         print("interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
+
+
+def _fail(message: str) -> int:
+    if os.environ.get("KIT_TRACEBACK"):
+        raise  # called inside the `except` block: re-raises the error being handled
+    print(f"error: {one_line(message)}", file=sys.stderr)
+    return 2
+
+
+def _os_message(exc: OSError) -> str:
+    if not exc.strerror:
+        return str(exc)
+    names = [clip(str(n), 200) for n in (exc.filename, exc.filename2) if n is not None]
+    return exc.strerror + (f": {' -> '.join(names)}" if names else "")

@@ -85,7 +85,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from kit.errors import ConfigError, DataError, KitError
+from kit.errors import ConfigError, DataError, KitError, clip
 from kit.labels import NEGATIVE, NUM_CLASSES
 
 STRATEGIES: tuple[str, ...] = ("cell_only", "image_only", "product", "geometric", "mean", "rank", "field")
@@ -110,9 +110,9 @@ class CombineSpec:
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
-            raise ConfigError(f"combine strategy {self.strategy!r} is not one of {', '.join(STRATEGIES)}")
+            raise ConfigError(f"combine strategy {clip(self.strategy)} is not one of {', '.join(STRATEGIES)}")
         if self.negative not in NEGATIVE_MODES:
-            raise ConfigError(f"combine negative mode {self.negative!r} is not one of {', '.join(NEGATIVE_MODES)}")
+            raise ConfigError(f"combine negative mode {clip(self.negative)} is not one of {', '.join(NEGATIVE_MODES)}")
         if not 0.0 <= float(self.weight) <= 1.0:
             raise ConfigError(f"combine weight {self.weight} outside [0, 1]")
         if float(self.border_power) < 0:
@@ -800,7 +800,7 @@ def _run_tune_combine(args) -> int:
         try:
             kwargs["weights"] = [float(w) for w in args.weights.split(",")]
         except ValueError:
-            raise ConfigError(f"--weights: expected numbers, got {args.weights!r}") from None
+            raise ConfigError(f"--weights: expected numbers, got {clip(args.weights)}") from None
     specs = candidate_specs(**kwargs)
     result = tune_run(args.run, specs, write=not args.dry_run, progress=True, truth=False if args.no_truth else None)
     if args.json:

@@ -38,7 +38,7 @@ from typing import Any, Literal, Union
 import yaml
 
 from kit.atomic import atomic_open
-from kit.errors import ConfigError
+from kit.errors import ConfigError, clip
 
 
 @dataclass
@@ -234,14 +234,14 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return str(value)  # e.g. backbone names or paths YAML read as numbers
     else:
         raise TypeError(f"unsupported config type {tp!r} for {key}")
-    raise ConfigError(f"config key {key}: expected {_type_name(tp)}, got {value!r}")
+    raise ConfigError(f"config key {key}: expected {_type_name(tp)}, got {clip(value)}")
 
 
 def _apply(obj: Any, values: dict, prefix: str, explicit: set | None = None) -> None:
     """Set the dataclass `obj`'s fields from the mapping `values` (recursively, type-checked);
     the dotted key of every value set goes into `explicit`."""
     if not isinstance(values, dict):
-        raise ConfigError(f"config key {prefix.rstrip('.') or '<root>'}: expected a mapping, got {values!r}")
+        raise ConfigError(f"config key {prefix.rstrip('.') or '<root>'}: expected a mapping, got {clip(values)}")
     hints = typing.get_type_hints(type(obj))
     names = {f.name for f in dataclasses.fields(obj)}
     for name, value in values.items():
@@ -303,16 +303,25 @@ def _validate(cfg: Config) -> None:
 
 def _parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in text:
-        raise ConfigError(f"override {text!r}: expected KEY=VALUE, e.g. train.epochs=3")
+        raise ConfigError(f"override {clip(text)}: expected KEY=VALUE, e.g. train.epochs=3")
     key, raw = text.split("=", 1)
     key = key.strip()
     if not key or any(not part for part in key.split(".")):
-        raise ConfigError(f"override {text!r}: bad key {key!r}")
+        raise ConfigError(f"override {clip(text)}: bad key {clip(key)}")
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as exc:
-        raise ConfigError(f"override {text!r}: cannot parse value: {exc}") from None
+        raise ConfigError(f"override {clip(text)}: cannot parse value: {_yaml_problem(exc)}") from None
     return key.split("."), value
+
+
+def _yaml_problem(exc: "yaml.YAMLError") -> str:
+    """A YAML error on one line: what is wrong and where (line, column)."""
+    problem = getattr(exc, "problem", None)
+    mark = getattr(exc, "problem_mark", None)
+    if problem is None:
+        return " ".join(str(exc).split())
+    return problem + (f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else "")
 
 
 def _nest(parts: list[str], value: Any) -> dict:
@@ -329,7 +338,7 @@ def _expand_model_shorthand(values: dict) -> list[dict]:
     if shared is None:
         return [values]
     if not isinstance(shared, dict):
-        raise ConfigError(f"config key model: expected a mapping, got {shared!r}")
+        raise ConfigError(f"config key model: expected a mapping, got {clip(shared)}")
     return [{"cell_model": dict(shared), "image_model": dict(shared)}, values]
 
 
@@ -344,9 +353,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if path is not None:
         path = config_file(path)
         try:
-            values = yaml.safe_load(path.read_text()) or {}
+            values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{path}: not a text file (YAML): {exc}") from None
         except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+            raise ConfigError(f"{path}: not valid YAML: {_yaml_problem(exc)}") from None
         if not isinstance(values, dict):
             raise ConfigError(f"{path}: expected a mapping of sections at the top level")
         try:

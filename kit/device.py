@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 
-from kit.errors import ConfigError
+from kit.errors import ConfigError, clip
 
 __all__ = ["resolve_device", "local_rank"]
 
@@ -19,7 +19,7 @@ def local_rank() -> int:
     try:
         return int(os.environ.get("LOCAL_RANK", 0))
     except ValueError:
-        raise ConfigError(f"environment variable LOCAL_RANK={os.environ['LOCAL_RANK']!r} is not an integer") from None
+        raise ConfigError(f"environment variable LOCAL_RANK={clip(os.environ['LOCAL_RANK'])} is not an integer") from None
 
 
 def resolve_device(name: str | None = "auto"):
@@ -33,7 +33,8 @@ def resolve_device(name: str | None = "auto"):
     try:
         dev = torch.device(str(name))
     except (RuntimeError, ValueError) as exc:
-        raise ConfigError(f"bad device {str(name)[:40]!r}: {exc}") from None
+        # torch's message repeats the whole value: quote it cut short there too
+        raise ConfigError(f"bad device {clip(name)}: {str(exc).replace(str(name), clip(name))}") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {name!r} requested but CUDA is not available here (use cpu or auto)")
+        raise ConfigError(f"device {clip(name)} requested but CUDA is not available here (use cpu or auto)")
     return dev

@@ -21,6 +21,7 @@ import numpy as np
 
 from kit.atomic import atomic_path
 from kit.cachekey import cache_key
+from kit.ids import check_id
 
 __all__ = ["FIELD_CACHE_VERSION", "downscale_field", "field_cache_dir", "field_path", "write_field", "field_done"]
 
@@ -48,7 +49,7 @@ def field_cache_dir(root: str | Path, size: int, images_dir: str | Path | Sequen
 
 
 def field_path(field_dir: str | Path, image_id: str) -> Path:
-    return Path(field_dir) / f"{image_id}.npy"
+    return Path(field_dir) / f"{check_id(image_id)}.npy"
 
 
 def write_field(field_dir: str | Path, image_id: str, image: np.ndarray, size: int) -> Path:

@@ -53,7 +53,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from kit.atomic import atomic_open
-from kit.errors import ConfigError, DataError
+from kit.errors import ConfigError, DataError, clip
 from kit.labels import CLASS_NAMES, NUM_CLASSES, format_label, read_labels_csv
 
 FORMAT = "kit-folds/1"
@@ -128,7 +128,7 @@ def make_folds(labels_df, n_splits: int, seed: int, groups: Sequence[Any] | None
     from iterstrat.ml_stratifiers import MultilabelStratifiedKFold
 
     if isinstance(n_splits, bool) or not isinstance(n_splits, (int, np.integer)) or n_splits < 2:
-        raise ConfigError(f"n_splits must be an integer >= 2, got {n_splits!r}")
+        raise ConfigError(f"n_splits must be an integer >= 2, got {clip(n_splits)}")
     n_splits = int(n_splits)
     n = len(labels_df)
     if n == 0:
@@ -431,11 +431,11 @@ def _read_fold_csv(path: Path):
     bad = ~df["fold"].str.fullmatch(r"\d+")
     if bad.any():
         r = int(np.flatnonzero(bad.to_numpy())[0])
-        raise ConfigError(f"{path}: line {r + 2}: fold {df['fold'].iloc[r]!r} is not a non-negative integer")
+        raise ConfigError(f"{path}: line {r + 2}: fold {clip(df['fold'].iloc[r])} is not a non-negative integer")
     dup = df["ID"].duplicated()
     if dup.any():
         r = int(np.flatnonzero(dup.to_numpy())[0])
-        raise ConfigError(f"{path}: line {r + 2}: ID {df['ID'].iloc[r]!r} appears twice")
+        raise ConfigError(f"{path}: line {r + 2}: ID {clip(df['ID'].iloc[r])} appears twice")
     return pd.DataFrame({"ID": df["ID"], "fold": df["fold"].astype(np.int64)})
 
 
@@ -517,12 +517,12 @@ def read_groups(labels_df, spec: str | Path, labels_path: str | Path | None = No
         if dup.any():
             first = g[dup].iloc[0]["ID"]
             both = g.loc[g["ID"] == first, "group"].tolist()
-            raise DataError(f"{spec_path}: ID {first!r} is in more than one group ({', '.join(map(repr, both))})")
+            raise DataError(f"{spec_path}: ID {clip(first)} is in more than one group ({', '.join(map(repr, both))})")
         known = set(ids)
         unknown = [i for i in g["ID"] if i not in known]
         if unknown:
             text = (f"{spec_path}: {len(unknown)} ID(s) are not in the labels file"
-                    f"{' ' + Path(labels_path).name if labels_path else ''} (e.g. {unknown[0]!r})")
+                    f"{' ' + Path(labels_path).name if labels_path else ''} (e.g. {clip(unknown[0])})")
             if not ignore_unknown:
                 raise DataError(text + "; remove them (test or external images?) or pass --ignore-unknown-groups")
             messages.append(text + "; ignored")
@@ -546,7 +546,7 @@ def read_groups(labels_df, spec: str | Path, labels_path: str | Path | None = No
         desc = {"source": f"column {spec}"}
         n_missing = sum(v is None for v in groups)
         if n_missing:
-            messages.append(f"{n_missing} of {len(ids)} images have an empty {spec!r}; each is a group of its own")
+            messages.append(f"{n_missing} of {len(ids)} images have an empty {clip(spec)}; each is a group of its own")
     arr = np.empty(len(groups), dtype=object)
     arr[:] = groups
     desc["n_groups"] = int(_group_codes(arr, len(arr)).max()) + 1 if len(arr) else 0

@@ -29,6 +29,7 @@ import cv2
 import numpy as np
 
 from kit.errors import DataError
+from kit.ids import check_id
 
 CHANNELS: tuple[str, ...] = ("red", "green", "blue", "yellow")
 EXTENSIONS: tuple[str, ...] = (".png", ".tif", ".tiff", ".jpg", ".jpeg")
@@ -39,8 +40,10 @@ class ImageReadError(DataError):
 
 
 def channel_path(folder: str | Path, image_id: str, channel: str) -> Path:
-    """Path of one channel file, trying each known extension; raises ImageReadError if absent."""
+    """Path of one channel file, trying each known extension; raises ImageReadError if absent
+    (DataError for an ID that is not a file-name stem: `kit.ids`)."""
     folder = Path(folder)
+    check_id(image_id)
     for ext in EXTENSIONS:
         path = folder / f"{image_id}_{channel}{ext}"
         if path.is_file():
@@ -294,6 +297,7 @@ def image_size(folder: str | Path, image_id: str) -> tuple[int, int]:
     Raises ImageReadError naming the file when no channel file exists or the header is unreadable.
     """
     folder = Path(folder)
+    check_id(image_id)
     for channel in CHANNELS:
         for ext in EXTENSIONS:
             path = folder / f"{image_id}_{channel}{ext}"

@@ -11,7 +11,8 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from kit.errors import DataError
+from kit.errors import DataError, clip
+from kit.ids import check_id
 
 CLASS_NAMES: tuple[str, ...] = (
     "Nucleoplasm",
@@ -47,7 +48,7 @@ def _where(row: int | None, image_id: str | None) -> str:
     if row is not None:
         parts.append(f"row {row}")
     if image_id is not None:
-        parts.append(f"ID {image_id}")
+        parts.append(f"ID {clip(image_id, bare=True)}")
     return f" ({', '.join(parts)})" if parts else ""
 
 
@@ -66,13 +67,13 @@ def parse_label(text: str, *, row: int | None = None, image_id: str | None = Non
     for token in text.split("|"):
         token = token.strip()
         if not token:
-            raise LabelError(f"empty class id in label {text!r}{_where(row, image_id)}")
+            raise LabelError(f"empty class id in label {clip(text)}{_where(row, image_id)}")
         if not (token.isascii() and token.isdigit()):  # str.isdigit alone accepts '²', which int() rejects
-            raise LabelError(f"non-numeric class id {token!r} in label {text!r}{_where(row, image_id)}")
-        value = int(token)
+            raise LabelError(f"non-numeric class id {clip(token)} in label {clip(text)}{_where(row, image_id)}")
+        value = int(token) if len(token) <= 3 else NUM_CLASSES  # int() refuses > 4300 digits
         if not 0 <= value < NUM_CLASSES:
             raise LabelError(
-                f"class id {value} outside 0..{NUM_CLASSES - 1} in label {text!r}{_where(row, image_id)}"
+                f"class id {clip(token)} outside 0..{NUM_CLASSES - 1} in label {clip(text)}{_where(row, image_id)}"
             )
         ids.add(value)
     return sorted(ids)
@@ -118,7 +119,8 @@ def read_labels_csv(path: str | Path):
     """Read a train.csv (``ID,Label``) into a DataFrame with normalised labels.
 
     Returns columns ``ID`` (str), ``Label`` (sorted, de-duplicated string) and ``labels``
-    (list of ints). Errors name the file, the 1-based CSV line (header = line 1) and the ID.
+    (list of ints). Errors name the file, the 1-based CSV line (header = line 1) and the ID; an ID
+    must be a file-name stem (`kit.ids.check_id`).
     """
     import pandas as pd
 
@@ -134,12 +136,11 @@ def read_labels_csv(path: str | Path):
         raise DataError(f"{path}: missing column(s) {', '.join(missing)} (found {list(df.columns)})")
     if len(df) == 0:
         raise DataError(f"{path}: no rows")
-    empty = df.index[df["ID"].str.strip() == ""]
-    if len(empty):
-        raise DataError(f"{path}: empty ID (line {empty[0] + 2})")
+    for r, image_id in enumerate(df["ID"]):
+        check_id(image_id, f"{path}: line {r + 2}")
     dup = df["ID"][df["ID"].duplicated()]
     if len(dup):
-        raise DataError(f"{path}: duplicated ID {dup.iloc[0]!r} (line {dup.index[0] + 2})")
+        raise DataError(f"{path}: duplicated ID {clip(dup.iloc[0])} (line {dup.index[0] + 2})")
     parsed = []
     for r, (image_id, text) in enumerate(zip(df["ID"], df["Label"])):
         try:

@@ -23,18 +23,23 @@ Training images may live in several folders (the Kaggle ``train/`` plus download
 images, `kit.external`): `ImageFolders` finds the one folder that holds each ID, and
 ``DatasetIndex(root, extra_train_dirs=[...])`` looks train IDs up in all of them.
 
+Every ID read here passes `kit.ids.check_id` (an ID is a file-name stem: no path separators, no
+``..``, no control characters); a bad one names the file and the line. A channel file whose ID
+part is not a valid ID is not taken for a sample (`SplitFiles.bad_ids`; `check-data` reports it).
+
 `kit.check_data` reports every problem of a dataset at once; `DatasetIndex` is strict instead.
 """
 from __future__ import annotations
 
 import csv
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Sequence
 
-from kit.errors import ConfigError, DataError
+from kit.errors import ConfigError, DataError, clip
+from kit.ids import check_id, id_problem
 from kit.images import CHANNELS, EXTENSIONS, ImageInfo, ImageReadError, image_size, read_image_info, read_sample
 from kit.labels import read_labels_csv
 
@@ -50,6 +55,7 @@ class SplitFiles:
 
     samples: dict[str, dict[str, list[Path]]]  # ID -> channel -> paths (extension preference order)
     stray: list[Path]  # entries that are not <ID>_<channel>.<ext>
+    bad_ids: list[tuple[Path, str]] = field(default_factory=list)  # channel files whose ID is not valid, why
 
 
 def scan_split(folder: str | Path) -> SplitFiles:
@@ -57,8 +63,9 @@ def scan_split(folder: str | Path) -> SplitFiles:
     folder = Path(folder)
     samples: dict[str, dict[str, list[Path]]] = {}
     stray: list[Path] = []
+    bad_ids: list[tuple[Path, str]] = []
     if not folder.is_dir():
-        return SplitFiles(samples, stray)
+        return SplitFiles(samples, stray, bad_ids)
     ext_rank = {e: i for i, e in enumerate(EXTENSIONS)}
     with os.scandir(folder) as it:
         entries = sorted(it, key=lambda e: e.name)
@@ -76,11 +83,15 @@ def scan_split(folder: str | Path) -> SplitFiles:
         ):
             stray.append(folder / name)
             continue
+        problem = id_problem(image_id)
+        if problem is not None:
+            bad_ids.append((folder / name, problem))
+            continue
         samples.setdefault(image_id, {}).setdefault(channel, []).append(folder / name)
     for channels in samples.values():
         for paths in channels.values():
             paths.sort(key=lambda p: ext_rank[p.suffix])  # the order images.channel_path tries
-    return SplitFiles(samples, stray)
+    return SplitFiles(samples, stray, bad_ids)
 
 
 class ImageFolders:
@@ -194,7 +205,7 @@ class DatasetIndex:
     def image_dir(self, split: str) -> Path:
         """The folder of `split` ('train' or 'test')."""
         if split not in SPLITS:
-            raise ConfigError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
+            raise ConfigError(f"unknown split {clip(split)}; expected one of {', '.join(SPLITS)}")
         return self.root / split
 
     def scan(self, split: str) -> SplitFiles:
@@ -207,7 +218,8 @@ class DatasetIndex:
             for sc in scans:
                 for image_id, channels in sc.samples.items():
                     samples.setdefault(image_id, channels)  # the first folder wins; folder_of reports a twin
-            self._scans[split] = SplitFiles(samples, [p for sc in scans for p in sc.stray])
+            self._scans[split] = SplitFiles(samples, [p for sc in scans for p in sc.stray],
+                                            [b for sc in scans for b in sc.bad_ids])
         return self._scans[split]
 
     def files(self, split: str) -> dict[str, dict[str, Path]]:
@@ -246,7 +258,7 @@ class DatasetIndex:
             if image_id in self.scan(split).samples:
                 return split
         extra = "".join(f", {d}" for d in self.extra_train_dirs)
-        raise DataError(f"{self.root}: no image files for ID {image_id!r} in train/{extra} or test/")
+        raise DataError(f"{self.root}: no image files for ID {clip(image_id)} in train/{extra} or test/")
 
     def channel_paths(self, image_id: str, split: str | None = None) -> dict[str, Path]:
         """channel -> path of one sample; raises ImageReadError naming the first missing file."""
@@ -312,9 +324,10 @@ def read_id_list(path: str | Path, *, fold: int | None = None) -> list[str]:
     if "," not in first:  # one ID per line
         if fold is not None:
             raise DataError(f"{path}: --fold needs a CSV with ID and fold columns (e.g. folds/<name>.csv)")
-        lines = [ln.strip() for ln in path.read_text(encoding="utf-8-sig").splitlines()
-                 if ln.strip() and not ln.startswith("#")]
-        ids = lines[1:] if lines[0] == "ID" else lines
+        rows = [(n, {"ID": ln}) for n, ln in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), 1)
+                if ln.strip() and not ln.startswith("#")]
+        if rows[0][1]["ID"].strip() == "ID":
+            rows = rows[1:]
     else:
         header, rows = _csv_rows(path)
         if "ID" not in header:
@@ -325,7 +338,7 @@ def read_id_list(path: str | Path, *, fold: int | None = None) -> list[str]:
             rows = [(n, r) for n, r in rows if str(r["fold"]).strip() == str(fold)]
             if not rows:
                 raise DataError(f"{path}: no image in fold {fold}")
-        ids = [(r["ID"] or "").strip() for _, r in rows]
+    ids = [check_id((r["ID"] or "").strip(), f"{path}: line {n}") for n, r in rows]
     if not ids:
         raise DataError(f"{path}: no IDs")
     return ids
@@ -350,9 +363,7 @@ def read_sample_submission(path: str | Path) -> tuple[list[str], dict[str, tuple
     sizes: dict[str, tuple[int, int]] = {}
     first: dict[str, int] = {}
     for line, row in rows:
-        image_id = (row["ID"] or "").strip()
-        if not image_id:
-            raise DataError(f"{path}: line {line}: empty ID")
+        image_id = check_id((row["ID"] or "").strip(), f"{path}: line {line}")
         if image_id in first:
             raise DataError(f"{path}: line {line}: ID {image_id} already on line {first[image_id]}")
         first[image_id] = line
@@ -362,7 +373,7 @@ def read_sample_submission(path: str | Path) -> tuple[list[str], dict[str, tuple
             w = h = 0
         if w <= 0 or h <= 0:
             raise DataError(f"{path}: line {line}, ID {image_id}: ImageWidth/ImageHeight "
-                            f"{str(row['ImageWidth'])[:20]!r}/{str(row['ImageHeight'])[:20]!r} are not positive integers")
+                            f"{clip(row['ImageWidth'])}/{clip(row['ImageHeight'])} are not positive integers")
         ids.append(image_id)
         sizes[image_id] = (w, h)
     return ids, sizes

@@ -51,7 +51,7 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 from kit.atomic import atomic_open
-from kit.errors import ConfigError, DataError
+from kit.errors import ConfigError, DataError, clip
 
 DEFAULT_DB = "leaderboard.sqlite"
 ENV_VAR = "KIT_LEADERBOARD"
@@ -120,9 +120,9 @@ def _score(value: Any, name: str, *, allow_none: bool = True) -> float | None:
     try:
         v = float(value)
     except (TypeError, ValueError):
-        raise ConfigError(f"{name} must be a number, got {value!r}") from None
+        raise ConfigError(f"{name} must be a number, got {clip(value)}") from None
     if not math.isfinite(v):
-        raise ConfigError(f"{name} must be finite, got {value!r}")
+        raise ConfigError(f"{name} must be finite, got {clip(value)}")
     return v
 
 
@@ -136,6 +136,8 @@ class Leaderboard:
 
     def __init__(self, path: str | os.PathLike | None = None):
         self.path = Path(path) if path is not None else default_path()
+        if self.path.is_dir():  # else "no runs recorded" would be the answer, read from no file
+            raise ConfigError(f"leaderboard database {self.path} is a folder: give a file, e.g. {self.path / 'leaderboard.sqlite'}")
 
     # -- connection ---------------------------------------------------------------------------
 
@@ -221,11 +223,11 @@ class Leaderboard:
         if not run_id:
             raise ConfigError("run_id must not be empty")
         if metric not in METRICS:
-            raise ConfigError(f"metric must be one of {', '.join(METRICS)}, got {metric!r}")
+            raise ConfigError(f"metric must be one of {', '.join(METRICS)}, got {clip(metric)}")
         folds: dict[int, float | None] = {}
         for k, v in dict(fold_scores).items():
             if isinstance(k, bool) or int(k) != k or int(k) < 0:
-                raise ConfigError(f"fold numbers must be integers >= 0, got {k!r}")
+                raise ConfigError(f"fold numbers must be integers >= 0, got {clip(k)}")
             folds[int(k)] = _score(v, f"fold {k} score")
         oof = _score(oof_score, "oof_score")
         test = _score(test_score, "test_score")
@@ -261,10 +263,10 @@ class Leaderboard:
         if len(prefixed) == 1:
             return prefixed[0]
         if len(prefixed) > 1:
-            raise ConfigError(f"run {run_id!r} is ambiguous in {self.path}: {', '.join(sorted(prefixed)[:5])}")
+            raise ConfigError(f"run {clip(run_id)} is ambiguous in {self.path}: {', '.join(sorted(prefixed)[:5])}")
         close = difflib.get_close_matches(run_id, ids, n=3)
         hint = f"; did you mean {', '.join(close)}?" if close else f" ({len(ids)} runs recorded)"
-        raise ConfigError(f"unknown run {run_id!r} in the leaderboard {self.path}{hint}")
+        raise ConfigError(f"unknown run {clip(run_id)} in the leaderboard {self.path}{hint}")
 
     def record_public(self, run_id: str, score: float, notes: str | None = None) -> str:
         """Record the Kaggle public LB score of a run (an exact id or a unique prefix).
@@ -275,7 +277,7 @@ class Leaderboard:
         if not 0.0 <= score <= 1.0:
             raise ConfigError(f"public score must be in [0, 1] (an mAP), got {score}")
         if not self.path.is_file():
-            raise ConfigError(f"unknown run {run_id!r}: no leaderboard at {self.path}")
+            raise ConfigError(f"unknown run {clip(run_id)}: no leaderboard at {self.path}")
         with self._write() as con:
             full = self._resolve(con, str(run_id))
             con.execute("UPDATE runs SET public_score = ? WHERE run_id = ?", (score, full))
@@ -286,7 +288,7 @@ class Leaderboard:
     def remove(self, run_id: str) -> str:
         """Delete a run's rows (an exact id or a unique prefix); returns the full run id."""
         if not self.path.is_file():
-            raise ConfigError(f"unknown run {run_id!r}: no leaderboard at {self.path}")
+            raise ConfigError(f"unknown run {clip(run_id)}: no leaderboard at {self.path}")
         with self._write() as con:
             full = self._resolve(con, str(run_id))
             con.execute("DELETE FROM runs WHERE run_id = ?", (full,))

@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kit.errors import ConfigError
+from kit.errors import ConfigError, clip
 
 
 class BCELoss(nn.Module):
@@ -114,4 +114,4 @@ def build_loss(tcfg, pos_weight: torch.Tensor | None = None) -> nn.Module:
         return FocalLoss(tcfg.focal_gamma, pos_weight)
     if tcfg.loss == "ce_triplet":
         return CETripletLoss(tcfg.triplet_weight, tcfg.triplet_margin, pos_weight)
-    raise ConfigError(f"config key train.loss: unknown loss {tcfg.loss!r} (bce, focal, ce_triplet)")
+    raise ConfigError(f"config key train.loss: unknown loss {clip(tcfg.loss)} (bce, focal, ce_triplet)")

@@ -106,8 +106,10 @@ def lr_find(cfg: Config, kind: str = "cell", fold: int | None = None, start_lr: 
 
 
 def configure_lr_find(parser: argparse.ArgumentParser) -> None:
+    from kit.cli import folder_arg
+
     parser.add_argument("--config", required=True, help="YAML config (e.g. RUN_DIR/config.yaml)")
-    parser.add_argument("--out", required=True, help="folder for lr_find_<kind>.png and .csv")
+    parser.add_argument("--out", required=True, type=folder_arg, help="folder for lr_find_<kind>.png and .csv")
     parser.add_argument("--kind", choices=KINDS, default="cell")
     parser.add_argument("--fold", type=int, help="train on this fold's training images (default: the first fold)")
     parser.add_argument("--start-lr", type=float, default=1e-7)

@@ -30,6 +30,7 @@ from typing import Protocol, Sequence
 import numpy as np
 
 from kit.errors import DataError
+from kit.ids import check_id
 
 __all__ = ["MaskSource", "CachedMasks", "TruthMasks", "SolutionMasks", "truth_masks", "truth_from_solution"]
 
@@ -92,7 +93,7 @@ class TruthMasks(_FileMasks):
     kind = "truth"
 
     def _path(self, image_id: str, name: str) -> Path:
-        return self.path / f"{image_id}_{name}_mask.png"
+        return self.path / f"{check_id(image_id)}_{name}_mask.png"
 
     def prepare(self, ids: Sequence[str], progress: bool = True) -> None:
         missing = [i for i in ids if not self._path(i, "cell").is_file()]

@@ -64,7 +64,7 @@ from typing import Iterable, Mapping
 
 import numpy as np
 
-from kit.errors import ConfigError, DataError
+from kit.errors import ConfigError, DataError, clip
 from kit.labels import CLASS_NAMES, NUM_CLASSES
 from kit.rle import RLEError, mask_bbox, mask_runs, runs_to_crop
 from kit.submission import SCORE_FLOOR, ImagePrediction, read_submission
@@ -201,7 +201,7 @@ def _check_class(cls, image_id: str, what: str) -> int:
     except (TypeError, ValueError):
         c = -1
     if c != cls or not 0 <= c < NUM_CLASSES:
-        raise DataError(f"ID {image_id}: {what}: class id {cls!r} is not an integer in 0..{NUM_CLASSES - 1}")
+        raise DataError(f"ID {image_id}: {what}: class id {clip(cls)} is not an integer in 0..{NUM_CLASSES - 1}")
     return c
 
 
@@ -211,12 +211,12 @@ def _check_score(score, image_id: str, what: str) -> float:
         with np.errstate(over="ignore"):
             value = float(np.float32(score))
     except (TypeError, ValueError):
-        raise DataError(f"ID {image_id}: {what}: confidence {score!r} is not a number") from None
+        raise DataError(f"ID {image_id}: {what}: confidence {clip(score)} is not a number") from None
     if not math.isfinite(value):
-        raise DataError(f"ID {image_id}: {what}: confidence {score!r} is not finite")
+        raise DataError(f"ID {image_id}: {what}: confidence {clip(score)} is not finite")
     if value <= SCORE_FLOOR:
         raise DataError(
-            f"ID {image_id}: {what}: confidence {value!r} is <= {SCORE_FLOOR:g}: the host's evaluation "
+            f"ID {image_id}: {what}: confidence {clip(value)} is <= {SCORE_FLOOR:g}: the host's evaluation "
             f"drops such scores in its NMS step and then fails on the misaligned arrays; submit probabilities"
         )
     return value
@@ -233,7 +233,7 @@ class InstanceSegmentationEvaluator:
 
     def __init__(self, iou_threshold: float = 0.6, iou_type: str = "mask"):
         if iou_type not in IOU_TYPES:
-            raise ConfigError(f"iou_type must be one of {', '.join(IOU_TYPES)}, got {iou_type!r}")
+            raise ConfigError(f"iou_type must be one of {', '.join(IOU_TYPES)}, got {clip(iou_type)}")
         if not 0.0 < float(iou_threshold) <= 1.0:
             raise ConfigError(f"IoU threshold must be in (0, 1], got {iou_threshold}")
         self.iou_threshold = float(iou_threshold)
@@ -404,7 +404,9 @@ def evaluate_predictions(
 
     `image_ids` restricts scoring to those solution images (e.g. one fold's out-of-fold images);
     an ID there that the solution lacks is an error. Submission IDs outside the scored set are
-    ignored (their count is ``n_unscored_submission_images`` in the result).
+    ignored (their count is ``n_unscored_submission_images`` in the result); scored images without
+    a submission row are scored as predicting no cell (``n_missing_submission_images`` in the result,
+    the first few in ``missing_submission_examples``).
     """
     if image_ids is None:
         ids = list(solution)
@@ -424,7 +426,21 @@ def evaluate_predictions(
     result = evaluator.evaluate()
     scored = set(ids)
     result["n_unscored_submission_images"] = sum(1 for k in submission if k not in scored)
+    missing = [i for i in ids if i not in submission]
+    result["n_missing_submission_images"] = len(missing)
+    result["missing_submission_examples"] = sorted(missing)[:5]  # independent of row order
     return result
+
+
+def missing_rows_warning(result: dict, submission: str | Path) -> str | None:
+    """A warning naming how many scored images lack a submission row, and what the mAP then is."""
+    n, total = result.get("n_missing_submission_images", 0), result["n_images"]
+    if not n:
+        return None
+    what = (f"none of the {total} scored images has a row" if n == total else
+            f"{n} of the {total} scored images have no row (e.g. {result['missing_submission_examples'][0]})")
+    return (f"{submission}: {what}; every true cell of those images counts as missed, so this mAP is that of "
+            "empty predictions for them, not of a complete submission (Kaggle refuses a file with missing rows)")
 
 
 def evaluate_files(
@@ -535,6 +551,9 @@ def _evaluate_main(args) -> int:
 
     ids = read_id_list(args.ids, fold=args.fold) if args.ids else None
     result = evaluate_files(args.solution, args.submission, args.iou, args.iou_type, ids, progress=True)
+    warning = missing_rows_warning(result, args.submission)
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr)
     print(format_report(result))
     if args.json:
         print(json.dumps(result, sort_keys=False))

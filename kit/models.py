@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kit.errors import ConfigError, KitError
+from kit.errors import ConfigError, KitError, clip
 from kit.labels import NUM_CLASSES
 
 # Per-channel mean/std (fractions of full scale) of HPA fields, red green blue yellow.
@@ -170,11 +170,11 @@ def _build_backbone(name: str, in_chans: int) -> tuple[nn.Module, int, str]:
         import timm  # optional
     except ImportError:
         raise ConfigError(
-            f"unknown backbone {name!r}: built in are {', '.join(sorted(BACKBONES))}; "
+            f"unknown backbone {clip(name)}: built in are {', '.join(sorted(BACKBONES))}; "
             "other names need timm installed (pip install timm)"
         ) from None
     if name not in timm.list_models():
-        raise ConfigError(f"unknown backbone {name!r}: neither built in nor a timm model name")
+        raise ConfigError(f"unknown backbone {clip(name)}: neither built in nor a timm model name")
     net = timm.create_model(name, pretrained=False, num_classes=0, global_pool="", in_chans=in_chans)
     return _TimmFeatures(net), int(net.num_features), "timm"
 
@@ -212,7 +212,7 @@ class Pool(nn.Module):
                           stacklevel=3)
             kind = "catavgmax"
         if kind not in ("avg", "max", "catavgmax"):
-            raise ConfigError(f"pool must be avg, max or catavgmax, got {kind!r}")
+            raise ConfigError(f"pool must be avg, max or catavgmax, got {clip(kind)}")
         self.kind = kind
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

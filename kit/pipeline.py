@@ -494,9 +494,11 @@ def print_summary(summary: dict, as_json: bool) -> None:
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
+    from kit.cli import file_arg, folder_arg
+
     parser.add_argument("--config", type=Path, help="YAML config (kit.config); the pipeline fills in the data paths")
-    parser.add_argument("--work", type=Path, help="folder for cache/, folds/ and runs/ (default: the current folder)")
-    parser.add_argument("--submission", type=Path, default=Path("submission/submission.csv"),
+    parser.add_argument("--work", type=folder_arg, help="folder for cache/, folds/ and runs/ (default: the current folder)")
+    parser.add_argument("--submission", type=file_arg, default=Path("submission/submission.csv"),
                         help="where to write the submission (default submission/submission.csv)")
     parser.add_argument("--folds", type=int, help="number of cross-validation folds, at least 2 (default: run 5, demo 3)")
     parser.add_argument("--workers", type=int, default=2, help="processes that decode images (masks, tiles, fields) (default 2)")
@@ -531,8 +533,10 @@ def _run_run(args) -> int:
 
 
 def configure_demo(parser: argparse.ArgumentParser) -> None:
+    from kit.cli import folder_arg
+
     d = DEMO_DEFAULTS
-    parser.add_argument("--out", type=Path, default=Path("demo"), help="folder for the synthetic data, caches and runs (default demo/)")
+    parser.add_argument("--out", type=folder_arg, default=Path("demo"), help="folder for the synthetic data, caches and runs (default demo/)")
     parser.add_argument("--seed", type=int, default=d["seed"], help=f"synthetic data seed (default {d['seed']})")
     parser.add_argument("--train", type=int, default=d["train"], help=f"train images (default {d['train']})")
     parser.add_argument("--test", type=int, default=d["test"], help=f"test images (default {d['test']})")

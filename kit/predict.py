@@ -57,7 +57,8 @@ import numpy as np
 
 from kit.atomic import atomic_open, atomic_path
 from kit.combine import CombineSpec, combine, read_combine_spec, visible_fraction
-from kit.errors import ConfigError, DataError, KitError
+from kit.errors import ConfigError, DataError, KitError, clip
+from kit.ids import check_id
 from kit.labels import NUM_CLASSES
 
 PREDICT_CACHE_VERSION = 3  # 2: kit.cachekey folder key; 3: bag_probs and scale
@@ -112,6 +113,11 @@ class ImageResult:
 
 # --------------------------------------------------------------------------------------------
 # the fold ensemble
+
+
+def prediction_path(cache_dir: str | Path, image_id: str) -> Path:
+    """One image's entry ``<cache_dir>/<ID>.npz`` in the prediction cache (DataError for a bad ID)."""
+    return Path(cache_dir) / f"{check_id(image_id)}.npz"
 
 
 def checkpoint_path(run_dir: str | Path, folder: str, fold: int, which: str = "best") -> Path:
@@ -463,7 +469,7 @@ class Predictor:
             prefetch = self.device.type == "cuda"
         caches = [self.cache_dir(images_dir, s) for s in sources]
         pack_of = packs_of(ids)
-        missing = [{i for i in pack_of if not (c / f"{i}.npz").is_file()} for c in caches]
+        missing = [{i for i in pack_of if not prediction_path(c, i).is_file()} for c in caches]
         if stop_after is not None:  # the first `stop_after` images that are missing, as a kill would leave
             first = [i for i in pack_of if any(i in m for m in missing)][:stop_after]
             missing = [{i for i in m if i in first} for m in missing]
@@ -508,10 +514,11 @@ class Predictor:
             for done in _batched(noted(items), cell_ens, image_ens, pack_of):
                 for key, result in done:
                     if result.image_id in missing_of[key]:
-                        result.save(out_dir[key] / f"{result.image_id}.npz")
+                        result.save(prediction_path(out_dir[key], result.image_id))
                 bar.update(1)
             bar.close()
-        return [{i: ImageResult.load(c / f"{i}.npz", i) for i in ids if (c / f"{i}.npz").is_file()} for c in caches]
+        return [{i: ImageResult.load(prediction_path(c, i), i) for i in ids if prediction_path(c, i).is_file()}
+                for c in caches]
 
     def _write_cache_info(self, cache: Path, images_dir: Path, masks) -> None:
         info = cache / "params.json"
@@ -587,6 +594,11 @@ def build_predictions(results: dict[str, ImageResult], spec: CombineSpec, min_co
     return preds
 
 
+def _refuse_folder(path: Path) -> None:
+    if path.is_dir():
+        raise ConfigError(f"submission path {path} is a folder: give a file name, e.g. {path / 'submission.csv'}")
+
+
 def write_and_validate(path: str | Path, predictions: dict, ids: Sequence[str], sizes: dict | None,
                        sample: str | Path | None = None, images: str | Path | None = None,
                        image_sizes: dict | None = None) -> Path:
@@ -598,8 +610,7 @@ def write_and_validate(path: str | Path, predictions: dict, ids: Sequence[str], 
     from kit.submission import validate_submission, write_submission
 
     path = Path(path)
-    if path.is_dir():
-        raise ConfigError(f"submission path {path} is a folder: give a file name, e.g. {path / 'submission.csv'}")
+    _refuse_folder(path)
     remove_stale_temps(path.parent, stem=path.stem)
     with atomic_path(path) as tmp:
         write_submission(tmp, predictions, ids, sizes)
@@ -622,6 +633,9 @@ def predict(run_dir: str | Path, images_dir: str | Path, out: str | Path = "subm
 
     t0 = time.perf_counter()
     run_dir, images_dir = Path(run_dir), Path(images_dir)
+    if not 0.0 <= min_confidence <= 1.0:  # also refuses nan, which would keep no triple at all
+        raise ConfigError(f"--min-confidence must be a probability in [0, 1], got {min_confidence}")
+    _refuse_folder(Path(out))  # before the work, not after it
     if not images_dir.is_dir():
         raise DataError(f"images folder not found: {images_dir}")
     if ids_from:
@@ -665,16 +679,18 @@ def parse_folds_option(text: str | None) -> list[int] | None:
     try:
         folds = [int(t) for t in text.split(",") if t.strip()]
     except ValueError:
-        raise ConfigError(f"--folds: expected fold numbers separated by commas, got {text[:40]!r}") from None
+        raise ConfigError(f"--folds: expected fold numbers separated by commas, got {clip(text)}") from None
     if not folds or any(f < 0 for f in folds):
-        raise ConfigError(f"--folds: expected fold numbers >= 0, got {text[:40]!r}")
+        raise ConfigError(f"--folds: expected fold numbers >= 0, got {clip(text)}")
     return folds
 
 
 def configure_predict(parser: argparse.ArgumentParser) -> None:
+    from kit.cli import file_arg
+
     parser.add_argument("--run", required=True, type=Path, help="run folder (config.yaml, manifest.json, cell/ and image/ fold checkpoints)")
     parser.add_argument("--images", required=True, type=Path, help="folder of <ID>_{red,green,blue,yellow}.png images")
-    parser.add_argument("--out", type=Path, default=Path("submission/submission.csv"), help="submission CSV (default submission/submission.csv)")
+    parser.add_argument("--out", type=file_arg, default=Path("submission/submission.csv"), help="submission CSV (default submission/submission.csv)")
     parser.add_argument("--ids-from", type=Path, help="sample_submission.csv: the IDs, their order and sizes (default: every image in --images)")
     parser.add_argument("--tta", type=int, choices=(1, 2, 4, 8), help="flip TTA: 1 none, 2 +h-flip, 4 +v-flips, 8 all (default: the run's predict.tta)")
     parser.add_argument("--device", help="cpu, cuda, cuda:N (default: the run's train.device)")
@@ -682,7 +698,7 @@ def configure_predict(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mask-cache", type=Path, help="mask cache root for these images (default: the run's mask cache)")
     parser.add_argument("--workers", type=int, default=1, help="processes that decode, segment and tile images (default 1)")
     parser.add_argument("--combine", help="override the tuned combination, e.g. geometric:0.5 or image_only")
-    parser.add_argument("--min-confidence", type=float, default=0.0, help="drop triples below this confidence (default 0: keep all 19 per cell)")
+    parser.add_argument("--min-confidence", type=float, default=0.0, help="drop triples below this confidence, in [0, 1] (default 0: keep all 19 per cell)")
     parser.add_argument("--engine", choices=("auto", "baseline", "torch", "jit", "onnx", "compile"),
                         help="how the CNNs run (default: the run's predict.engine, auto = fastest measured here)")
     parser.set_defaults(func=_run_predict)
@@ -700,7 +716,7 @@ def parse_combine_option(text: str) -> CombineSpec:
         if len(parts) > 3 and parts[3]:
             kwargs["border_power"] = float(parts[3])
     except ValueError:
-        raise ConfigError(f"--combine {text!r}: expected strategy[:weight[:negative[:border_power]]]") from None
+        raise ConfigError(f"--combine {clip(text)}: expected strategy[:weight[:negative[:border_power]]]") from None
     return CombineSpec(**kwargs)
 
 

@@ -39,7 +39,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from kit.errors import DataError
+from kit.errors import DataError, clip
 
 __all__ = [
     "RLEError",
@@ -54,6 +54,10 @@ __all__ = [
     "counts_to_string",
     "string_to_counts",
 ]
+
+# Largest RLE counts string a mask may inflate to: a 4096 px field with a run at every pixel needs
+# 16 MiB; a crafted few-KB zlib stream would otherwise inflate to GBs.
+MAX_COUNTS_BYTES = 64 << 20
 
 
 class RLEError(DataError):
@@ -153,9 +157,14 @@ def _unpack(text: str | bytes) -> np.ndarray:
     except (binascii.Error, ValueError) as exc:
         raise RLEError(f"mask string is not valid base64 ({exc})") from None
     try:
-        data = zlib.decompress(compressed)
+        inflate = zlib.decompressobj()
+        data = inflate.decompress(compressed, MAX_COUNTS_BYTES)
     except zlib.error as exc:
         raise RLEError(f"mask string is not zlib data ({exc})") from None
+    if inflate.unconsumed_tail:  # a few KB of zlib can inflate to GBs
+        raise RLEError(f"mask string inflates to more than {MAX_COUNTS_BYTES >> 20} MiB of RLE counts")
+    if not inflate.eof:
+        raise RLEError("mask string is not zlib data (incomplete or truncated stream)")
     return string_to_counts(data)
 
 
@@ -282,7 +291,7 @@ def _check_size(height: int, width: int) -> tuple[int, int]:
     try:
         h, w = int(height), int(width)
     except (TypeError, ValueError):
-        raise RLEError(f"height/width must be integers, got {height!r} x {width!r}") from None
+        raise RLEError(f"height/width must be integers, got {clip(height)} x {clip(width)}") from None
     if h <= 0 or w <= 0:
         raise RLEError(f"height/width must be positive, got {h} x {w}")
     return h, w

@@ -35,7 +35,8 @@ from typing import Iterable, Mapping, Sequence
 import numpy as np
 
 from kit.atomic import atomic_open
-from kit.errors import DataError
+from kit.errors import DataError, clip
+from kit.ids import check_id, id_problem
 from kit.labels import NUM_CLASSES
 
 __all__ = [
@@ -55,6 +56,7 @@ COLUMNS: tuple[str, ...] = ("ID", "ImageWidth", "ImageHeight", "PredictionString
 # The host's evaluation keeps only scores > -10 and fails when it drops one (see kit.metric).
 SCORE_FLOOR = -10.0
 Triple = tuple[int, float, str]  # (class id, confidence, mask string)
+ROW_PROBLEMS = 10  # triple problems listed per row by `validate_submission`; the rest are counted
 
 # A row of a 3072 px image with 100+ cells and several classes each is far above csv's default
 # 128 KiB field limit.
@@ -78,7 +80,7 @@ def format_confidence(value: float) -> str:
     """Shortest decimal that reads back as the same float32 (``1.0`` -> ``"1"``)."""
     v = np.float32(value)
     if not np.isfinite(v):
-        raise DataError(f"confidence {value!r} is not finite")
+        raise DataError(f"confidence {clip(value)} is not finite")
     if v != 0 and (abs(v) < 1e-4 or abs(v) >= 1e7):
         return np.format_float_scientific(v, unique=True, trim="-")
     return np.format_float_positional(v, unique=True, trim="-")
@@ -89,17 +91,17 @@ def _check_triple(triple: Sequence, where: str) -> tuple[int, float, str]:
         raise DataError(f"{where}: expected (class, confidence, mask), got {len(triple)} values")
     cls, conf, mask = triple
     if isinstance(cls, (bool, np.bool_)) or not isinstance(cls, (int, np.integer)):
-        raise DataError(f"{where}: class id must be an integer, got {cls!r}")
+        raise DataError(f"{where}: class id must be an integer, got {clip(cls)}")
     if not 0 <= int(cls) < NUM_CLASSES:
         raise DataError(f"{where}: class id {cls} outside 0..{NUM_CLASSES - 1}")
     try:
         conf_f = float(conf)
     except (TypeError, ValueError):
-        raise DataError(f"{where}: confidence {conf!r} is not a number") from None
+        raise DataError(f"{where}: confidence {clip(conf)} is not a number") from None
     if not math.isfinite(conf_f):
-        raise DataError(f"{where}: confidence {conf!r} is not finite")
+        raise DataError(f"{where}: confidence {clip(conf)} is not finite")
     if conf_f <= SCORE_FLOOR:
-        raise DataError(f"{where}: confidence {conf!r} <= {SCORE_FLOOR:g} breaks the host's scoring; write probabilities")
+        raise DataError(f"{where}: confidence {clip(conf)} <= {SCORE_FLOOR:g} breaks the host's scoring; write probabilities")
     if isinstance(mask, bytes):
         mask = mask.decode("ascii")
     if not isinstance(mask, str) or not mask or any(ch.isspace() for ch in mask):
@@ -140,21 +142,21 @@ def _parse_triples(text: str | None, check_floor: bool = False) -> tuple[list[tu
                 problems.append(f"triple {i}: class id {cls} outside 0..{NUM_CLASSES - 1}")
                 ok = False
         except ValueError:
-            problems.append(f"triple {i}: class id {cls_s!r} is not an integer")
+            problems.append(f"triple {i}: class id {clip(cls_s)} is not an integer")
             ok = False
         try:
             conf = float(conf_s)
             if not math.isfinite(conf):
-                problems.append(f"triple {i}: confidence {conf_s!r} is not finite")
+                problems.append(f"triple {i}: confidence {clip(conf_s)} is not finite")
                 ok = False
             elif check_floor and conf <= SCORE_FLOOR:
                 problems.append(
-                    f"triple {i}: confidence {conf_s} <= {SCORE_FLOOR:g} breaks the host's scoring "
+                    f"triple {i}: confidence {clip(conf_s, bare=True)} <= {SCORE_FLOOR:g} breaks the host's scoring "
                     f"(its NMS step drops it); submit probabilities"
                 )
                 ok = False
         except ValueError:
-            problems.append(f"triple {i}: confidence {conf_s!r} is not a number")
+            problems.append(f"triple {i}: confidence {clip(conf_s)} is not a number")
             ok = False
         if ok:
             triples.append((cls, conf, mask))
@@ -170,7 +172,7 @@ def parse_prediction_string(text: str | None, *, image_id: str | None = None) ->
     """
     triples, problems = _parse_triples(text)
     if problems:
-        where = f"ID {image_id}: " if image_id is not None else ""
+        where = f"ID {clip(image_id, bare=True)}: " if image_id is not None else ""
         raise DataError(where + problems[0])
     return triples
 
@@ -269,25 +271,25 @@ def _parse_size(value: str | None) -> int | None:
 def read_submission(path: str | os.PathLike) -> dict[str, ImagePrediction]:
     """Read a submission (or solution) CSV into ``{ID: ImagePrediction}`` in file order.
 
-    Raises DataError naming the file, CSV line and ID for: missing columns, an empty or duplicated
-    ID, a width/height that is not a positive integer, a malformed PredictionString. Masks are not
-    decoded (use `validate_submission` for a full check).
+    Raises DataError naming the file, CSV line and ID for: missing columns, a field more than the
+    header, an empty, duplicated or bad ID (`kit.ids`: an ID is a file-name stem), a width/height
+    that is not a positive integer, a malformed PredictionString. Masks are not decoded (use `validate_submission` for a full check).
     """
     path = Path(path)
     out: dict[str, ImagePrediction] = {}
     for line, row, _ in _open_rows(path):
-        image_id = (row.get("ID") or "").strip()
         where = f"{path}: line {line}"
-        if not image_id:
-            raise DataError(f"{where}: empty ID")
+        image_id = check_id((row.get("ID") or "").strip(), where)
         where += f", ID {image_id}"
+        if None in row:  # DictReader puts surplus fields under the key None; pandas (the host) refuses them
+            raise DataError(f"{where}: {len(row[None])} field(s) more than the header")
         if image_id in out:
             raise DataError(f"{where}: duplicated ID")
         width, height = _parse_size(row.get("ImageWidth")), _parse_size(row.get("ImageHeight"))
         if width is None or height is None:
             raise DataError(
                 f"{where}: ImageWidth/ImageHeight must be positive integers, "
-                f"got {row.get('ImageWidth')!r} x {row.get('ImageHeight')!r}"
+                f"got {clip(row.get('ImageWidth'))} x {clip(row.get('ImageHeight'))}"
             )
         triples, problems = _parse_triples(row.get("PredictionString"))
         if problems:
@@ -311,7 +313,8 @@ def validate_submission(
 ) -> list[str]:
     """Every problem of a submission file, one message each (empty list: the file is valid).
 
-    Checks the columns; IDs (non-empty, unique; the same set as `sample` when given); width/height
+    Checks the columns; IDs (valid file-name stems (`kit.ids`), unique; the same set as `sample`
+    when given; a bad ID is never used as a path); width/height
     (positive integers, equal to the sample's and to the image files' in folder `images`, read from
     their headers, or to `image_sizes` ({ID: (width, height)}) for images already decoded); every
     triple (class id 0..18, finite confidence) and, with `check_masks`, that every mask decodes
@@ -352,11 +355,14 @@ def validate_submission(
         iterator = tqdm(rows, desc="validate", unit="row", file=sys.stderr)
     for line, row, _ in iterator:
         image_id = (row.get("ID") or "").strip()
-        where = f"line {line}, ID {image_id}" if image_id else f"line {line}"
+        bad_id = id_problem(image_id)
+        where = f"line {line}, ID {clip(image_id, bare=not bad_id)}" if image_id else f"line {line}"
         if None in row:  # DictReader puts surplus fields under the key None
             problems.append(f"{where}: {len(row[None])} field(s) more than the header")
         if not image_id:
             problems.append(f"{where}: empty ID")
+        elif bad_id:
+            problems.append(f"{where}: ID {bad_id} (an ID is a file-name stem)")
         elif image_id in seen:
             problems.append(f"{where}: duplicated ID (first on line {seen[image_id]})")
         else:
@@ -365,13 +371,13 @@ def validate_submission(
         if width is None or height is None:
             problems.append(
                 f"{where}: ImageWidth/ImageHeight must be positive integers, "
-                f"got {row.get('ImageWidth')!r} x {row.get('ImageHeight')!r}"
+                f"got {clip(row.get('ImageWidth'))} x {clip(row.get('ImageHeight'))}"
             )
         if sample_rows is not None and image_id in sample_rows:
             sw, sh = sample_rows[image_id]
             if (sw, sh) != (width, height) and None not in (sw, sh, width, height):
                 problems.append(f"{where}: size {width} x {height}, the sample says {sw} x {sh}")
-        if (image_dir is not None or image_sizes is not None) and image_id:
+        if (image_dir is not None or image_sizes is not None) and image_id and not bad_id:
             size = None
             if image_sizes is not None:
                 size = image_sizes.get(image_id)
@@ -386,8 +392,7 @@ def validate_submission(
                 problems.append(f"{where}: no decoded image {image_id}")
             elif size and width is not None and height is not None and tuple(size) != (width, height):
                 problems.append(f"{where}: size {width} x {height}, the image is {size[0]} x {size[1]}")
-        triples, triple_problems = _parse_triples(row.get("PredictionString"), check_floor=True)
-        problems.extend(f"{where}: {p}" for p in triple_problems)
+        triples, row_problems = _parse_triples(row.get("PredictionString"), check_floor=True)
         if check_masks and width is not None and height is not None:
             checked: dict[str, str | None] = {}
             for i, (_, _, mask) in enumerate(triples):
@@ -398,14 +403,17 @@ def validate_submission(
                     except RLEError as exc:
                         checked[mask] = str(exc)
                 if checked[mask] is not None:
-                    problems.append(f"{where}: triple {i}: mask does not decode: {checked[mask]}")
+                    row_problems.append(f"triple {i}: mask does not decode: {checked[mask]}")
+        problems.extend(f"{where}: {p}" for p in row_problems[:ROW_PROBLEMS])
+        if len(row_problems) > ROW_PROBLEMS:  # a garbage line must not make a million messages
+            problems.append(f"{where}: ... and {len(row_problems) - ROW_PROBLEMS:,} more problems in this row")
     if not rows:
         problems.append(f"{path}: no rows")
     if sample_rows is not None:
         missing = [i for i in sample_rows if i not in seen]
         extra = [i for i in seen if i not in sample_rows]
         for i in missing:
-            problems.append(f"ID {i}: in the sample submission but missing from {path.name}")
+            problems.append(f"ID {clip(i, bare=True)}: in the sample submission but missing from {path.name}")
         for i in extra:
             problems.append(f"line {seen[i]}, ID {i}: not in the sample submission")
     return problems

@@ -121,7 +121,7 @@ import cv2
 import numpy as np
 
 from kit.atomic import atomic_open, atomic_path
-from kit.errors import ConfigError
+from kit.errors import ConfigError, clip
 from kit.labels import NEGATIVE, format_label
 from kit.workers import pool_map
 
@@ -1300,13 +1300,22 @@ def _record_path(out: Path, split: str, iid: str) -> Path:
     return Path(out) / ".synth" / split / f"{iid}.json"
 
 
+def _finished(out: Path, split: str, iid: str) -> bool:
+    """The image has its record and every file the record vouches for (a file lost since is redrawn:
+    same seed, same bytes)."""
+    out = Path(out)
+    files = [out / split / f"{iid}_{ch}.png" for ch in ("red", "green", "blue", "yellow")]
+    files += [out / "truth" / f"{iid}_{kind}_mask.png" for kind in ("cell", "nuclei")]
+    return _record_path(out, split, iid).is_file() and all(f.is_file() for f in files)
+
+
 def _generate_one(job: tuple) -> tuple:
     import json
 
     out, split, index, size, seed, bit_depth, style, field_px = job
     iid = image_id(seed, split, index)
     rec = _record_path(Path(out), split, iid)
-    if rec.is_file():  # finished in an earlier run with the same arguments: skip
+    if _finished(Path(out), split, iid):  # finished in an earlier run with the same arguments: skip
         r = json.loads(rec.read_text())
         return (split, iid, r["label"], r["pred"], [tuple(x) for x in r["rows"]], r["size"], r["style"],
                 r["field_px"])
@@ -1350,8 +1359,8 @@ def generate_dataset(out: str | Path, n_train: int, n_test: int, size: int = 512
     if n_train < 0 or n_test < 0 or n_train + n_test == 0:
         raise ConfigError(f"need at least one image (--train {n_train}, --test {n_test})")
     sizes = sorted({int(x) for x in sizes}) if sizes else [int(size)]
-    if min(sizes) < 64:
-        raise ConfigError(f"--size must be at least 64 px, got {min(sizes)}")
+    if min(sizes) < 64 or max(sizes) > 8192:  # real fields are at most 4096 px
+        raise ConfigError(f"--size must be 64..8192 px, got {min(sizes) if min(sizes) < 64 else max(sizes)}")
     if bit_depth not in (8, 16):
         raise ConfigError(f"--bit-depth must be 8 or 16, got {bit_depth}")
     if style != MIXED:
@@ -1398,7 +1407,7 @@ def generate_dataset(out: str | Path, n_train: int, n_test: int, size: int = 512
         json.dump(params, fh, indent=1)
     jobs = [(str(out), split, i, image_size(seed, split, i, sizes), seed, bit_depth, image_style(seed, split, i, style),
              field_px) for split, n in (("train", n_train), ("test", n_test)) for i in range(n)]
-    todo = sum(not _record_path(out, j[1], image_id(seed, j[1], j[2])).is_file() for j in jobs)
+    todo = sum(not _finished(out, j[1], image_id(seed, j[1], j[2])) for j in jobs)
     bar = dict(total=len(jobs), initial=0, desc="synth", unit="img", disable=None)
     results = list(tqdm(pool_map(_generate_one, jobs, workers if todo > 1 else 1), **bar))
 
@@ -1431,7 +1440,9 @@ def generate_dataset(out: str | Path, n_train: int, n_test: int, size: int = 512
 
 
 def configure_synth(parser) -> None:
-    parser.add_argument("--out", required=True, help="output folder (Kaggle layout + truth/)")
+    from kit.cli import folder_arg
+
+    parser.add_argument("--out", required=True, type=folder_arg, help="output folder (Kaggle layout + truth/)")
     parser.add_argument("--train", type=int, default=64, help="number of train images (default 64)")
     parser.add_argument("--test", type=int, default=16, help="number of test images (default 16)")
     parser.add_argument("--size", type=int, default=512,
@@ -1460,9 +1471,9 @@ def _run_synth(args) -> int:
         try:
             sizes = [int(t) for t in str(args.sizes).split(",") if t.strip()]
         except ValueError:
-            raise ConfigError(f"--sizes must be comma-separated integers, got {args.sizes!r}") from None
+            raise ConfigError(f"--sizes must be comma-separated integers, got {clip(args.sizes)}") from None
         if not sizes:
-            raise ConfigError(f"--sizes must name at least one size, got {args.sizes!r}")
+            raise ConfigError(f"--sizes must name at least one size, got {clip(args.sizes)}")
     out = generate_dataset(args.out, args.train, args.test, args.size, args.seed, args.bit_depth, args.workers,
                            sizes=sizes, style=args.style, field_px=args.field_px)
     what = ",".join(map(str, sorted(set(sizes)))) if sizes else str(args.size)

@@ -62,7 +62,7 @@ import torch.nn as nn
 from kit.atomic import atomic_open, atomic_path
 from kit.config import Config, config_hash, load_config, save_config, to_dict
 from kit.device import resolve_device
-from kit.errors import ConfigError, DataError, KitError
+from kit.errors import ConfigError, DataError, KitError, clip
 from kit.labels import NUM_CLASSES
 from kit.models import build_from_config, preprocess, unwrap
 from kit.reporting import METRIC_COLUMNS, format_row, plot_confusion_matrices, plot_loss_curves, plot_pr_curves, write_epochs_csv
@@ -235,7 +235,7 @@ def make_optimizer(model: nn.Module, tcfg) -> torch.optim.Optimizer:
         return torch.optim.Adam(groups, lr=tcfg.lr)
     if tcfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=tcfg.lr, momentum=0.9, nesterov=True)
-    raise ConfigError(f"config key train.optimizer: unknown optimizer {tcfg.optimizer!r}")
+    raise ConfigError(f"config key train.optimizer: unknown optimizer {clip(tcfg.optimizer)}")
 
 
 def make_scheduler(optimizer, tcfg, total_steps: int):
@@ -879,15 +879,17 @@ def _parse_folds_arg(text: str | None):
     try:
         return [int(t) for t in text.split(",")]
     except ValueError:
-        raise ConfigError(f"--fold: expected a fold number, a comma list or 'all', got {text!r}") from None
+        raise ConfigError(f"--fold: expected a fold number, a comma list or 'all', got {clip(text)}") from None
 
 
 def configure_train(parser: argparse.ArgumentParser) -> None:
+    from kit.cli import folder_arg
+
     parser.add_argument("--config", help="YAML config (e.g. configs/default.yaml or RUN_DIR/config.yaml)")
     parser.add_argument("--fold", help="fold number, comma list or 'all' (default: train.folds of the config)")
     parser.add_argument("--kind", choices=("cell", "image", "both"), default="both", help="which model(s) to train")
     parser.add_argument("--resume", action="store_true", help="continue each fold from its last.pt")
-    parser.add_argument("--run-dir", help="run folder (default: run_dir of the config, else runs/<date>-<hash>)")
+    parser.add_argument("--run-dir", type=folder_arg, help="run folder (default: run_dir of the config, else runs/<date>-<hash>)")
     parser.add_argument("overrides", nargs="*", help="config overrides KEY=VALUE, e.g. train.epochs=3 model.backbone=resnet18")
     parser.set_defaults(func=_run_train)
 
@@ -895,7 +897,7 @@ def configure_train(parser: argparse.ArgumentParser) -> None:
 def _run_train(args) -> int:
     cfg = load_config(args.config, args.overrides)
     if args.run_dir:
-        cfg.run_dir = args.run_dir
+        cfg.run_dir = str(args.run_dir)  # a Path from folder_arg; the config holds text
     elif args.resume and not cfg.run_dir and args.config:
         cfg.run_dir = str(Path(args.config).parent)
     if args.resume and not cfg.run_dir:

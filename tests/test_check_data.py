@@ -156,7 +156,7 @@ def test_check_data_csv_without_columns(tmp_path):
 def test_check_data_ids_with_spaces_and_empty_ids(tmp_path):
     make_clean(tmp_path)
     (tmp_path / "train.csv").write_text("ID,Label\ntr0,1\ntr1 ,2\n,3\ntr2,0\ntr3,0\n")
-    problems = [p for p in check_data(tmp_path) if p.kind == "bad_csv"]
+    problems = [p for p in check_data(tmp_path) if p.kind == "bad_id"]
     assert [p.row for p in problems] == [3, 4]
     assert "surrounding spaces" in problems[0].message and "empty ID" in problems[1].message
 

@@ -147,7 +147,7 @@ def test_read_labels_csv_keeps_extra_columns_out_and_ids_as_strings(tmp_path):
         ("Id,Target\na,1\n", "missing column"),
         ("ID\na\n", "missing column(s) Label"),
         ("ID,Label\na,1\nb,2\na,3\n", "duplicated ID 'a' (line 4)"),
-        ("ID,Label\na,1\n,2\n", "empty ID (line 3)"),
+        ("ID,Label\na,1\n,2\n", "line 3: empty ID"),
     ],
 )
 def test_read_labels_csv_file_errors(tmp_path, content, words):

@@ -13,7 +13,7 @@ torch = pytest.importorskip("torch")
 
 from kit.combine import CombineSpec  # noqa: E402
 from kit.config import load_config, save_config, to_dict  # noqa: E402
-from kit.errors import KitError  # noqa: E402
+from kit.errors import ConfigError, KitError  # noqa: E402
 from kit.labels import NUM_CLASSES  # noqa: E402
 from kit.predict import (  # noqa: E402
     FoldEnsemble,
@@ -291,6 +291,64 @@ def test_a_failing_optional_source_does_not_stop_the_prediction(run_dir, tiny_da
     with pytest.raises(KitError, match="cell_mask.png"):  # without a failures dict every source must succeed
         predictor.predict_sources(tiny_dataset / "test", ids[:1], [predictor.run_masks(tiny_dataset / "test"),
                                                                    TruthMasks(truth)], progress=False)
+
+
+def test_an_id_that_is_a_path_is_refused_and_nothing_is_written_there(run_dir, tiny_dataset, tmp_path, capsys):
+    """Issue 16.2: `--ids-from` with the ID /some/dir/x exited 0, wrote /some/dir/x.npz and put the
+    path into the submission. Now: one line naming the file and line, nothing written."""
+    import shutil
+
+    from kit.cli import main
+
+    sample = tiny_dataset / "sample_submission.csv"
+    first = sample.read_text().splitlines()[1].split(",")[0]
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    for c in ("red", "green", "blue", "yellow"):  # a readable sample where the ID points
+        shutil.copy(tiny_dataset / "test" / f"{first}_{c}.png", elsewhere / f"x_{c}.png")
+    before = sorted(p.name for p in elsewhere.iterdir())
+    ids = tmp_path / "ids.csv"
+    ids.write_text(f"ID,ImageWidth,ImageHeight,PredictionString\n{elsewhere}/x,256,256,\n")
+    out = tmp_path / "sub.csv"
+    rc = main(["predict", "--run", str(run_dir), "--images", str(tiny_dataset / "test"), "--out", str(out),
+               "--ids-from", str(ids), "--mask-cache", str(tmp_path / "masks")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and err == [f"error: {ids}: line 2: ID '{elsewhere}/x' contains the path separator '/' "
+                               "(an ID is a file-name stem)"]
+    assert sorted(p.name for p in elsewhere.iterdir()) == before and not out.exists()
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "1.5", "-0.1"])
+def test_min_confidence_must_be_a_probability(run_dir, tiny_dataset, tmp_path, capsys, value):
+    """Issue 16.8: `--min-confidence nan` wrote a "validated" submission with 0 triples."""
+    from kit.cli import main
+
+    out = tmp_path / "sub.csv"
+    rc = main(["predict", "--run", str(run_dir), "--images", str(tiny_dataset / "test"), "--out", str(out),
+               "--ids-from", str(tiny_dataset / "sample_submission.csv"), f"--min-confidence={value}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and err[0].startswith("error: ") and "--min-confidence" in err[0], err
+    assert not out.exists()
+    with pytest.raises(ConfigError, match=r"in \[0, 1\]"):  # the function itself refuses it too
+        predict(run_dir, tiny_dataset / "test", out, min_confidence=float(value), progress=False)
+
+
+def test_a_folder_as_out_and_cuda_without_cuda_are_one_line_before_any_work(run_dir, tiny_dataset, tmp_path, capsys):
+    """Issue 16.9: `predict --out <a directory>` failed only after every image was predicted;
+    `--device cuda` without CUDA must be one line too."""
+    from kit.cli import main
+
+    folder = tmp_path / "out"
+    folder.mkdir()
+    with pytest.raises(ConfigError, match="is a folder: give a file name"):  # the function, as the CLI
+        predict(run_dir, tiny_dataset / "test", folder, mask_cache=tmp_path / "masks", progress=False)
+    assert not (tmp_path / "masks").exists() and list(folder.iterdir()) == []
+    if torch.cuda.is_available():
+        return
+    rc = main(["predict", "--run", str(run_dir), "--images", str(tiny_dataset / "test"), "--out",
+               str(tmp_path / "s.csv"), "--device", "cuda", "--mask-cache", str(tmp_path / "masks")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and err == ["error: device 'cuda' requested but CUDA is not available here (use cpu or auto)"]
 
 
 def test_fold_ensemble_gives_the_same_probabilities_on_every_engine(run_dir, monkeypatch):

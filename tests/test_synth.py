@@ -143,6 +143,17 @@ def test_resume_after_kill_during_an_image_write(tmp_path, capsys):
         assert all_bytes(d) == ref
 
 
+def test_a_finished_images_lost_file_is_drawn_again(tmp_path):
+    kw = dict(n_train=2, n_test=1, size=64, seed=3)
+    d = synth.generate_dataset(tmp_path / "d", **kw)
+    ref = all_bytes(d)
+    lost = sorted((d / "train").glob("*_red.png"))[1]
+    lost.unlink()
+    (d / "truth" / lost.name.replace("_red.png", "_nuclei_mask.png")).unlink()
+    synth.generate_dataset(tmp_path / "d", **kw)  # its record alone does not make it finished
+    assert all_bytes(d) == ref
+
+
 def test_size_mix(tmp_path):
     w = synth.size_weights([2048, 3072])
     assert abs(w[0] - 17955 / (17955 + 3842)) < 1e-9

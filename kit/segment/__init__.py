@@ -36,11 +36,12 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import math
 from typing import Callable, Iterable
 
 import numpy as np
 
-from kit.errors import ConfigError, DataError
+from kit.errors import ConfigError, DataError, clip
 from kit.segment.quality import instance_f1, match_instances
 
 __all__ = [
@@ -79,7 +80,7 @@ def get_backend(name: str) -> Backend:
         importlib.import_module(_BUILTIN[name])
     if name not in _REGISTRY:
         raise ConfigError(
-            f"unknown segmentation backend {name!r}; available: {', '.join(available_backends())} "
+            f"unknown segmentation backend {clip(name)}; available: {', '.join(available_backends())} "
             "(register your own with kit.segment.register_backend)"
         )
     return _REGISTRY[name]
@@ -103,10 +104,32 @@ def backend_options(name: str, options: dict | None = None) -> dict:
     unknown = sorted(set(options) - set(defaults))
     if unknown and not takes_any:
         raise ConfigError(
-            f"unknown option(s) {', '.join(unknown)} for segmentation backend {name!r}; "
+            f"unknown option(s) {', '.join(clip(u) for u in unknown)} for segmentation backend {clip(name)}; "
             f"known: {', '.join(sorted(defaults)) or 'none'}"
         )
+    for key, value in options.items():
+        if key in defaults:
+            options[key] = _option_value(name, key, value, defaults[key])
     return {**defaults, **options}
+
+
+def _option_value(backend: str, key: str, value, default):
+    """`value` checked against the type of the option's default (a float option takes any finite
+    number and becomes a float, so ``scale=1`` and ``scale=1.0`` share a cache key)."""
+    def bad(expected: str):
+        return ConfigError(f"option {key} of segmentation backend {backend!r}: expected {expected}, got {clip(value)}")
+
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise bad("true or false")
+    elif isinstance(default, int):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad("an integer")
+    elif isinstance(default, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise bad("a finite number")
+        value = float(value)
+    return value  # text and None defaults: the backend checks (e.g. hpacellseg's padding "auto" or a bool)
 
 
 def check_image(image: np.ndarray) -> np.ndarray:

@@ -41,7 +41,8 @@ import pandas as pd
 
 from kit.atomic import atomic_open, atomic_path, remove_stale_temps
 from kit.cachekey import cache_key
-from kit.errors import ConfigError, DataError
+from kit.errors import ConfigError, DataError, clip
+from kit.ids import check_id
 
 __all__ = ["MASK_CACHE_VERSION", "MaskCache", "MaskEntry", "segment_folder", "parse_shard", "shard_ids",
            "configure_segment"]
@@ -95,8 +96,8 @@ class MaskCache:
         return f"MaskCache({str(self.dir)!r})"
 
     def path(self, image_id: str) -> Path:
-        """The file of one image (it may not exist yet)."""
-        return self.dir / f"{image_id}.npz"
+        """The file of one image (it may not exist yet); DataError for a bad ID (`kit.ids`)."""
+        return self.dir / f"{check_id(image_id)}.npz"
 
     def entry(self, image_id: str) -> MaskEntry | None:
         """The entry's source and error (None when there is no entry or it cannot be read)."""
@@ -205,7 +206,7 @@ def parse_shard(text: str | tuple[int, int] | None) -> tuple[int, int] | None:
     else:
         m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", str(text))
         if not m:
-            raise ConfigError(f"--shard must look like I/N (e.g. 0/4), got {text!r}")
+            raise ConfigError(f"--shard must look like I/N (e.g. 0/4), got {clip(text)}")
         i, n = int(m.group(1)), int(m.group(2))
     if n < 1 or not 0 <= i < n:
         raise ConfigError(f"--shard {i}/{n}: I must be in 0..N-1 (shards are counted from 0)")
@@ -251,7 +252,7 @@ def _parse_option(text: str) -> tuple[str, object]:
     import yaml
 
     if "=" not in text:
-        raise ConfigError(f"--option must look like KEY=VALUE, got {text!r}")
+        raise ConfigError(f"--option must look like KEY=VALUE, got {clip(text)}")
     key, value = text.split("=", 1)
     return key.strip(), yaml.safe_load(value)
 
@@ -266,7 +267,7 @@ def _run_segment(args) -> int:
         except ImportError as exc:
             raise ConfigError(f"--plugin {module}: cannot import it ({exc})") from exc
     if args.backend not in available_backends():
-        raise ConfigError(f"unknown --backend {args.backend!r}; available: {', '.join(available_backends())}")
+        raise ConfigError(f"unknown --backend {clip(args.backend)}; available: {', '.join(available_backends())}")
     if args.tiles < 0:
         raise ConfigError(f"--tiles must be a positive tile size, got {args.tiles}")
     options = dict(_parse_option(o) for o in args.option)
@@ -310,9 +311,11 @@ def _run_segment(args) -> int:
 
 def configure_segment(parser) -> None:
     """Arguments of `python -m kit segment`."""
+    from kit.cli import folder_arg
+
     parser.add_argument("--images", required=True, nargs="+",
                         help="folder(s) with <ID>_{red,green,blue,yellow}.png (several: each ID from the one that holds it)")
-    parser.add_argument("--out", required=True, help="cache root; files go to OUT/<backend>-<params-hash>/<ID>.npz")
+    parser.add_argument("--out", required=True, type=folder_arg, help="cache root; files go to OUT/<backend>-<params-hash>/<ID>.npz")
     parser.add_argument("--backend", default="classical", help="classical (default) or hpacellseg, or a registered one")
     parser.add_argument("--ids", default=None, help="CSV with an ID column (e.g. train.csv); default: every sample in --images")
     parser.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
@@ -322,7 +325,7 @@ def configure_segment(parser) -> None:
     parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                         help="backend option, repeatable (e.g. scale=0.5, weights_dir=/path)")
     parser.add_argument("--tiles", type=int, default=0, metavar="SIZE", help="also build the tile cache with SIZE px tiles")
-    parser.add_argument("--tile-out", default=None, help="tile cache root (default: --out)")
+    parser.add_argument("--tile-out", default=None, type=folder_arg, help="tile cache root (default: --out)")
     parser.add_argument("--no-mask-others", action="store_true", help="keep neighbouring cells' pixels in tiles")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.set_defaults(func=_run_segment)

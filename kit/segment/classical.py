@@ -41,6 +41,7 @@ import numpy as np
 from scipy import ndimage as ndi
 from skimage.segmentation import watershed
 
+from kit.errors import ConfigError
 from kit.segment import register_backend
 
 __all__ = ["segment_classical", "normalize_channel", "working_scale"]
@@ -387,3 +388,36 @@ def segment_classical(
         seams=seams,
     )
     return _resize_labels(nuclei, (h, w)), _resize_labels(cells, (h, w))
+
+
+# option -> (low, high, low included): the ranges the algorithm is defined on. Types are checked by
+# `kit.segment.backend_options`; this runs before the first image (`MaskCache.setup`, `kit run`).
+_OPTION_RANGES = {
+    "scale": (0.0, 1.0, False),
+    "min_work_side": (16, None, True),
+    "nucleus_threshold": (0.0, None, False),
+    "cell_threshold": (0.0, None, False),
+    "min_contrast": (0.0, None, True),
+    "min_nucleus_fraction": (0.0, None, True),
+    "min_cell_fraction": (0.0, None, True),
+    "nucleus_h": (0.0, None, True),
+    "compactness": (0.0, None, True),
+    "boundary_smooth": (0.0, None, True),
+    "orphan_distance": (0.0, None, True),
+    "seed_level": (0.0, 1.0, True),
+    "seam_erode": (0.0, None, True),
+}
+
+
+def _check(options: dict) -> None:
+    """ConfigError for an option outside its range (e.g. ``scale=5``: the working scale is at most 1)."""
+    for key, (low, high, closed) in _OPTION_RANGES.items():
+        value = options.get(key)
+        if value is None:
+            continue
+        if (value < low if closed else value <= low) or (high is not None and value > high):
+            span = f"{'[' if closed else '('}{low:g}, {'inf)' if high is None else f'{high:g}]'}"
+            raise ConfigError(f"option {key} of segmentation backend 'classical': must be in {span}, got {value:g}")
+
+
+segment_classical.check = _check
