@@ -47,8 +47,10 @@ def fmt_score(x: float | None) -> str:
     return "   n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.4f}"
 
 
-def comparison_table(test: dict, oof: dict | None, combine_name: str) -> str:
-    """Markdown table of the comparison rows (test mAP, and the OOF score where it exists)."""
+def comparison_table(test: dict, oof: dict | None, combine_name: str,
+                     rounds: Sequence[tuple[int, float | None]] = ()) -> str:
+    """Markdown table of the comparison rows (test mAP, and the OOF score where it exists);
+    `rounds`: the OOF score of each pseudo-label round's cell model (kit.pseudo)."""
     if not oof:
         lines = ["| row | test mAP |", "|---|---:|"]
     else:
@@ -62,6 +64,9 @@ def comparison_table(test: dict, oof: dict | None, combine_name: str) -> str:
         if oof:
             row += f" {fmt_score(oof.get(oof_rows[key])) if key in oof_rows else ''} |"
         lines.append(row)
+    for r, score in rounds:
+        label = f"{combine_name} with the cell model of pseudo-label round {r}"
+        lines.append(f"| {label} | | {fmt_score(score)} |" if oof else f"| {label} | |")
     return "\n".join(lines)
 
 
@@ -93,9 +98,10 @@ def seg_ceiling_predictions(results: dict, solution: dict) -> dict:
 
 
 def score_rows(solution: dict, results: dict, spec, ids: Sequence[str], truth_results: dict | None = None,
-               timer=None, ceilings: bool = True, out: dict | None = None) -> dict:
+               timer=None, ceilings: bool = True, out: dict | None = None, image_source: str = "auto") -> dict:
     """Test mAP of every row: the three prediction rows, the segmentation ceiling (with `ceilings`)
     and the classification ceiling (when `truth_results`, predictions on true masks, are given).
+    `image_source`: the image score (``predict.image_source``, `kit.combine.resolve_image_source`).
 
     `timer` (anything with a ``stage(name)`` context manager, e.g. `kit.pipeline.Timer`) times the
     ``evaluate`` and ``ceilings`` stages. Rows go into `out` as they are scored, so a caller keeps
@@ -112,15 +118,16 @@ def score_rows(solution: dict, results: dict, spec, ids: Sequence[str], truth_re
     scores: dict[str, float | None] = {} if out is None else out
     with stage("evaluate"):
         for key, s in (("image_only", IMAGE_ONLY), ("cell_only", CELL_ONLY), ("combined", spec)):
-            scores[key] = evaluate_predictions(solution, build_predictions(results, s), image_ids=ids)["mAP"]
+            scores[key] = evaluate_predictions(solution, build_predictions(results, s, image_source=image_source),
+                                               image_ids=ids)["mAP"]
     if not ceilings:
         return scores
     with stage("ceilings"):
         scores["seg_ceiling"] = evaluate_predictions(solution, seg_ceiling_predictions(results, solution),
                                                      image_ids=ids)["mAP"]
         if truth_results is not None:
-            scores["cls_ceiling"] = evaluate_predictions(solution, build_predictions(truth_results, spec),
-                                                         image_ids=ids)["mAP"]
+            scores["cls_ceiling"] = evaluate_predictions(
+                solution, build_predictions(truth_results, spec, image_source=image_source), image_ids=ids)["mAP"]
     return scores
 
 
@@ -150,7 +157,8 @@ def ceiling(run_dir: str | Path, data_dir: str | Path | None = None, workers: in
     results, truth_results = predictor.predict_sources(
         test_dir, test_ids, [predictor.run_masks(test_dir), truth_masks(data_dir)], workers=workers)
     t1 = time.perf_counter()
-    scores = score_rows(read_submission(solution_path), results, spec, test_ids, truth_results)
+    scores = score_rows(read_submission(solution_path), results, spec, test_ids, truth_results,
+                        image_source=predictor.cfg.predict.image_source)
     scores["timings"] = {"predict": round(t1 - t0, 2), "score": round(time.perf_counter() - t1, 2)}
     scores["combine"] = spec.name
     from kit.atomic import atomic_open

@@ -39,7 +39,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "dedup": ("kit.external.dedup", "Find duplicate fields across folders (green thumbnails); groups, pairs, leaks."),
     "segment": ("kit.segment.cache", "Segment nuclei and cells into a resumable mask cache."),
     "train": ("kit.train", "Train per-fold cell and image classifiers from a YAML config."),
-    "lr-find": ("kit.train", "Learning-rate range test: plots loss vs learning rate, suggests a rate."),
+    "lr-find": ("kit.lr_find", "Learning-rate range test: plots loss vs learning rate, suggests a rate."),
     "predict": ("kit.predict", "Predict a folder of images with a run's fold models into submission.csv."),
     "tune-combine": ("kit.combine", "Choose the cell/image score combination on out-of-fold predictions."),
     "ceiling": ("kit.ceilings", "Segmentation and classification ceilings of a run (needs true masks)."),

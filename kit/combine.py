@@ -15,6 +15,8 @@ product    ``cell * image``
 geometric  ``cell**w * image**(1-w)`` (weighted geometric mean; product is its ranking at w=0.5)
 mean       ``w*cell + (1-w)*image``
 rank       ``w*rank(cell) + (1-w)*rank(image)``; ranks per class over all cells given, in (0, 1]
+field      ``w*cell + (1-w)*mean(cell over the cell's field)`` (8th place: w = 0.9); needs the
+           field of every cell (`groups`), and uses no image model
 ========== ====================================================================================
 
 Negative (class 18, "no location stained") is handled explicitly, because it is the complement
@@ -22,7 +24,12 @@ of the other classes rather than a location of its own:
 
 * ``model``: the strategy applied to class 18 like any other class;
 * ``max``: the largest of the cell and the image Negative probability;
-* ``complement``: one minus the largest combined location score (classes 0..17).
+* ``complement``: one minus the largest combined location score (classes 0..17), which is
+  min over c of (1 - p_c) on the combined scores (23rd place, +0.006);
+* ``min_complement``: min over c of (1 - p_c) on the *cell* probabilities alone: Negative when no
+  location is likely in this cell, whatever its field shows;
+* ``suppress``: Negative as ``model``, and every location score multiplied by ``1 - Negative``
+  (``p[0:18] *= 1 - p[18]``, 6th place, +0.003).
 
 Border cells (cut by the field edge) are down-weighted: every score is multiplied by
 ``visible ** border_power`` where ``visible`` is the visible fraction of the cell (from the cell
@@ -30,10 +37,17 @@ table: ``nucleus_visible_fraction`` when the segmenter reports it, else ``area /
 for cells touching the border, capped at 1; 1 for interior cells). ``border_power = 0`` turns
 it off.
 
+The cell policy's area scaling (`kit.cell_policy.confidence_scale`) multiplies the result like
+the border power; cells the policy drops get no triples at all.
+
 `tune` sweeps every strategy, weight, Negative mode and border power on out-of-fold predictions
 and returns them ranked; ``python -m kit tune-combine --run RUN_DIR`` does it for a run and
-writes the best into ``RUN_DIR/combine.yaml`` (which `kit.predict` reads; the run's config.yaml
-is its input and is never rewritten):
+writes the choice into ``RUN_DIR/combine.yaml`` (which `kit.predict` reads; the run's config.yaml
+is its input and is never rewritten). The choice must not be noise: the simple default
+(`DEFAULT_SPEC`: product, the winners' choice, Negative from the models) is kept unless
+the best candidate beats it on the concatenated OOF set by more than the fold-to-fold spread
+(standard deviation of the default's per-fold scores); ``reason`` in combine.yaml says which
+happened:
 
 .. code-block:: yaml
 
@@ -42,6 +56,7 @@ is its input and is never rewritten):
     negative: max
     border_power: 0.5
     score: 0.6123              # OOF score of this choice
+    reason: "best candidate ... beats the default product by 0.031 > fold spread 0.012"
     score_kind: cell_mAP       # or image_macro_AP (proxy; no per-cell truth)
     ranking: [...]             # the best few other choices and their scores
 
@@ -60,6 +75,7 @@ Score used for the choice, in order of preference:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import math
@@ -72,14 +88,14 @@ import numpy as np
 from kit.errors import ConfigError, DataError, KitError, clip
 from kit.labels import NEGATIVE, NUM_CLASSES
 
-STRATEGIES: tuple[str, ...] = ("cell_only", "image_only", "product", "geometric", "mean", "rank")
+STRATEGIES: tuple[str, ...] = ("cell_only", "image_only", "product", "geometric", "mean", "rank", "field")
 # The default sweep leaves out the rank blend: ranks are relative to the set they are taken over,
 # and the OOF set mixes K single-fold models while the test set gets their average, so a rank
 # weight chosen on OOF transferred worst to the test set in the demo runs (choose it with
 # ``tune-combine --strategies ...,rank``).
-DEFAULT_STRATEGIES: tuple[str, ...] = ("cell_only", "image_only", "product", "geometric", "mean")
-WEIGHTED: frozenset[str] = frozenset({"geometric", "mean", "rank"})
-NEGATIVE_MODES: tuple[str, ...] = ("model", "max", "complement")
+DEFAULT_STRATEGIES: tuple[str, ...] = ("cell_only", "image_only", "product", "geometric", "mean", "field")
+WEIGHTED: frozenset[str] = frozenset({"geometric", "mean", "rank", "field"})
+NEGATIVE_MODES: tuple[str, ...] = ("model", "max", "complement", "min_complement", "suppress")
 EPS = 1e-6
 
 
@@ -190,17 +206,33 @@ def visible_fraction(table) -> np.ndarray:
     return np.clip(vis, 0.0, 1.0)
 
 
+def field_mean(values: np.ndarray, groups: np.ndarray) -> np.ndarray:
+    """Per row, the mean of `values` over the rows of the same group (field)."""
+    groups = np.asarray(groups)
+    if len(groups) != len(values):
+        raise ValueError(f"groups has {len(groups)} entries for {len(values)} cells")
+    codes = np.unique(groups, return_inverse=True)[1].ravel()
+    sums = np.zeros((codes.max() + 1 if len(codes) else 0, values.shape[1]))
+    np.add.at(sums, codes, values)
+    counts = np.bincount(codes, minlength=len(sums)).astype(np.float64)
+    return (sums / np.maximum(counts, 1)[:, None])[codes]
+
+
 def combine(
     cell_probs: np.ndarray,
     image_probs: np.ndarray,
     spec: CombineSpec,
     visible: np.ndarray | None = None,
+    groups: np.ndarray | None = None,
+    scale: np.ndarray | None = None,
 ) -> np.ndarray:
     """Combined N x 19 confidences for N cells (see the module doc for each strategy).
 
     `image_probs` is already broadcast (one row per cell, see `broadcast_image_probs`).
     `visible` (length N, in [0, 1]) is used when ``spec.border_power > 0``. The rank strategy
     ranks over the N cells given, so give it all the cells that will be scored together.
+    `groups` (length N: the field of each cell, e.g. its image ID) is needed by ``field``;
+    `scale` (length N, e.g. the cell policy's area factor) multiplies every score.
     """
     cell = _check_probs("cell_probs", cell_probs)
     image = _check_probs("image_probs", image_probs)
@@ -219,12 +251,26 @@ def combine(
         out = np.exp(w * np.log(np.clip(cell, EPS, 1.0)) + (1.0 - w) * np.log(np.clip(image, EPS, 1.0)))
     elif s == "mean":
         out = w * cell + (1.0 - w) * image
+    elif s == "field":
+        if groups is None:
+            raise ValueError("the field strategy needs the field (groups) of every cell")
+        out = w * cell + (1.0 - w) * field_mean(cell, groups) if len(cell) else cell.copy()
     else:  # rank
         out = w * rank01(cell) + (1.0 - w) * rank01(image)
-    if spec.negative == "max":
-        out[:, NEGATIVE] = np.maximum(cell[:, NEGATIVE], image[:, NEGATIVE])
-    elif spec.negative == "complement":
-        out[:, NEGATIVE] = 1.0 - out[:, :NEGATIVE].max(axis=1) if len(out) else 0.0
+    if len(out):
+        if spec.negative == "max":
+            out[:, NEGATIVE] = np.maximum(cell[:, NEGATIVE], image[:, NEGATIVE])
+        elif spec.negative == "complement":
+            out[:, NEGATIVE] = 1.0 - out[:, :NEGATIVE].max(axis=1)
+        elif spec.negative == "min_complement":
+            out[:, NEGATIVE] = (1.0 - cell[:, :NEGATIVE]).min(axis=1)
+        elif spec.negative == "suppress":
+            out[:, :NEGATIVE] *= 1.0 - np.clip(out[:, NEGATIVE:NEGATIVE + 1], 0.0, 1.0)
+    if scale is not None and len(out):
+        sc = np.asarray(scale, dtype=np.float64)
+        if sc.shape != (len(out),):
+            raise ValueError(f"scale has shape {sc.shape}, expected ({len(out)},)")
+        out = out * sc[:, None]
     if spec.border_power and visible is not None and len(out):
         vis = np.clip(np.asarray(visible, dtype=np.float64), 0.0, 1.0)
         if vis.shape != (len(out),):
@@ -267,6 +313,8 @@ class OOFSet:
     image_labels: np.ndarray | None = None
     image_level_probs: np.ndarray | None = None  # M x 19 image-model OOF probabilities
     notes: list[str] = field(default_factory=list)
+    scale: np.ndarray | None = None  # N: the cell policy's confidence factor (None = 1)
+    image_source: str = "field"  # where image_probs came from: field | bag | mean
 
     def __len__(self) -> int:
         return len(self.cell_ids)
@@ -281,10 +329,21 @@ class OOFSet:
             self.image_probs[rows], self.visible[rows], self.images[imgs], self.image_folds[imgs],
             self.score_kind, pick(self.truth, rows), pick(self.verified, rows), pick(self.image_n_pos, imgs),
             pick(self.image_labels, imgs), pick(self.image_level_probs, imgs), list(self.notes),
+            pick(self.scale, rows),
         )
 
+    def select(self, rows: np.ndarray) -> "OOFSet":
+        """The same images with only the cells where `rows` (bool, N) is true (a cell policy that
+        drops cells: the dropped cells' true positives stay counted, as missed)."""
+        rows = np.asarray(rows, bool)
+        pick = lambda a: None if a is None else a[rows]  # noqa: E731
+        return dataclasses.replace(
+            self, image_ids=self.image_ids[rows], cell_ids=self.cell_ids[rows], folds=self.folds[rows],
+            cell_probs=self.cell_probs[rows], image_probs=self.image_probs[rows], visible=self.visible[rows],
+            truth=pick(self.truth), verified=pick(self.verified), scale=pick(self.scale), notes=list(self.notes))
+
     def combined(self, spec: CombineSpec) -> np.ndarray:
-        return combine(self.cell_probs, self.image_probs, spec, self.visible)
+        return combine(self.cell_probs, self.image_probs, spec, self.visible, groups=self.image_ids, scale=self.scale)
 
     def per_class(self, spec: CombineSpec) -> np.ndarray:
         """Per-class AP (NaN for classes without truth) of `spec` on this set."""
@@ -336,11 +395,11 @@ def image_proxy_per_class(scores: np.ndarray, cell_image_ids: np.ndarray, images
     return np.array([np.nan if v is None else v for v in result["per_class"]])
 
 
-def _read_oof_folder(run_dir: Path, kind: str):
+def _read_oof_folder(run_dir: Path, kind: str, name: str = "oof.csv"):
     import pandas as pd
 
     frames = []
-    for path in sorted((run_dir / kind).glob("fold*/oof.csv")):
+    for path in sorted((run_dir / kind).glob(f"fold*/{name}")):
         suffix = path.parent.name[4:]
         if not suffix.isdigit():
             continue
@@ -351,20 +410,69 @@ def _read_oof_folder(run_dir: Path, kind: str):
         df["fold"] = int(suffix)
         frames.append(df)
     if not frames:
-        raise KitError(f"no {kind} out-of-fold predictions under {run_dir / kind}/fold*/oof.csv: train the {kind} model first")
+        raise KitError(f"no {kind} out-of-fold predictions under {run_dir / kind}/fold*/{name}: train the {kind} model first")
     return pd.concat(frames, ignore_index=True)
+
+
+def image_sources(run_dir: Path, cell_dir: str) -> dict[str, Path]:
+    """The image-score sources a run has: ``field`` (the image model), ``bag`` (the MIL bag head)."""
+    found = {}
+    if any((run_dir / "image").glob("fold*/oof.csv")):
+        found["field"] = run_dir / "image"
+    if any((run_dir / cell_dir).glob("fold*/oof_bag.csv")):
+        found["bag"] = run_dir / cell_dir
+    return found
+
+
+def resolve_image_source(source: str, available: Sequence[str]) -> str:
+    """``auto`` -> ``field`` (the image model) when there is one, else ``bag`` (a MIL run without an
+    image model). Not ``mean``: it lost to ``field`` on the held-out seeds of bench_learning."""
+    available = set(available)
+    if source == "auto":
+        if not available:
+            raise KitError("no image-level predictions: train the image model (or the cell model with train.cell_mode=mil)")
+        return "field" if "field" in available else "bag"
+    need = {"field", "bag"} if source == "mean" else {source}
+    if not need <= available:
+        raise ConfigError(f"predict.image_source={source} but the run has {', '.join(sorted(available)) or 'no'} "
+                          "image-level predictions (field: the image model; bag: train.cell_mode=mil)")
+    return source
+
+
+def _image_oof(run_dir: Path, cell_dir: str, source: str):
+    """Image-level OOF table (index ID; p0..p18, fold) of the chosen source."""
+    found = image_sources(run_dir, cell_dir)
+    source = resolve_image_source(source, found)
+    frames = []
+    for name in (("field", "bag") if source == "mean" else (source,)):
+        df = _read_oof_folder(run_dir, found[name].name, "oof.csv" if name == "field" else "oof_bag.csv")
+        if df["ID"].duplicated().any():
+            dup = df["ID"][df["ID"].duplicated()].iloc[0]
+            raise DataError(f"image {dup} is out-of-fold in two folds of {found[name]}: are the folds consistent?")
+        frames.append(df.set_index("ID"))
+    out = frames[0]
+    if len(frames) == 2:
+        other = frames[1].reindex(out.index)
+        out = out.copy()
+        out[PROB_COLUMNS] = 0.5 * (out[PROB_COLUMNS].to_numpy() + other[PROB_COLUMNS].fillna(out[PROB_COLUMNS]).to_numpy())
+    return out, source
 
 
 PROB_COLUMNS = [f"p{c}" for c in range(NUM_CLASSES)]
 
 
-def load_oof(run_dir: str | Path, progress: bool = True, truth: bool | None = None) -> OOFSet:
+def load_oof(run_dir: str | Path, cfg=None, progress: bool = True, truth: bool | None = None,
+             cell_dir: str | None = None, image_source: str | None = None, policy=None) -> OOFSet:
     """Read a run's OOF predictions, its mask cache and (when present) the per-cell truth.
 
     The run's inputs come from its manifest (`kit.manifest.read_manifest`): truth is
     ``<data_dir>/train_solution.csv`` (synthetic data, or any data with cell annotations in the
     submission format); without it (or with ``truth=False``) the set scores with the image-level
     proxy. The predicted cells are those of the run's mask cache; labels from its labels file.
+    Its settings come from `cfg` (default: the run's config.yaml): `cell_dir`, the cell model's
+    folder (default: the last pseudo-label round, `kit.pseudo`); `image_source`: field | bag |
+    mean | auto (default ``predict.image_source``); `policy`: the cell policy (default the run's
+    ``cells`` section): dropped cells are left out, the area factor goes into ``scale``.
     """
     from tqdm import tqdm
 
@@ -375,12 +483,19 @@ def load_oof(run_dir: str | Path, progress: bool = True, truth: bool | None = No
 
     run_dir = Path(run_dir)
     manifest = read_manifest(run_dir)
-    cell_oof = _read_oof_folder(run_dir, "cell")
-    image_oof = _read_oof_folder(run_dir, "image")
-    if image_oof["ID"].duplicated().any():
-        dup = image_oof["ID"][image_oof["ID"].duplicated()].iloc[0]
-        raise DataError(f"image {dup} is out-of-fold in two folds of {run_dir / 'image'}: are the folds consistent?")
-    image_oof = image_oof.set_index("ID")
+    if cfg is None:  # the run's settings (config.yaml, written once); its inputs are the manifest's
+        from kit.config import load_config
+
+        if not (run_dir / "config.yaml").is_file():
+            raise KitError(f"{run_dir / 'config.yaml'} not found: is {run_dir} a run folder?")
+        cfg = load_config(run_dir / "config.yaml")
+    from kit.cell_policy import confidence_scale, keep_mask
+    from kit.pseudo import cell_dir_name
+
+    cell_dir = cell_dir or cell_dir_name(cfg.train.pseudo_rounds)
+    policy = cfg.cells if policy is None else policy
+    cell_oof = _read_oof_folder(run_dir, cell_dir)
+    image_oof, used_source = _image_oof(run_dir, cell_dir, image_source or cfg.predict.image_source)
     lost = sorted(set(cell_oof["ID"]) - set(image_oof.index))
     if lost:
         raise DataError(f"{len(lost)} image(s) have cell OOF predictions but no image OOF prediction, e.g. {lost[0]}: "
@@ -404,7 +519,7 @@ def load_oof(run_dir: str | Path, progress: bool = True, truth: bool | None = No
 
     cache = manifest.masks()
     by_image = {k: g for k, g in cell_oof.groupby("ID", sort=False)}
-    parts: dict[str, list] = {k: [] for k in ("ids", "cells", "folds", "cp", "vis", "truth", "verified")}
+    parts: dict[str, list] = {k: [] for k in ("ids", "cells", "folds", "cp", "vis", "truth", "verified", "scale")}
     image_n_pos = np.zeros((len(images), NUM_CLASSES), np.int64)
     for m, image_id in enumerate(tqdm(images, desc="oof cells", unit="img", disable=not progress, leave=False)):
         g = by_image.get(image_id)
@@ -427,8 +542,10 @@ def load_oof(run_dir: str | Path, progress: bool = True, truth: bool | None = No
             raise DataError(f"image {image_id}: OOF cell {unknown[0]} is not in the mask cache {cache.dir}: "
                             "were the tiles made from another segmentation (data.mask_cache, data.segment_backend)?")
         g = g.assign(_pos=[position[int(k)] for k in g["cell_id"]]).sort_values("_pos", kind="stable")
+        g = g[keep_mask(table, policy)[g["_pos"].to_numpy()]]  # the policy's dropped cells get no triples
         vis_all = visible_fraction(table)
         n = len(g)
+        parts["scale"].append(confidence_scale(table, policy, pred_cells.size)[g["_pos"].to_numpy()])
         parts["ids"].append(np.full(n, image_id, dtype=object))
         parts["cells"].append(g["cell_id"].to_numpy(np.int64))
         parts["folds"].append(g["fold"].to_numpy(np.int64))
@@ -461,6 +578,8 @@ def load_oof(run_dir: str | Path, progress: bool = True, truth: bool | None = No
         image_n_pos=image_n_pos if solution is not None else None,
         image_level_probs=image_level,
         notes=notes,
+        scale=cat("scale", (0,), np.float64),
+        image_source=used_source,
     )
     labels = read_labels_csv(manifest.labels_file).set_index("ID")
     from kit.labels import to_multihot
@@ -500,6 +619,42 @@ def tune(oof: OOFSet, specs: Sequence[CombineSpec] | None = None, progress: bool
     scored = [(spec, oof.score(spec)) for spec in iterator]
     order = sorted(range(len(scored)), key=lambda i: (-_nan_low(scored[i][1]), i))
     return [scored[i] for i in order]
+
+
+# The simple default: the winners' product, with Negative derived per cell (1 - the largest combined
+# location score): an image model cannot say which cells of a positive field are Negative. On the
+# learning benchmark and the demo seeds it beat product with the model's Negative (see README).
+# Plain product: the complement Negative won on 2 of 3 held-out seeds by +0.0075 mean true cell mAP,
+# less than its spread (benchmarks/bench_learning.py, README "Learning benchmark"), so it is a
+# candidate of tune-combine, not the default.
+DEFAULT_SPEC = CombineSpec("product")
+
+
+def fold_spread(oof: OOFSet, spec: CombineSpec) -> float:
+    """Standard deviation over folds of `spec`'s per-fold OOF score (0 with one fold)."""
+    scores = [oof.subset(f).score(spec) for f in sorted(set(int(f) for f in oof.image_folds))]
+    scores = [x for x in scores if np.isfinite(x)]
+    return float(np.std(scores, ddof=1)) if len(scores) > 1 else 0.0
+
+
+MIN_MARGIN = 0.001  # below a tenth of a mAP point no candidate replaces the default, whatever the spread
+
+
+def choose(oof: OOFSet, ranking: Sequence[tuple[CombineSpec, float]],
+           default: CombineSpec = DEFAULT_SPEC) -> tuple[CombineSpec, float, str]:
+    """(spec, score, reason): the best of `ranking` only when it beats `default` on the OOF set by
+    more than the default's fold-to-fold spread (and `MIN_MARGIN`); otherwise `default`. Deterministic."""
+    best, best_score = ranking[0]
+    base = oof.score(default)
+    spread = max(fold_spread(oof, default), MIN_MARGIN)
+    if not np.isfinite(base):
+        return best, best_score, f"the default {default.name} cannot be scored here; best candidate taken"
+    margin = best_score - base
+    if best != default and margin > spread:
+        return best, best_score, (f"{best.name} beats the default {default.name} on OOF by {margin:.4f}, "
+                                  f"more than the fold-to-fold spread {spread:.4f}")
+    return default, base, (f"kept the default {default.name}: the best candidate {best.name} beats it by "
+                            f"{margin:.4f}, not more than the fold-to-fold spread {spread:.4f}")
 
 
 def _nan_low(x: float) -> float:
@@ -581,11 +736,13 @@ def tune_run(run_dir: str | Path, specs: Sequence[CombineSpec] | None = None, wr
     if len(oof) == 0:
         raise DataError(f"{run_dir}: the OOF predictions hold no cells")
     ranking = tune(oof, specs, progress=progress)
-    best, best_score = ranking[0]
+    best, best_score, reason = choose(oof, ranking)
     result = {
         **best.to_dict(),
         "name": best.name,
         "score": _round(best_score),
+        "reason": reason,
+        "image_source": oof.image_source,
         "score_kind": oof.score_kind,
         "oof": oof_report(oof, best),
         "baselines": {
@@ -615,6 +772,7 @@ def format_tune_result(result: dict) -> str:
     lines.append(f"  baselines: cell_only {result['baselines']['cell_only']:.4f}, image_only {result['baselines']['image_only']:.4f}")
     per_fold = ", ".join(f"fold {k} {v:.4f}" for k, v in result["oof"]["per_fold"].items() if v is not None)
     lines.append(f"chosen: {result['name']} -> {result['score']:.4f} overall ({per_fold})")
+    lines.append(f"why: {result['reason']}")
     lines.extend(f"note: {n}" for n in result["notes"])
     return "\n".join(lines)
 

@@ -7,8 +7,9 @@ File format (YAML, every section and key optional; unknown keys are an error nam
     model:       {backbone: resnet18}          # shorthand: applied to cell_model AND image_model
     cell_model:  {backbone: resnet50, pretrained: weights/resnet50-0676ba61.pth, dropout: 0.2}
     image_model: {batch_size: 8}               # per-model overrides of train.batch_size/epochs/lr
-    train:       {epochs: 10, lr: 1.0e-3, loss: bce, folds: all}
+    train:       {epochs: 10, lr: 1.0e-3, loss: bce, folds: all, cell_mode: mil, pseudo_rounds: 1}
     predict:     {tta: 2, batch_size: 64}
+    cells:       {border_nucleus_fraction: 0.5}    # the cell policy (kit.cell_policy)
     run_dir: runs/exp1
 
 Overrides use the same dotted keys, e.g. ``train.epochs=3 model.backbone=resnet18 train.folds=[0,1]``;
@@ -111,6 +112,16 @@ class TrainConfig:
     folds: Union[Literal["all"], list[int]] = "all"
     max_cells_per_image: int = 0  # 0 = all cells; >0 caps the training cells taken per image
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    # How the cell model learns from image labels (kit.mil, kit.pseudo):
+    cell_mode: Literal["broadcast", "mil"] = "broadcast"  # broadcast: every cell gets its image's labels
+    bag_size: int = 16  # mil: cells per bag (one image's cells; fewer when the image has fewer)
+    bag_pool: Literal["max", "mean", "attention"] = "max"  # mil: pooling of the cells' features
+    cell_loss_weight: float = 0.1  # mil: weight of the per-cell head's broadcast loss (2nd place: 0.1)
+    pseudo_rounds: int = 0  # rounds of retraining the cell model on OOF-derived cell labels
+    pseudo_soft: bool = False  # soft targets (OOF probability within the kept classes) instead of 0/1
+    pseudo_threshold: float = 0.9  # a cell keeps class c above this OOF probability
+    pseudo_std: float = 0.5  # ... or above its image's mean + this many standard deviations
+    negative_aug: float = 0.0  # probability of a dimmed-green tile labelled Negative (9th place); 0 = off
 
 
 @dataclass
@@ -125,6 +136,18 @@ class PredictConfig:
     combine_weight: float = 0.5
     # how the CNNs run (kit.throughput): auto = the fastest path measured on this machine for this model
     engine: Literal["auto", "baseline", "torch", "jit", "onnx", "compile"] = "auto"
+    # image score: field model, MIL bag head, their mean; auto = the field model when there is one, else bag
+    image_source: Literal["auto", "field", "bag", "mean"] = "auto"
+
+
+@dataclass
+class CellPolicyConfig:
+    """The cell policy applied at training and prediction (kit.cell_policy; 0 = rule off)."""
+
+    border_nucleus_fraction: float = 0.0  # drop border cells whose nucleus < f x median interior nucleus
+    min_signal_fraction: float = 0.0  # drop cells whose cell or nucleus signal < f x the field's median
+    edge_area_fraction: float = 0.0  # border cells: confidence x min(1, area / (a x field area))
+    inner_area_fraction: float = 0.0  # interior cells: the same
 
 
 @dataclass
@@ -134,6 +157,7 @@ class Config:
     image_model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     predict: PredictConfig = field(default_factory=PredictConfig)
+    cells: CellPolicyConfig = field(default_factory=CellPolicyConfig)
     run_dir: str = ""  # "" -> chosen by `train` (runs/<date>-<hash>)
 
     def model(self, kind: str) -> ModelConfig:
@@ -263,6 +287,16 @@ def _validate(cfg: Config) -> None:
             warnings.warn(f"config key {kind}_model.pool: 'avgmax' is now called 'catavgmax' (avg and max "
                           "pooling concatenated, as timm names it); using catavgmax", DeprecationWarning, stacklevel=3)
             m.pool = "catavgmax"
+    positive("train.bag_size", cfg.train.bag_size)
+    if cfg.train.pseudo_rounds < 0:
+        raise ConfigError(f"config key train.pseudo_rounds: must be >= 0, got {cfg.train.pseudo_rounds}")
+    if not 0.0 <= cfg.train.negative_aug < 1.0:
+        raise ConfigError(f"config key train.negative_aug: must be in [0, 1), got {cfg.train.negative_aug}")
+    if cfg.train.cell_loss_weight < 0:
+        raise ConfigError(f"config key train.cell_loss_weight: must be >= 0, got {cfg.train.cell_loss_weight}")
+    from kit.cell_policy import check_policy
+
+    check_policy(cfg.cells)
     if isinstance(cfg.train.folds, list) and any(f < 0 for f in cfg.train.folds):
         raise ConfigError(f"config key train.folds: fold numbers must be >= 0, got {cfg.train.folds}")
 

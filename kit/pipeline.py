@@ -69,7 +69,7 @@ from kit.errors import ConfigError, DataError, KitError
 
 # The demo's defaults: sized so synth + the whole pipeline end within ~10 minutes on 2 CPU cores.
 DEMO_DEFAULTS = dict(seed=0, train=64, test=24, size=256, folds=3, epochs=4, backbone="resnet18",
-                     tile_size=48, field_size=256)
+                     tile_size=48, field_size=256, threads=2)
 DEMO_OVERRIDES = [
     "train.batch_size=32",
     "train.lr=0.002",
@@ -158,7 +158,14 @@ def check_run(cfg, n_splits: int, n_labels: int) -> None:
             build_from_config(m, pretrained=False)
         except ConfigError as exc:
             raise ConfigError(f"config key {kind}_model.backbone: {exc}") from None
-        if m.pretrained and not Path(m.pretrained).is_file():
+        if m.pretrained == "imagenet":  # the weights a package ships (kit.models.packaged_weights)
+            from kit.models import packaged_weights
+
+            try:
+                packaged_weights(m.backbone)
+            except KitError as exc:
+                raise ConfigError(f"config key {kind}_model.pretrained: {exc}") from None
+        elif m.pretrained and not Path(m.pretrained).is_file():
             raise ConfigError(f"config key {kind}_model.pretrained: weights file not found: {m.pretrained}")
     masks = MaskCache(cfg.data.mask_cache, cfg.data.segment_backend)
     from kit.segment import get_backend
@@ -203,6 +210,20 @@ def stage_folds(cfg, n_splits: int, seed: int) -> Path:
 
 # --------------------------------------------------------------------------------------------
 # report
+
+
+def pseudo_round_scores(run_dir: Path, cfg, spec) -> list[tuple[int, float | None]]:
+    """(round, OOF score of `spec` with that round's cell model) for a run with pseudo-label rounds."""
+    from kit.combine import load_oof
+    from kit.pseudo import cell_dir_name
+
+    out = []
+    for r in range(cfg.train.pseudo_rounds + 1):
+        try:
+            out.append((r, load_oof(run_dir, cfg, progress=False, cell_dir=cell_dir_name(r)).score(spec)))
+        except KitError:
+            out.append((r, None))
+    return out if cfg.train.pseudo_rounds > 0 else []
 
 
 def _margin_note(test: dict) -> str | None:
@@ -282,7 +303,7 @@ def run_pipeline(data_dir: str | Path, *, config: str | Path | None = None, over
         lost = [i for i in test_ids if i not in results]
         if lost:
             raise DataError(f"no prediction for {len(lost)} test image(s), e.g. {lost[0]}")
-        preds = build_predictions(results, spec)
+        preds = build_predictions(results, spec, image_source=cfg.predict.image_source)
         sub_path = write_and_validate(submission, preds, test_ids, sizes, sample=sample if sample.is_file() else None,
                                       image_sizes={i: (r.width, r.height) for i, r in results.items()})
 
@@ -302,13 +323,14 @@ def run_pipeline(data_dir: str | Path, *, config: str | Path | None = None, over
 
             usable = truth_results[0] if truth_results and not truth_failures else None
             score_rows(read_submission(solution_path), results, spec, test_ids, usable, timer, ceilings=ceilings,
-                       out=test_scores)
+                       out=test_scores, image_source=cfg.predict.image_source)
         except Exception as exc:  # noqa: BLE001 - reported below, after the summary is saved
             errors.append(_failure("evaluate", exc))
     oof = dict(tuned["oof"])
     oof["image_only"] = tuned["baselines"]["image_only"]
     oof["cell_only"] = tuned["baselines"]["cell_only"]
-    table = comparison_table(test_scores, oof, spec.name)
+    rounds = pseudo_round_scores(run_dir, cfg, spec)
+    table = comparison_table(test_scores, oof, spec.name, rounds)
     from kit.atomic import atomic_open
 
     lb_path = None
@@ -523,6 +545,7 @@ def configure_demo(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backbone", default=d["backbone"], help=f"backbone of both models (default {d['backbone']}; resnet50 works)")
     parser.add_argument("--tile-size", type=int, default=d["tile_size"], help=f"cell tile side in px (default {d['tile_size']})")
     parser.add_argument("--field-size", type=int, default=d["field_size"], help=f"image-model field side in px (default {d['field_size']})")
+    parser.add_argument("--threads", type=int, default=d["threads"], help=f"torch threads, fixed for a reproducible table (default {d['threads']})")
     _add_common(parser)
     parser.add_argument("overrides", nargs="*", help="more config overrides KEY=VALUE")
     parser.set_defaults(func=_run_demo)
@@ -546,8 +569,14 @@ def demo(out: Path = Path("demo"), *, seed: int = DEMO_DEFAULTS["seed"], n_train
          tile_size: int = DEMO_DEFAULTS["tile_size"], field_size: int = DEMO_DEFAULTS["field_size"],
          workers: int = 2, overrides: Sequence[str] = (), config: Path | None = None,
          submission: Path = Path("submission/submission.csv"), ceilings: bool = True,
-         leaderboard: Path | None = None, notes: str = "") -> dict:
-    """synth + run_pipeline with the demo's defaults; returns the summary."""
+         leaderboard: Path | None = None, notes: str = "", threads: int = DEMO_DEFAULTS["threads"]) -> dict:
+    """synth + run_pipeline with the demo's defaults; returns the summary.
+
+    `threads`: torch's intra-op threads, fixed so that the table is the same on a rerun and on
+    any core count (the float reductions of a convolution depend on how many threads split it)."""
+    import torch
+
+    torch.set_num_threads(max(1, int(threads)))
     timer = Timer()
     with timer.stage("synth"):
         data = synth_dataset(Path(out), seed, n_train, n_test, size, workers)
@@ -567,7 +596,7 @@ def _run_demo(args) -> int:
         backbone=args.backbone, tile_size=args.tile_size, field_size=args.field_size,
         workers=_check_workers(args.workers), overrides=args.overrides,
         config=args.config, submission=args.submission, ceilings=not args.no_ceilings,
-        leaderboard=args.leaderboard, notes=args.notes,
+        leaderboard=args.leaderboard, notes=args.notes, threads=args.threads,
     )
     if args.work:
         _log("note: demo keeps caches and runs under --out; --work is ignored")

@@ -10,23 +10,29 @@ options its cells were cut with, the tile and field sizes. Each image is decoded
 
 1. cells from each mask source (`kit.masks`): the run's segmentation, from the mask cache
    (segmented and stored when missing or stale), and, for the classification ceiling, true masks;
-2. cell tiles (`kit.cells.extract_tiles`, the run's tile size) -> each fold's cell model ->
-   probabilities averaged over folds and the optional flip TTA;
+2. the cell policy (``cells:`` of the run, kit.cell_policy) drops cells and gives each kept one
+   its confidence factor; cell tiles (`kit.cells.extract_tiles`, the run's tile size) -> each
+   fold's cell model (the last pseudo-label round, kit.pseudo) -> probabilities averaged over
+   folds and the optional flip TTA; a MIL cell model (kit.mil) also gives the bag head's image
+   score over all of the field's cells;
 3. the downscaled field (`kit.fields.downscale_field`, the run's field size) -> each fold's image
-   model -> image probabilities, averaged the same way (once per image, whatever the sources);
+   model -> image probabilities, averaged the same way (once per image, whatever the sources;
+   skipped when the run has no image model);
 4. every cell mask RLE-encoded in one pass (`kit.rle.encode_label_image`).
 
 Per-image results are cached as ``RUN_DIR/predict/<key>/<ID>.npz`` (written atomically)::
 
     cell_ids     int64   (N,)       ids in the label image
     cell_probs   float32 (N, 19)    fold/TTA-averaged cell probabilities
-    image_probs  float32 (19,)      fold/TTA-averaged image probabilities
+    image_probs  float32 (19,)      fold/TTA-averaged image probabilities of the image model (NaN: none)
+    bag_probs    float32 (19,)      the MIL cell model's bag head over all the field's cells (NaN: none)
     visible      float32 (N,)       visible fraction (kit.combine.visible_fraction)
+    scale        float32 (N,)       the cell policy's confidence factor (kit.cell_policy)
     masks        str     (N,)       the competition mask strings
     size         int64   (2,)       width, height
 
 ``<key>`` (`kit.cachekey.cache_key`, `PREDICT_CACHE_VERSION`) covers the images folder, the
-checkpoints (name, size, mtime), TTA, tile and field size and the mask source, so a killed
+checkpoints (name, size, mtime), TTA, tile and field size, the cell policy and the mask source, so a killed
 predict resumes where it stopped and gives the same file, and retraining never reuses stale
 probabilities. Only then are the scores combined (the run's tuned strategy from
 ``RUN_DIR/combine.yaml``; the rank blend needs every cell at once), and the submission is written
@@ -38,6 +44,7 @@ drops the lowest ones to make the file smaller.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -54,7 +61,7 @@ from kit.errors import ConfigError, DataError, KitError, clip
 from kit.ids import check_id
 from kit.labels import NUM_CLASSES
 
-PREDICT_CACHE_VERSION = 2  # 2: kit.cachekey folder key
+PREDICT_CACHE_VERSION = 3  # 2: kit.cachekey folder key; 3: bag_probs and scale
 KINDS = ("cell", "image")
 
 
@@ -70,6 +77,16 @@ class ImageResult:
     masks: np.ndarray
     width: int
     height: int
+    bag_probs: np.ndarray | None = None
+    scale: np.ndarray | None = None
+
+    def image_score(self, source: str) -> np.ndarray:
+        """The image-level probabilities of `source`: field | bag | mean (kit.combine.resolve_image_source)."""
+        if source == "field":
+            return self.image_probs
+        if source == "bag":
+            return self.bag_probs
+        return 0.5 * (self.image_probs + self.bag_probs)
 
     def save(self, path: Path) -> None:
         with atomic_path(path) as tmp:
@@ -79,6 +96,8 @@ class ImageResult:
                 cell_probs=self.cell_probs.astype(np.float32),
                 image_probs=self.image_probs.astype(np.float32),
                 visible=self.visible.astype(np.float32),
+                bag_probs=(self.bag_probs if self.bag_probs is not None else np.full(NUM_CLASSES, np.nan)).astype(np.float32),
+                scale=(self.scale if self.scale is not None else np.ones(len(self.cell_ids))).astype(np.float32),
                 masks=np.asarray(self.masks, dtype=np.str_),
                 size=np.array([self.width, self.height], np.int64),
             )
@@ -89,7 +108,7 @@ class ImageResult:
             w, h = (int(v) for v in z["size"])
             masks = z["masks"]
             return cls(image_id, z["cell_ids"], z["cell_probs"], z["image_probs"], z["visible"],
-                       masks.astype(str) if len(masks) else np.zeros(0, dtype=str), w, h)
+                       masks.astype(str) if len(masks) else np.zeros(0, dtype=str), w, h, z["bag_probs"], z["scale"])
 
 
 # --------------------------------------------------------------------------------------------
@@ -101,8 +120,9 @@ def prediction_path(cache_dir: str | Path, image_id: str) -> Path:
     return Path(cache_dir) / f"{check_id(image_id)}.npz"
 
 
-def checkpoint_path(run_dir: str | Path, kind: str, fold: int, which: str = "best") -> Path:
-    return Path(run_dir) / kind / f"fold{int(fold)}" / f"{which}.pt"
+def checkpoint_path(run_dir: str | Path, folder: str, fold: int, which: str = "best") -> Path:
+    """``RUN_DIR/<folder>/fold<k>/<which>.pt``; `folder` is a kind or a pseudo round's ``cell_pseudo<r>``."""
+    return Path(run_dir) / folder / f"fold{int(fold)}" / f"{which}.pt"
 
 
 class FoldEnsemble:
@@ -115,19 +135,22 @@ class FoldEnsemble:
 
     def __init__(self, run_dir: str | Path, kind: str, device="cpu", which: str = "best", tta: int = 1,
                  batch_size: int = 64, activation: str = "sigmoid", folds: Sequence[int] | None = None,
-                 side: int | None = None, engine: str = "auto", onnx_path: str | Path | None = None, log=None):
+                 subdir: str | None = None, side: int | None = None, engine: str = "auto",
+                 onnx_path: str | Path | None = None, log=None):
         import torch
 
+        from kit.mil import is_mil
         from kit.models import load_checkpoint, load_fold_models, model_from_checkpoint
 
         if tta not in (1, 2, 4, 8):
             raise ConfigError(f"tta must be 1, 2, 4 or 8, got {tta}")
         self.device = torch.device(device) if not isinstance(device, torch.device) else device
         if folds is None:  # every fold checkpoint there is
-            self.models = load_fold_models(run_dir, kind, self.device, which)
+            self.models = load_fold_models(run_dir, kind, self.device, which, subdir=subdir)
         else:
-            self.models = [model_from_checkpoint(load_checkpoint(checkpoint_path(run_dir, kind, f, which)), kind)
-                           .to(self.device).eval() for f in folds]
+            self.models = [model_from_checkpoint(load_checkpoint(checkpoint_path(run_dir, subdir or kind, f, which)),
+                                                 kind).to(self.device).eval() for f in folds]
+        self.has_bag = bool(self.models) and all(is_mil(m) for m in self.models)
         self.tta = tta
         self.batch_size = max(1, int(batch_size))
         self.activation = activation
@@ -157,11 +180,26 @@ class FoldEnsemble:
             return np.zeros((0, NUM_CLASSES), np.float32)
         return self.runner_for(batch.shape[-1]).predict(batch)
 
+    def predict_with_bag(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """(N x 19 cell probabilities, 19 bag-head probabilities over all N cells of one field, or None).
 
-def checkpoint_fingerprint(run_dir: Path, which: str, folds: Sequence[int] | None = None) -> list:
-    """(relative path, size, mtime) of every checkpoint used: changes when a fold is retrained."""
+        MIL models (kit.mil) give the bag score: their cells and bag head run in one pass
+        (`kit.mil.predict_cells_and_bag`, plain torch: the engines of `kit.throughput` return no
+        embeddings); other models give None and their cells go through `predict`."""
+        if not self.has_bag or len(batch) == 0:
+            return self.predict(batch), None
+        from kit.mil import predict_cells_and_bag
+
+        return predict_cells_and_bag(self.models, batch, self.device, tta=self.tta, batch_size=self.batch_size,
+                                     activation=self.activation)
+
+
+def checkpoint_fingerprint(run_dir: Path, which: str, folds: Sequence[int] | None = None,
+                           folders: Sequence[str] = KINDS) -> list:
+    """(relative path, size, mtime) of every checkpoint used: changes when a fold is retrained.
+    `folders`: the model folders predict uses (the cell model's is the last pseudo round's)."""
     items = []
-    for kind in KINDS:
+    for kind in folders:
         paths = (sorted((run_dir / kind).glob(f"fold*/{which}.pt")) if folds is None
                  else [checkpoint_path(run_dir, kind, f, which) for f in folds])
         for p in paths:
@@ -170,20 +208,21 @@ def checkpoint_fingerprint(run_dir: Path, which: str, folds: Sequence[int] | Non
     return items
 
 
-def run_folds(run_dir: Path, manifest, which: str, folds: Sequence[int] | None) -> list[int] | None:
+def run_folds(run_dir: Path, manifest, which: str, folds: Sequence[int] | None,
+              folders: Sequence[str] = KINDS) -> list[int] | None:
     """The folds to predict with: `folds` when the user names them, else the manifest's; every one
-    must have both checkpoints (KitError naming the first missing file otherwise). None: a legacy
-    run folder whose folds are unknown (every checkpoint found is used)."""
+    must have the checkpoint of every model folder in `folders` (KitError naming the first missing
+    file otherwise). None: a legacy run folder whose folds are unknown (every checkpoint found is used)."""
     named = folds is not None
     folds = sorted(set(int(f) for f in folds)) if named else manifest.folds
     if folds is None:
         return None
     if not folds:
         raise ConfigError("--folds: name at least one fold")
-    missing = [checkpoint_path(run_dir, k, f, which) for f in folds for k in KINDS
+    missing = [checkpoint_path(run_dir, k, f, which) for f in folds for k in folders
                if not checkpoint_path(run_dir, k, f, which).is_file()]
     if missing:
-        have = [f for f in folds if all(checkpoint_path(run_dir, k, f, which).is_file() for k in KINDS)]
+        have = [f for f in folds if all(checkpoint_path(run_dir, k, f, which).is_file() for k in folders)]
         hint = (f"; to predict with the folds that are complete, pass --folds {','.join(map(str, have))}" if have
                 else "; train them first")
         whose = "named with --folds" if named else f"of the run ({run_dir / 'manifest.json'})"
@@ -206,14 +245,17 @@ def _predict_inputs(job: tuple) -> dict:
     from kit.prepare import cut_cells, prepare_image
     from kit.rle import encode_label_image
 
-    images_dir, image_id, sources, tile_size, field_size = job
+    from kit.cell_policy import confidence_scale
+
+    images_dir, image_id, sources, tile_size, field_size, policy = job
     image = read_sample(images_dir, image_id)
-    prepared = prepare_image(image_id, image, [s for s, optional in sources if not optional], tile_size, field_size)
+    prepared = prepare_image(image_id, image, [s for s, optional in sources if not optional], tile_size, field_size,
+                             policy=policy)
     failed = {}
     for source, optional in sources:
         if optional:
             try:
-                prepared.cells[source.key] = cut_cells(image_id, image, source, tile_size)
+                prepared.cells[source.key] = cut_cells(image_id, image, source, tile_size, policy=policy)
             except KitError as exc:
                 failed[source.key] = str(exc)
     cells = {}
@@ -221,7 +263,8 @@ def _predict_inputs(job: tuple) -> dict:
         rle = encode_label_image(labels)
         ids = table["cell_id"].to_numpy(np.int64) if len(table) else np.zeros(0, np.int64)
         masks_text = np.asarray([rle[int(k)] for k in ids], dtype=np.str_) if len(ids) else np.zeros(0, np.str_)
-        cells[key] = (ids, tiles, visible_fraction(table), masks_text)
+        scale = confidence_scale(table, policy, float(labels.size))
+        cells[key] = (ids, tiles, visible_fraction(table), masks_text, scale)
     return {"id": image_id, "width": prepared.width, "height": prepared.height, "field": prepared.field,
             "cells": cells, "failed": failed}
 
@@ -250,12 +293,16 @@ def packs_of(ids: Sequence[str], size: int = PACK_IMAGES) -> dict[str, int]:
     return {image_id: k // size for k, image_id in enumerate(dict.fromkeys(ids))}
 
 
-def _batched(items: Iterator[dict], cell_ens: FoldEnsemble, image_ens: FoldEnsemble,
+def _batched(items: Iterator[dict], cell_ens: FoldEnsemble, image_ens: FoldEnsemble | None,
              pack_of: dict[str, int]) -> Iterator[list]:
     """Per prepared image, in order: [(mask source key, ImageResult)]. The cells of a pack's images
     (per mask source) and their fields are predicted together, in full batches but the last
     (`kit.inference.EnsembleRunner`); on CPU a conv's output for a tile moves by ~1e-7 with the
-    batch size and the tile's place in it, hence packs that resumes reproduce (`packs_of`)."""
+    batch size and the tile's place in it, hence packs that resumes reproduce (`packs_of`).
+
+    A MIL cell ensemble (``cell_ens.has_bag``) predicts each field's cells on their own: its bag
+    head pools all of one field's cells (`FoldEnsemble.predict_with_bag`). Without an image model
+    (`image_ens` None) the image probabilities are NaN (the bag score stands in)."""
     pending: list[dict] = []
     for item in items:
         if pending and pack_of[item["id"]] != pack_of[pending[0]["id"]]:
@@ -266,19 +313,26 @@ def _batched(items: Iterator[dict], cell_ens: FoldEnsemble, image_ens: FoldEnsem
         yield from _predict_pack(pending, cell_ens, image_ens)
 
 
-def _predict_pack(pack: list[dict], cell_ens: FoldEnsemble, image_ens: FoldEnsemble) -> Iterator[list]:
-    image_probs = image_ens.predict(np.stack([item["field"] for item in pack]))
-    cell_probs: list[dict] = [{} for _ in pack]
+def _predict_pack(pack: list[dict], cell_ens: FoldEnsemble, image_ens: FoldEnsemble | None) -> Iterator[list]:
+    if image_ens is not None:
+        image_probs = image_ens.predict(np.stack([item["field"] for item in pack]))
+    else:
+        image_probs = np.full((len(pack), NUM_CLASSES), np.nan, np.float32)
+    cell_probs: list[dict] = [{} for _ in pack]  # {source key: (cell probs, bag probs or None)}
     for key in dict.fromkeys(k for item in pack for k in item["cells"]):
         owners = [n for n, item in enumerate(pack) if key in item["cells"]]
         tiles = [pack[n]["cells"][key][1] for n in owners]
+        if cell_ens.has_bag:  # MIL: each field's cells in one pass, for the bag head
+            for n, t in zip(owners, tiles):
+                cell_probs[n][key] = cell_ens.predict_with_bag(t)
+            continue
         probs = cell_ens.predict(np.concatenate(tiles)) if sum(map(len, tiles)) else np.zeros((0, NUM_CLASSES))
         for n, part in zip(owners, np.split(probs, np.cumsum([len(t) for t in tiles])[:-1])):
-            cell_probs[n][key] = part.astype(np.float32, copy=False)
+            cell_probs[n][key] = (part.astype(np.float32, copy=False), None)
     for n, item in enumerate(pack):
-        yield [(key, ImageResult(item["id"], cell_ids, cell_probs[n][key], image_probs[n], visible, masks_text,
-                                 item["width"], item["height"]))
-               for key, (cell_ids, _, visible, masks_text) in item["cells"].items()]
+        yield [(key, ImageResult(item["id"], cell_ids, cell_probs[n][key][0], image_probs[n], visible, masks_text,
+                                 item["width"], item["height"], cell_probs[n][key][1], scale))
+               for key, (cell_ids, _, visible, masks_text, scale) in item["cells"].items()]
 
 
 class Predictor:
@@ -305,7 +359,15 @@ class Predictor:
         self.tta = int(tta if tta is not None else cfg.predict.tta)
         self.which = which or cfg.predict.which
         self.batch_size = int(batch_size or cfg.predict.batch_size)
-        self.folds = run_folds(self.run_dir, self.manifest, self.which, folds) if self.manifest else folds
+        from kit.pseudo import cell_dir_name
+
+        # the model folders: the cell model of the last pseudo-label round; the image model when
+        # the run has one (a MIL run may take its image score from the bag head alone)
+        self.cell_dir = cell_dir_name(cfg.train.pseudo_rounds)
+        self.has_image_model = any((self.run_dir / "image").glob(f"fold*/{self.which}.pt"))
+        self.folders = (self.cell_dir, "image") if self.has_image_model else (self.cell_dir,)
+        self.folds = (run_folds(self.run_dir, self.manifest, self.which, folds, self.folders) if self.manifest
+                      else folds)
         self.device = resolve_device(device or cfg.train.device)
         self.engine = engine or cfg.predict.engine
         self.log = log
@@ -317,11 +379,14 @@ class Predictor:
             from kit.throughput import default_batch
 
             side = self.tile_size if kind == "cell" else self.field_size
+            folder = self.cell_dir if kind == "cell" else kind
             onnx_key = cache_key("onnx", 1, {"kind": kind, "side": side, "folds": self.folds,
-                                             "checkpoints": checkpoint_fingerprint(self.run_dir, self.which, self.folds)})
+                                             "checkpoints": checkpoint_fingerprint(self.run_dir, self.which, self.folds,
+                                                                                   (folder,))})
             # sigmoid (the default) for every loss: the probabilities training reports in oof.csv
             self._ens[kind] = FoldEnsemble(self.run_dir, kind, self.device, self.which, self.tta,
-                                           default_batch(side, self.batch_size), folds=self.folds, side=side,
+                                           default_batch(side, self.batch_size), folds=self.folds,
+                                           subdir=self.cell_dir if kind == "cell" else None, side=side,
                                            engine=self.engine, onnx_path=self.run_dir / "predict" / f"{onnx_key}.onnx",
                                            log=self.log)
         return self._ens[kind]
@@ -332,7 +397,7 @@ class Predictor:
         from kit import runtime
 
         rates = {}
-        for kind in KINDS:
+        for kind in KINDS if self.has_image_model else ("cell",):
             rec = self.ensemble(kind).runner_for().record
             if rec and rec.get("tiles_s"):
                 rates[kind] = (float(rec["tiles_s"]), f"measured now by the throughput probe: {rec['name']}, "
@@ -360,11 +425,12 @@ class Predictor:
 
         key = cache_key("predict", PREDICT_CACHE_VERSION, {
             "images": str(Path(images_dir).resolve()),
-            "checkpoints": checkpoint_fingerprint(self.run_dir, self.which, self.folds),
+            "checkpoints": checkpoint_fingerprint(self.run_dir, self.which, self.folds, self.folders),
             "tta": self.tta,
             "tile_size": self.tile_size,
             "field_size": self.field_size,
             "masks": masks.key,
+            "cells": dataclasses.asdict(self.cfg.cells),
         })
         return self.run_dir / "predict" / key
 
@@ -426,9 +492,11 @@ class Predictor:
                         continue
                     c.mkdir(parents=True, exist_ok=True)
                     self._write_cache_info(c, images_dir, s)
+            field_size = self.field_size if self.has_image_model else None
             jobs = [(str(images_dir), i, [(s, opt) for s, w, opt in zip(sources, wanted, optional) if i in w],
-                     self.tile_size, self.field_size) for i in todo if any(i in w for w in wanted)]
-            cell_ens, image_ens = self.ensemble("cell"), self.ensemble("image")
+                     self.tile_size, field_size, self.cfg.cells) for i in todo if any(i in w for w in wanted)]
+            cell_ens = self.ensemble("cell")
+            image_ens = self.ensemble("image") if self.has_image_model else None
             if workers > 1:
                 items = pool_map(_predict_inputs, jobs, workers, window=2 * workers)
             else:
@@ -457,23 +525,44 @@ class Predictor:
         if not info.exists():
             with atomic_open(info, "w") as f:
                 json.dump({"images": str(images_dir.resolve()), "masks": masks.key, "tta": self.tta,
-                           "which": self.which, "folds": self.folds, "tile_size": self.tile_size,
-                           "field_size": self.field_size}, f, indent=2)
+                           "which": self.which, "folds": self.folds, "models": list(self.folders),
+                           "tile_size": self.tile_size, "field_size": self.field_size,
+                           "cells": dataclasses.asdict(self.cfg.cells)}, f, indent=2)
 
 
 # --------------------------------------------------------------------------------------------
 # combination and submission
 
 
-def combined_scores(results: dict[str, ImageResult], spec: CombineSpec) -> dict[str, np.ndarray]:
-    """{ID: N x 19 combined confidences}, combined over all images at once (rank needs it)."""
+def available_image_sources(results: dict[str, ImageResult]) -> list[str]:
+    """``field`` / ``bag`` when every result has that image score."""
+    rs = [r for r in results.values() if len(r.cell_ids)]
+    out = []
+    if rs and all(np.isfinite(r.image_probs).all() for r in rs):
+        out.append("field")
+    if rs and all(r.bag_probs is not None and np.isfinite(r.bag_probs).all() for r in rs):
+        out.append("bag")
+    return out
+
+
+def combined_scores(results: dict[str, ImageResult], spec: CombineSpec, image_source: str = "auto") -> dict[str, np.ndarray]:
+    """{ID: N x 19 combined confidences}, combined over all images at once (rank needs it).
+
+    image_source: field | bag | mean | auto (kit.combine.resolve_image_source)."""
+    from kit.combine import resolve_image_source
+
     order = [i for i, r in results.items() if len(r.cell_ids)]
     if not order:
         return {i: np.zeros((0, NUM_CLASSES)) for i in results}
+    source = resolve_image_source(image_source, available_image_sources(results))
     cell = np.concatenate([results[i].cell_probs for i in order]).astype(np.float64)
-    image = np.concatenate([np.repeat(results[i].image_probs[None], len(results[i].cell_ids), 0) for i in order])
+    image = np.concatenate([np.repeat(results[i].image_score(source)[None], len(results[i].cell_ids), 0)
+                            for i in order])
     visible = np.concatenate([results[i].visible for i in order]).astype(np.float64)
-    scores = combine(cell, image, spec, visible)
+    groups = np.concatenate([np.full(len(results[i].cell_ids), i, dtype=object) for i in order])
+    scale = np.concatenate([results[i].scale if results[i].scale is not None else np.ones(len(results[i].cell_ids))
+                            for i in order]).astype(np.float64)
+    scores = combine(cell, image, spec, visible, groups=groups, scale=scale)
     out, start = {}, 0
     for i in results:
         n = len(results[i].cell_ids)
@@ -486,11 +575,11 @@ def combined_scores(results: dict[str, ImageResult], spec: CombineSpec) -> dict[
 
 
 def build_predictions(results: dict[str, ImageResult], spec: CombineSpec, min_confidence: float = 0.0,
-                      scores: dict[str, np.ndarray] | None = None) -> dict:
+                      scores: dict[str, np.ndarray] | None = None, image_source: str = "auto") -> dict:
     """{ID: kit.submission.ImagePrediction} with one triple per (cell, class) at or above `min_confidence`."""
     from kit.submission import ImagePrediction
 
-    scores = scores if scores is not None else combined_scores(results, spec)
+    scores = scores if scores is not None else combined_scores(results, spec, image_source)
     preds = {}
     for image_id, r in results.items():
         # as the float32 the CSV stores: in-memory scoring = file scoring
@@ -570,7 +659,7 @@ def predict(run_dir: str | Path, images_dir: str | Path, out: str | Path = "subm
     missing = [i for i in ids if i not in results]
     if missing:  # e.g. listed in the sample submission but no image file
         raise DataError(f"no prediction for {len(missing)} image(s), e.g. {missing[0]}: are they in {images_dir}?")
-    preds = build_predictions(results, spec, min_confidence)
+    preds = build_predictions(results, spec, min_confidence, image_source=predictor.cfg.predict.image_source)
     path = write_and_validate(out, preds, ids, sizes, sample=ids_from,
                               image_sizes={i: (r.width, r.height) for i, r in results.items()})
     return {

@@ -253,26 +253,31 @@ class PreparedImage:
     cells: dict[str, tuple[np.ndarray, object, np.ndarray]]  # source key -> (cell labels, table, tiles)
 
 
-def cut_cells(image_id: str, image: np.ndarray, source, tile_size: int) -> tuple[np.ndarray, object, np.ndarray]:
+def cut_cells(image_id: str, image: np.ndarray, source, tile_size: int,
+              policy=None) -> tuple[np.ndarray, object, np.ndarray]:
     """(cell labels, cell table, tiles) of one decoded image with the masks of `source` (`kit.masks`;
-    a cached segmentation segments and stores what it lacks)."""
+    a cached segmentation segments and stores what it lacks); `policy` (`kit.cell_policy`): only
+    the cells it keeps are in the table and the tiles."""
+    from kit.cell_policy import kept_cells
     from kit.cells import extract_tiles
 
-    _, cells, table = source.load(image_id, image)
+    nuclei, cells, table = source.load(image_id, image)
     if cells.shape != image.shape[:2]:  # no usable masks for this image: no cells
         cells = np.zeros(image.shape[:2], np.int32)
         table = table.iloc[:0]
+    else:
+        table = kept_cells(table, policy, nuclei, cells, image)
     tiles, table = extract_tiles(image, cells, tile_size, table=table)
     return cells, table, tiles
 
 
 def prepare_image(image_id: str, image: np.ndarray, sources: Sequence, tile_size: int,
-                  field_size: int | None) -> PreparedImage:
-    """The cells and tiles of every mask source (`cut_cells`) and the downscaled field of one decoded
-    image, all in memory."""
+                  field_size: int | None, policy=None) -> PreparedImage:
+    """The cells and tiles of every mask source (`cut_cells`, with the cell `policy`) and the
+    downscaled field (none when `field_size` is None) of one decoded image, all in memory."""
     from kit.fields import downscale_field
 
-    cells_by_source = {source.key: cut_cells(image_id, image, source, tile_size) for source in sources}
+    cells_by_source = {source.key: cut_cells(image_id, image, source, tile_size, policy) for source in sources}
     field_ = downscale_field(image, field_size) if field_size else None
     return PreparedImage(image_id, int(image.shape[1]), int(image.shape[0]), field_, cells_by_source)
 

@@ -136,7 +136,11 @@ class CellTileDataset(Dataset):
 
     ids / targets: image IDs and their N x 19 multi-hot labels. Images without a tiles file (no
     cell found) contribute nothing; `missing` lists them. max_cells_per_image > 0 keeps that many
-    cells per image (a fixed random choice from `seed`).
+    cells per image (a fixed random choice from `seed`). `policy` (kit.cell_policy): only the
+    cells it keeps. `cell_targets` {(ID, cell_id): 19 targets} (pseudo-label rounds, kit.pseudo)
+    replaces the broadcast target of the cells it lists. `negative_aug` p: with probability p
+    (drawn from the item's augmentation seed) the green channel is dimmed to x U[0, 0.1] and the
+    target becomes Negative only (9th place).
     """
 
     def __init__(
@@ -148,8 +152,14 @@ class CellTileDataset(Dataset):
         max_cells_per_image: int = 0,
         seed: int = 0,
         cache_size: int = 64,
+        policy=None,
+        cell_targets: dict | None = None,
+        negative_aug: float = 0.0,
     ):
+        from kit.cell_policy import keep_mask
+
         self.tile_dir = Path(tile_dir)
+        self.negative_aug = float(negative_aug)
         self.ids = list(ids)
         self.targets = np.asarray(targets, dtype=np.float32)
         self.augment = augment
@@ -169,9 +179,9 @@ class CellTileDataset(Dataset):
                                 f"got {tiles.shape} {tiles.dtype}")
             n = int(tiles.shape[0])
             ids_here = table["cell_id"].to_numpy(np.int64)
-            keep = np.arange(n)
-            if max_cells_per_image and n > max_cells_per_image:
-                keep = np.sort(rng.choice(n, size=max_cells_per_image, replace=False))
+            keep = np.flatnonzero(keep_mask(table, policy))
+            if max_cells_per_image and len(keep) > max_cells_per_image:
+                keep = np.sort(rng.choice(keep, size=max_cells_per_image, replace=False))
             img_idx.append(np.full(len(keep), i, dtype=np.int32))
             rows.append(keep.astype(np.int32))
             cell_ids.append(ids_here[keep])
@@ -179,6 +189,12 @@ class CellTileDataset(Dataset):
         self.img_idx = cat(img_idx, np.int32)
         self.rows = cat(rows, np.int32)
         self.cell_ids = cat(cell_ids, np.int64)
+        self.item_targets = self.targets[self.img_idx] if len(self.img_idx) else np.zeros((0, self.targets.shape[1]), np.float32)
+        if cell_targets:
+            for r, (i, k) in enumerate(zip(self.img_idx, self.cell_ids)):
+                t = cell_targets.get((self.ids[int(i)], int(k)))
+                if t is not None:
+                    self.item_targets[r] = t
         self._maps: OrderedDict = OrderedDict()
 
     def __len__(self) -> int:
@@ -191,7 +207,7 @@ class CellTileDataset(Dataset):
 
     def sample_targets(self) -> np.ndarray:
         """N_cells x 19 targets (for pos_weight and the balancing sampler)."""
-        return self.targets[self.img_idx]
+        return self.item_targets
 
     def image_ids(self) -> np.ndarray:
         """The image ID of every item, in item order."""
@@ -210,9 +226,15 @@ class CellTileDataset(Dataset):
         index, aug_seed = key if isinstance(key, tuple) else (key, None)
         i = int(self.img_idx[index])
         x = np.array(self._tiles(i)[self.rows[index]])
+        y = self.item_targets[index]
         if self.augment and aug_seed is not None:
-            x = augment(x, np.random.default_rng(aug_seed))
-        return torch.from_numpy(x), torch.from_numpy(self.targets[i])
+            rng = np.random.default_rng(aug_seed)
+            x = augment(x, rng)
+            if self.negative_aug > 0 and rng.random() < self.negative_aug:
+                x[1] = (x[1] * rng.uniform(0.0, 0.1)).astype(np.uint8)
+                y = np.zeros_like(y)
+                y[-1] = 1.0  # Negative (class 18)
+        return torch.from_numpy(x), torch.from_numpy(np.asarray(y, dtype=np.float32))
 
 
 class FieldDataset(Dataset):

@@ -1,26 +1,38 @@
-"""Per-fold training of the cell and image classifiers; LR finder; commands `train` and `lr-find`.
+"""Per-fold training of the cell and image classifiers; command `train`.
 
     python -m kit train --config configs/default.yaml [--fold K|all] [--kind cell|image|both]
                         [--resume] [--run-dir DIR] [key=value ...]
     torchrun --nproc_per_node N -m kit train ...          # DistributedDataParallel, rank 0 writes
-    python -m kit lr-find --config RUN_DIR/config.yaml --out DIR [--kind cell|image]
+
+Read top to bottom as torchvision's ``references/classification/train.py``: `train_one_epoch`,
+`evaluate`, and `train_fold` = `build_fold` (data, model, loss, optimiser) -> `resume_fold`
+(``last.pt``) -> per epoch `run_epoch` + `save_epoch` -> `finish_fold` (plots). `train_all` runs
+every kind and fold, and the pseudo-label rounds (kit.pseudo). The LR range test is kit.lr_find;
+the epoch table and the plots are kit.reporting. Rank-0 work goes through `is_main_process` and
+`on_main`.
 
 Inputs: labels (``data.train_csv``, kit.labels), folds (``data.folds_file``, kit.folds: ``ID,fold``),
 cell tiles (tile cache of kit.cells) for the cell model, downscaled fields (kit.fields) for the image
-model, made where missing by one `kit.prepare` pass; see kit.torchdata. Every cell is trained on its
-image's labels.
+model, made where missing by one `kit.prepare` pass; see kit.torchdata. How the cell model learns from image labels
+is ``train.cell_mode``: ``broadcast`` (every cell gets its image's labels) or ``mil`` (bags of
+cells with a cell head and a bag head, kit.mil); ``train.pseudo_rounds`` K > 0 retrains it K
+times on labels derived from its own out-of-fold predictions (kit.pseudo); the cell policy
+(``cells:``, kit.cell_policy) chooses the training cells; ``train.negative_aug`` adds dimmed-green
+Negative tiles.
 
 Run folder (rank 0 writes, every file atomically)::
 
     <run_dir>/config.yaml                  the resolved config, written once (a rerun must not change how it trains)
     <run_dir>/manifest.json                the run's inputs (kit.manifest: caches, folds file and sha256, folds, sizes)
-    <run_dir>/train_metrics.json           per kind and fold: best validation metrics
+    <run_dir>/train_metrics.json           per kind (and round) and fold: best validation metrics
+    <run_dir>/pseudo_rounds.csv            round, OOF image-level proxy of the cell model (pseudo rounds)
     <run_dir>/<kind>/fold<k>/last.pt       checkpoint after the latest epoch (resume from here)
                             best.pt        checkpoint of the best validation macro-AP
-                            epochs.csv     epoch,train_loss,valid_loss,accuracy_multi,precision,micro_ap,macro_ap,lr,time_s[,image_macro_ap]
-                                           (image_macro_ap, cell model only: max over each image's cells vs its labels)
+                            epochs.csv     see kit.reporting
                             oof.csv        validation probabilities of best.pt: cell ID,cell_id,p0..p18; image ID,p0..p18
-                            loss_curves.png, confusion_matrices.png (one 2x2 per label), pr_curves.png
+                            oof_bag.csv    MIL only: the bag head's image probabilities ID,p0..p18
+                            loss_curves.png, confusion_matrices.png, pr_curves.png
+    <kind> is ``image``, ``cell`` (round 0) or ``cell_pseudo<r>`` (round r).
 
 Checkpoint dict (torchvision-reference style): ``model, optimizer, lr_scheduler, scaler, epoch``
 (epochs completed), ``config`` (plain dict), ``best_score, best_epoch, history, batch_losses, rng``
@@ -38,9 +50,10 @@ import os
 import random
 import shutil
 import time
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -52,13 +65,13 @@ from kit.device import resolve_device
 from kit.errors import ConfigError, DataError, KitError, clip
 from kit.labels import NUM_CLASSES
 from kit.models import build_from_config, preprocess, unwrap
+from kit.reporting import METRIC_COLUMNS, format_row, plot_confusion_matrices, plot_loss_curves, plot_pr_curves, write_epochs_csv
 
 KINDS = ("cell", "image")
-METRIC_COLUMNS = ("train_loss", "valid_loss", "accuracy_multi", "precision", "micro_ap", "macro_ap")
 
 
 # ---------------------------------------------------------------------------------------------
-# Distributed setup
+# Distributed setup and the two rank-0 helpers
 
 
 def dist_info() -> tuple[int, int, int]:
@@ -77,9 +90,23 @@ def setup_distributed(device: torch.device) -> tuple[int, int]:
     return rank, world
 
 
+def is_main_process() -> bool:
+    """True on rank 0 (and when not distributed): the one process that writes and prints."""
+    return dist_info()[0] == 0
+
+
+def on_main(fn: Callable, *args, **kwargs) -> Any:
+    """``fn(*args, **kwargs)`` on rank 0 only (None elsewhere), as torchvision's ``save_on_master``."""
+    return fn(*args, **kwargs) if is_main_process() else None
+
+
 def _barrier(world: int) -> None:
     if world > 1:
         torch.distributed.barrier()
+
+
+def _say(msg: str) -> None:
+    on_main(__import__("tqdm").tqdm.write, msg)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -129,10 +156,14 @@ def _targets(table) -> np.ndarray:
     return np.stack([to_multihot(x) for x in table["labels"]]).astype(np.float32)
 
 
-def make_dataset(cfg: Config, kind: str, table, train: bool, progress: bool = True, build: bool = True):
+def make_dataset(cfg: Config, kind: str, table, train: bool, progress: bool = True, build: bool = True,
+                 cell_targets: dict | None = None):
     """The Dataset of `kind` over the images of `table` (augmented when `train`).
 
-    build: make missing inputs first (`kit.prepare.prepare_run`: cell tiles, downscaled fields)."""
+    build: make missing inputs first (`kit.prepare.prepare_run`: cell tiles, downscaled fields).
+    Cell model: the cell policy picks the training cells (validation keeps every cell: the OOF
+    file covers them all and kit.combine applies the policy); `cell_targets` (pseudo rounds)
+    relabel cells; in MIL mode the training set is one bag per image (kit.mil.CellBagDataset)."""
     from kit import torchdata
     from kit.manifest import resolve_inputs
 
@@ -148,12 +179,18 @@ def make_dataset(cfg: Config, kind: str, table, train: bool, progress: bool = Tr
         ds = torchdata.CellTileDataset(
             inputs.tile_dir, ids, targets, augment=train and tcfg.augment,
             max_cells_per_image=tcfg.max_cells_per_image if train else 0, seed=tcfg.seed,
+            policy=cfg.cells if train else None, cell_targets=cell_targets if train else None,
+            negative_aug=tcfg.negative_aug if train else 0.0,
         )
         if len(ds.missing) == len(ids):
             raise DataError(
                 f"none of the {len(ids)} images has tiles in {ds.tile_dir}: build the tile cache "
                 f"(kit.cells) for these images first"
             )
+        if train and tcfg.cell_mode == "mil":
+            from kit.mil import CellBagDataset
+
+            ds = CellBagDataset(ds, targets, tcfg.bag_size, augment=tcfg.augment)
     else:
         ds = torchdata.FieldDataset(inputs.field_dir, ids, targets, augment=train and tcfg.augment)
     return ds
@@ -170,9 +207,13 @@ def make_loader(ds, tcfg, sampler, device: torch.device, batch_size: int | None 
             num_workers=tcfg.workers, multiprocessing_context="spawn", persistent_workers=True,
             worker_init_fn=worker_init_fn, prefetch_factor=4,
         )
+    batch_size = batch_size or tcfg.batch_size
+    # A training epoch never ends on a batch of one: BatchNorm cannot train on one sample of 1 x 1
+    # features (EfficientNet-Lite's head failed on 353 cells in batches of 32); other sizes keep all.
+    drop_last = sampler is not None and len(sampler) > 1 and len(sampler) % batch_size == 1
     # Own generator: the loader never draws from the global torch RNG (kept exact for resume).
     return DataLoader(
-        ds, batch_size=batch_size or tcfg.batch_size, sampler=sampler, drop_last=False,
+        ds, batch_size=batch_size, sampler=sampler, drop_last=drop_last,
         pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(tcfg.seed), **kwargs,
     )
 
@@ -228,10 +269,23 @@ def measured_layout(tcfg, model: nn.Module, side: int, device: torch.device):
     return dataclasses.replace(tcfg, channels_last=bool(layout["channels_last"]))
 
 
-def _forward_loss(model, loss_fn, x, y, device, amp: bool, channels_last: bool):
+def _to_device(x, device: torch.device, channels_last: bool):
     x = preprocess(x.to(device, non_blocking=True))
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+def _forward_loss(model, loss_fn, x, y, device, amp: bool, channels_last: bool):
+    """(loss, logits) of one batch. A MIL batch is ((tiles B x N x ..., mask), (target, cell targets, mask))."""
+    if isinstance(x, (list, tuple)):  # MIL bags: the B*N cells go through the backbone at once
+        tiles, mask = x
+        mask = mask.to(device, non_blocking=True)
+        xb = _to_device(tiles.flatten(0, 1), device, channels_last)
+        y = tuple(t.to(device, non_blocking=True) for t in y)
+        with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=amp):
+            outputs = model(xb, mask)
+            loss = loss_fn(outputs, y)
+        return loss, outputs[1]
+    x = _to_device(x, device, channels_last)
     y = y.to(device, non_blocking=True)
     with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=amp):
         if loss_fn.needs_embedding:
@@ -272,27 +326,41 @@ def train_one_epoch(model, loader, loss_fn, optimizer, scheduler, scaler, device
 
 @torch.no_grad()
 def evaluate(model, loader, loss_fn, device, tcfg, progress: bool = True, desc: str = "valid") -> dict:
-    """Validation pass: ``{"valid_loss", "probs" (N x 19), "targets" (N x 19)}`` in loader order."""
+    """Validation pass: ``{"valid_loss", "probs" (N x 19), "targets" (N x 19)}`` in loader order;
+    a MIL model also returns ``"embeddings"`` (N x D, for its bag head, kit.mil)."""
     from tqdm import tqdm
+
+    from kit.mil import is_mil
 
     model.eval()
     amp = tcfg.amp and device.type == "cuda"
-    total, count, probs, targets = 0.0, 0, [], []
+    keep_emb = is_mil(model)
+    total, count, probs, targets, embs = 0.0, 0, [], [], []
     for x, y in tqdm(loader, desc=desc, leave=False, disable=not progress, unit="batch", dynamic_ncols=True):
-        loss, logits = _forward_loss(model, loss_fn, x, y, device, amp, tcfg.channels_last)
+        if keep_emb:
+            xd = _to_device(x, device, tcfg.channels_last)
+            with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=amp):
+                logits, emb = model(xd, return_embedding=True)
+                loss = loss_fn(logits, y.to(device))
+            embs.append(emb.float())
+        else:
+            loss, logits = _forward_loss(model, loss_fn, x, y, device, amp, tcfg.channels_last)
         total += float(loss) * len(x)
         count += len(x)
         probs.append(torch.sigmoid(logits.float()).cpu().numpy())
         targets.append(y.numpy())
-    return {
+    out = {
         "valid_loss": total / max(count, 1),
         "probs": np.concatenate(probs) if probs else np.zeros((0, NUM_CLASSES), np.float32),
         "targets": np.concatenate(targets) if targets else np.zeros((0, NUM_CLASSES), np.float32),
     }
+    if keep_emb:
+        out["embeddings"] = torch.cat(embs) if embs else torch.zeros((0, unwrap(model).embedding_dim), device=device)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
-# Metrics and the epoch table
+# Metrics
 
 
 def compute_metrics(targets: np.ndarray, probs: np.ndarray, threshold: float = 0.5) -> dict:
@@ -313,118 +381,6 @@ def compute_metrics(targets: np.ndarray, probs: np.ndarray, threshold: float = 0
     out["micro_ap"], out["macro_ap"] = ap["micro"], ap["macro"]
     out["prior_ap"] = float(t[:, present].mean(0).mean())
     return out
-
-
-def _fmt_time(seconds: float) -> str:
-    m, s = divmod(int(round(seconds)), 60)
-    return f"{m:02d}:{s:02d}" if m < 60 else f"{m // 60}:{m % 60:02d}:{s:02d}"
-
-
-TABLE_HEADER = ("epoch", "train_loss", "valid_loss", "accuracy_multi", "precision", "micro_ap", "macro_ap", "time")
-
-
-def format_row(row: dict | None = None) -> str:
-    """One line of the per-epoch table (the header when row is None), fastai style."""
-    widths = [max(7, len(h) + 2) for h in TABLE_HEADER]
-    if row is None:
-        cells = TABLE_HEADER
-    else:
-        cells = [str(row["epoch"])] + [f"{row[k]:.6f}" for k in METRIC_COLUMNS] + [_fmt_time(row["time_s"])]
-    return "".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()
-
-
-# ---------------------------------------------------------------------------------------------
-# Plots (matplotlib, Agg)
-
-
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def plot_loss_curves(history: list[dict], batch_losses: list[float], steps_per_epoch: int, path: Path) -> None:
-    """Training loss per batch (smoothed) and validation loss per epoch against batches seen."""
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(7, 4))
-    if batch_losses:
-        b = np.asarray(batch_losses)
-        k = max(1, min(len(b) // 20, 50))
-        smooth = np.convolve(b, np.ones(k) / k, mode="valid")
-        ax.plot(np.arange(1, len(b) + 1), b, color="C0", alpha=0.25, lw=0.8)
-        ax.plot(np.arange(k, len(b) + 1), smooth, color="C0", label="train (per batch, smoothed)")
-    if history:
-        x = [(r["epoch"] + 1) * steps_per_epoch for r in history]
-        ax.plot(x, [r["valid_loss"] for r in history], "o-", color="C1", label="valid (per epoch)")
-    ax.set_xlabel("batches processed")
-    ax.set_ylabel("loss")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-
-
-def plot_confusion_matrices(targets: np.ndarray, probs: np.ndarray, path: Path, threshold: float = 0.5) -> None:
-    """One 2x2 confusion matrix per label (rows true 0/1, columns predicted 0/1) at `threshold`."""
-    from kit.labels import CLASS_NAMES
-
-    plt = _plt()
-    t = np.asarray(targets) > 0.5
-    p = np.asarray(probs) >= threshold
-    fig, axes = plt.subplots(4, 5, figsize=(15, 12))
-    for c, ax in enumerate(axes.ravel()):
-        if c >= NUM_CLASSES:
-            ax.axis("off")
-            continue
-        m = np.array([[np.sum(~t[:, c] & ~p[:, c]), np.sum(~t[:, c] & p[:, c])],
-                      [np.sum(t[:, c] & ~p[:, c]), np.sum(t[:, c] & p[:, c])]])
-        ax.imshow(m, cmap="Blues")
-        for i in range(2):
-            for j in range(2):
-                ax.text(j, i, str(m[i, j]), ha="center", va="center",
-                        color="white" if m[i, j] > m.max() / 2 else "black")
-        ax.set_xticks([0, 1], ["pred 0", "pred 1"])
-        ax.set_yticks([0, 1], ["true 0", "true 1"])
-        ax.set_title(f"{c}: {CLASS_NAMES[c][:24]}", fontsize=9)
-    fig.suptitle(f"Per-label confusion matrices on validation (threshold {threshold})")
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=80)
-    plt.close(fig)
-
-
-def plot_pr_curves(targets: np.ndarray, probs: np.ndarray, path: Path) -> None:
-    """Precision-recall curve per class present in validation, AP in the legend."""
-    from sklearn.metrics import average_precision_score, precision_recall_curve
-
-    from kit.labels import CLASS_NAMES
-
-    plt = _plt()
-    t = np.asarray(targets) > 0.5
-    fig, ax = plt.subplots(figsize=(12, 7))
-    cmap = plt.get_cmap("tab20")
-    for c in range(NUM_CLASSES):
-        if not t[:, c].any():
-            continue
-        prec, rec, _ = precision_recall_curve(t[:, c], probs[:, c])
-        ap = average_precision_score(t[:, c], probs[:, c])
-        ax.plot(rec, prec, color=cmap(c), lw=1.2, label=f"{c} {CLASS_NAMES[c][:20]} AP={ap:.3f}")
-    ax.set_xlabel("recall")
-    ax.set_ylabel("precision")
-    ax.set_xlim(0, 1)
-    ax.set_ylim(0, 1.02)
-    ax.set_title("Per-class precision-recall on validation")
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=100)
-    plt.close(fig)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -505,26 +461,246 @@ def _write_oof(path: Path, ds, kind: str, probs: np.ndarray) -> None:
         df.to_csv(f, index=False, float_format="%.6g")
 
 
-def _write_epochs_csv(path: Path, history: list[dict]) -> None:
+# ---------------------------------------------------------------------------------------------
+# The fold loop: build -> resume -> (one epoch -> save) x epochs -> finish
+
+
+@dataclass
+class FoldRun:
+    """Everything one fold's training holds (made by `build_fold`)."""
+
+    cfg: Config
+    kind: str
+    fold: int
+    fold_dir: Path
+    tcfg: Any
+    device: torch.device
+    rank: int
+    world: int
+    train_ds: Any
+    valid_ds: Any
+    model: nn.Module
+    loss_fn: nn.Module
+    valid_loss_fn: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: Any
+    train_sampler: Any
+    train_loader: Any
+    valid_loader: Any
+    progress: bool = True
+    start_epoch: int = 0
+    best_score: float = -1.0
+    best_epoch: int = -1
+    best_metrics: dict = field(default_factory=dict)
+    history: list = field(default_factory=list)
+    batch_losses: list = field(default_factory=list)
+    best_changed: bool = False
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return len(self.train_loader)
+
+
+def build_fold(cfg: Config, kind: str, fold: int, subdir: str | None = None, cell_targets: dict | None = None,
+               progress: bool = True, build: bool = True) -> FoldRun:
+    """Datasets, loaders, model (MIL when train.cell_mode=mil), loss, optimiser and schedule of one fold.
+
+    build: make missing tiles/fields of the fold's images first (`train_all` made them already)."""
+    from kit.torchdata import EpochSampler, balancing_weights
+    from kit.losses import build_loss, pos_weight_from_targets
+
+    tcfg = cfg.train_for(kind)
+    device = resolve_device(tcfg.device)
+    rank, world = setup_distributed(device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cudnn.benchmark = True
+    table = load_fold_table(cfg)
+    train_df, valid_df = fold_split(table, fold, cfg.data.single_label_only)
+    if len(train_df) == 0:
+        raise ConfigError(f"fold {fold}: no training images left (data.single_label_only={cfg.data.single_label_only})")
+    # Rank 0 builds caches (field cache) first; the others then find them complete.
+    if is_main_process():
+        train_ds = make_dataset(cfg, kind, train_df, train=True, progress=progress, build=build,
+                                cell_targets=cell_targets)
+        valid_ds = make_dataset(cfg, kind, valid_df, train=False, progress=progress, build=build)
+        _barrier(world)
+    else:
+        _barrier(world)
+        train_ds = make_dataset(cfg, kind, train_df, train=True, progress=False, build=False, cell_targets=cell_targets)
+        valid_ds = make_dataset(cfg, kind, valid_df, train=False, progress=False, build=False)
+    missing = len(train_ds.missing) + len(valid_ds.missing)
+    if missing:
+        _say(f"note: {missing} image(s) have no cell tiles and are skipped")
+
+    mil = kind == "cell" and tcfg.cell_mode == "mil"
+    _seed_everything(tcfg.seed)
+    model = build_from_config(cfg.model(kind), bag_pool=tcfg.bag_pool if mil else None).to(device)
+    tcfg = measured_layout(tcfg, model, cfg.data.tile_size if kind == "cell" else cfg.data.field_size, device)
+    if tcfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    pos_weight = None
+    if tcfg.imbalance == "pos_weight":
+        pos_weight = pos_weight_from_targets(train_ds.sample_targets(), tcfg.pos_weight_max).to(device)
+    valid_loss_fn = build_loss(tcfg, pos_weight).to(device)
+    loss_fn = valid_loss_fn
+    if mil:
+        from kit.mil import MILLoss
+
+        loss_fn = MILLoss(valid_loss_fn, tcfg.cell_loss_weight).to(device)
+    weights = balancing_weights(train_ds.sample_targets()) if tcfg.imbalance == "sampler" else None
+    train_sampler = EpochSampler(len(train_ds), shuffle=True, seed=tcfg.seed, weights=weights,
+                                 rank=rank, world=world, augment=tcfg.augment)
+    # A bag holds up to bag_size cells: its batch holds as many cells as a broadcast batch.
+    batch = max(1, tcfg.batch_size // tcfg.bag_size) if mil else tcfg.batch_size
+    train_loader = make_loader(train_ds, tcfg, train_sampler, device, batch_size=batch)
+    valid_loader = make_loader(valid_ds, tcfg, None, device, batch_size=tcfg.batch_size * 2)
+    optimizer = make_optimizer(model, tcfg)
+    scheduler = make_scheduler(optimizer, tcfg, tcfg.epochs * len(train_loader))
+    scaler = torch.amp.GradScaler(device.type, enabled=tcfg.amp and device.type == "cuda")
+    if world > 1:
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    fold_dir = Path(cfg.run_dir) / (subdir or kind) / f"fold{fold}"
+    return FoldRun(cfg, kind, fold, fold_dir, tcfg, device, rank, world, train_ds, valid_ds, model, loss_fn,
+                   valid_loss_fn, optimizer, scheduler, scaler, train_sampler, train_loader, valid_loader,
+                   progress=progress and is_main_process())
+
+
+def resume_fold(run: FoldRun, resume: bool) -> None:
+    """Continue from ``last.pt`` (weights, optimiser, schedule, scaler, history, RNG) when asked;
+    otherwise start clean (rank 0 removes a previous attempt's files)."""
+    last = run.fold_dir / "last.pt"
+    if resume and last.is_file():
+        from kit.models import load_checkpoint
+
+        ckpt = load_checkpoint(last, map_location="cpu")  # RNG states must stay on the CPU
+        if ckpt.get("epochs", run.tcfg.epochs) != run.tcfg.epochs:
+            raise ConfigError(f"{last}: trained for {ckpt.get('epochs')} epochs, config now says {run.tcfg.epochs}; "
+                              "the schedule cannot change on resume")
+        unwrap(run.model).load_state_dict(ckpt["model"])
+        run.optimizer.load_state_dict(ckpt["optimizer"])
+        run.scheduler.load_state_dict(ckpt["lr_scheduler"])
+        run.scaler.load_state_dict(ckpt["scaler"])
+        run.start_epoch, run.best_score, run.best_epoch = ckpt["epoch"], ckpt["best_score"], ckpt["best_epoch"]
+        run.history, run.batch_losses = list(ckpt["history"]), list(ckpt["batch_losses"])
+        run.best_metrics = dict(ckpt.get("best_metrics", {}))
+        _set_rng_state(ckpt["rng"])
+        _say(f"resuming {run.fold_dir.parent.name} fold {run.fold} after epoch {run.start_epoch} "
+             f"(best macro-AP {run.best_score:.4f})")
+    elif not resume and run.fold_dir.exists():
+        on_main(_clean_fold_dir, run.fold_dir)
+
+
+def _clean_fold_dir(fold_dir: Path) -> None:
+    for name in ("last.pt", "best.pt", "epochs.csv", "oof.csv", "oof_bag.csv"):
+        (fold_dir / name).unlink(missing_ok=True)
+
+
+def run_epoch(run: FoldRun, epoch: int) -> dict | None:
+    """Train one epoch (every rank), then validate (rank 0): the epoch's row, None elsewhere."""
+    t0 = time.time()
+    run.train_sampler.set_epoch(epoch)
+    train_loss, losses = train_one_epoch(run.model, run.train_loader, run.loss_fn, run.optimizer, run.scheduler,
+                                         run.scaler, run.device, run.tcfg, run.progress,
+                                         desc=f"{run.fold_dir.parent.name} f{run.fold} e{epoch}")
+    if run.world > 1:
+        t = torch.tensor([train_loss], device=run.device)
+        torch.distributed.all_reduce(t)
+        train_loss = float(t) / run.world
+    run.batch_losses.extend(losses)
+    return on_main(_validate, run, epoch, train_loss, t0)
+
+
+def _validate(run: FoldRun, epoch: int, train_loss: float, t0: float) -> dict:
+    ev = evaluate(unwrap(run.model), run.valid_loader, run.valid_loss_fn, run.device, run.tcfg, run.progress)
+    metrics = compute_metrics(ev["targets"], ev["probs"])
+    if run.kind == "cell" and len(run.valid_ds):  # image level: max over each image's cells
+        img_probs, img_targets = _per_image_max(run.valid_ds.img_idx, ev["probs"], ev["targets"])
+        metrics["image_macro_ap"] = compute_metrics(img_targets, img_probs)["macro_ap"]
+    if "embeddings" in ev and len(run.valid_ds):  # MIL: the bag head over all of each image's cells
+        from kit.mil import bag_probs_by_image
+
+        rows, ev["bag_probs"] = bag_probs_by_image(unwrap(run.model), ev["embeddings"], run.valid_ds.img_idx)
+        ev["bag_ids"] = [run.valid_ds.ids[int(i)] for i in rows]
+        metrics["bag_macro_ap"] = compute_metrics(_targets_of(run.valid_ds, rows), ev["bag_probs"])["macro_ap"]
+    row = {"epoch": epoch, "train_loss": train_loss, "valid_loss": ev["valid_loss"], **metrics,
+           "lr": run.optimizer.param_groups[0]["lr"], "time_s": time.time() - t0}
+    row["_ev"] = ev
+    return row
+
+
+def _targets_of(ds, rows: np.ndarray) -> np.ndarray:
+    return ds.targets[np.asarray(rows, dtype=np.int64)]
+
+
+def save_epoch(run: FoldRun, epoch: int, row: dict) -> None:
+    """Rank 0: the epoch's line, ``last.pt``, and on a new best ``best.pt`` + the OOF files."""
+    ev = row.pop("_ev")
+    keys = ("epoch", *METRIC_COLUMNS, "lr", "time_s", "image_macro_ap", "bag_macro_ap")
+    run.history.append({k: row[k] for k in keys if k in row})
+    _say(format_row(row))
+    score = row["macro_ap"] if math.isfinite(row["macro_ap"]) else -ev["valid_loss"]
+    improved = score > run.best_score
+    if improved:
+        run.best_score, run.best_epoch = score, epoch
+        run.best_metrics = {k: v for k, v in row.items() if k not in ("epoch", "train_loss", "lr", "time_s")}
+    state = {
+        "model": unwrap(run.model).state_dict(), "optimizer": run.optimizer.state_dict(),
+        "lr_scheduler": run.scheduler.state_dict(), "scaler": run.scaler.state_dict(),
+        "epoch": epoch + 1, "epochs": run.tcfg.epochs, "config": to_dict(run.cfg), "kind": run.kind,
+        "fold": run.fold, "best_score": run.best_score, "best_epoch": run.best_epoch,
+        "best_metrics": run.best_metrics, "history": run.history, "batch_losses": run.batch_losses,
+        "rng": _rng_state(),
+    }
+    last = run.fold_dir / "last.pt"
+    save_checkpoint(state, last)
+    if improved:
+        shutil.copyfile(last, run.fold_dir / ".best.pt.tmp")
+        os.replace(run.fold_dir / ".best.pt.tmp", run.fold_dir / "best.pt")
+        _write_oof(run.fold_dir / "oof.csv", run.valid_ds, run.kind, ev["probs"])
+        if "bag_probs" in ev:
+            from kit.mil import write_bag_oof
+
+            write_bag_oof(run.fold_dir / "oof_bag.csv", ev["bag_ids"], ev["bag_probs"])
+        run.best_changed = True
+    write_epochs_csv(run.fold_dir / "epochs.csv", run.history)
+    plot_loss_curves(run.history, run.batch_losses, run.steps_per_epoch, run.fold_dir / "loss_curves.png")
+
+
+def finish_fold(run: FoldRun) -> dict:
+    """Rank 0: the per-label plots of the best epoch (once per call); every rank: the result dict."""
+    on_main(_best_epoch_plots, run)
+    return {
+        "kind": run.kind, "fold": run.fold, "best_epoch": run.best_epoch,
+        "epochs_done": len(run.history) if is_main_process() else None,
+        "n_train": len(run.train_ds), "n_valid": len(run.valid_ds), "fold_dir": str(run.fold_dir),
+        "weights_sha256": _weights_digest(run.model), "rank": run.rank, **run.best_metrics,
+    }
+
+
+def _best_epoch_plots(run: FoldRun) -> None:
+    plots = [run.fold_dir / "confusion_matrices.png", run.fold_dir / "pr_curves.png"]
+    oof = run.fold_dir / "oof.csv"
+    if not oof.is_file() or not (run.best_changed or not all(p.is_file() for p in plots)):
+        return
     import pandas as pd
 
-    cols = ["epoch", *METRIC_COLUMNS, "lr", "time_s"]
-    if history and "image_macro_ap" in history[0]:
-        cols.append("image_macro_ap")
-    with atomic_open(path, "w", newline="") as f:
-        pd.DataFrame(history, columns=cols).to_csv(f, index=False, float_format="%.6g")
-
-
-# ---------------------------------------------------------------------------------------------
-# The fold loop
+    probs = pd.read_csv(oof)[[f"p{c}" for c in range(NUM_CLASSES)]].to_numpy(np.float32)
+    targets = run.valid_ds.sample_targets()
+    if len(probs) == len(targets):
+        plot_confusion_matrices(targets, probs, plots[0])
+        plot_pr_curves(targets, probs, plots[1])
 
 
 def train_fold(cfg: Config, kind: str, fold: int, resume: bool = False, stop_after: int | None = None,
-               progress: bool = True, build: bool = True) -> dict:
+               progress: bool = True, subdir: str | None = None, cell_targets: dict | None = None,
+               build: bool = True) -> dict:
     """Train the `kind` ("cell"/"image") model on all folds but `fold`, validate on `fold`.
 
     resume: continue from ``last.pt`` when it exists (exactly: same batches, augmentations, RNG).
     stop_after: stop once this many epochs are completed (a time-limited session; resume later).
+    subdir / cell_targets: a pseudo-label round's folder and cell labels (kit.pseudo).
     build: make missing tiles/fields of the fold's images first (`train_all` made them already).
     Returns the best epoch's validation metrics plus ``fold, kind, best_epoch, epochs_done,
     n_train, n_valid, fold_dir, weights_sha256``. Under torchrun every rank trains; rank 0 writes.
@@ -532,150 +708,21 @@ def train_fold(cfg: Config, kind: str, fold: int, resume: bool = False, stop_aft
     if kind not in KINDS:
         raise ConfigError(f"kind must be 'cell' or 'image', got {kind!r}")
     ensure_run_dir(cfg)
-    tcfg = cfg.train_for(kind)
-    mcfg = cfg.model(kind)
-    device = resolve_device(tcfg.device)
-    rank, world = setup_distributed(device)
-    is_main = rank == 0
-    progress = progress and is_main
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-        torch.backends.cudnn.benchmark = True
-    fold_dir = Path(cfg.run_dir) / kind / f"fold{fold}"
-    say = (lambda msg: __import__("tqdm").tqdm.write(msg)) if is_main else (lambda msg: None)
-
-    table = load_fold_table(cfg)
-    train_df, valid_df = fold_split(table, fold, cfg.data.single_label_only)
-    if len(train_df) == 0:
-        raise ConfigError(f"fold {fold}: no training images left (data.single_label_only={cfg.data.single_label_only})")
-    # Rank 0 builds caches (field cache) first; the others then find them complete.
-    if is_main:
-        train_ds = make_dataset(cfg, kind, train_df, train=True, progress=progress, build=build)
-        valid_ds = make_dataset(cfg, kind, valid_df, train=False, progress=progress, build=build)
-        _barrier(world)
-    else:
-        _barrier(world)
-        train_ds = make_dataset(cfg, kind, train_df, train=True, progress=False, build=False)
-        valid_ds = make_dataset(cfg, kind, valid_df, train=False, progress=False, build=False)
-    missing = len(train_ds.missing) + len(valid_ds.missing)
-    if missing:
-        say(f"note: {missing} image(s) have no cell tiles and are skipped")
-
-    from kit.losses import build_loss, pos_weight_from_targets
-    from kit.torchdata import EpochSampler, balancing_weights
-
-    _seed_everything(tcfg.seed)
-    model = build_from_config(mcfg).to(device)
-    tcfg = measured_layout(tcfg, model, cfg.data.tile_size if kind == "cell" else cfg.data.field_size, device)
-    if tcfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    pos_weight = None
-    if tcfg.imbalance == "pos_weight":
-        pos_weight = pos_weight_from_targets(train_ds.sample_targets(), tcfg.pos_weight_max).to(device)
-    loss_fn = build_loss(tcfg, pos_weight).to(device)
-    weights = balancing_weights(train_ds.sample_targets()) if tcfg.imbalance == "sampler" else None
-    train_sampler = EpochSampler(len(train_ds), shuffle=True, seed=tcfg.seed, weights=weights,
-                                 rank=rank, world=world, augment=tcfg.augment)
-    train_loader = make_loader(train_ds, tcfg, train_sampler, device)
-    valid_loader = make_loader(valid_ds, tcfg, None, device, batch_size=tcfg.batch_size * 2)
-    steps_per_epoch = len(train_loader)
-    optimizer = make_optimizer(model, tcfg)
-    scheduler = make_scheduler(optimizer, tcfg, tcfg.epochs * steps_per_epoch)
-    scaler = torch.amp.GradScaler(device.type, enabled=tcfg.amp and device.type == "cuda")
-    if world > 1:
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-
-    start_epoch, best_score, best_epoch, history, batch_losses = 0, -1.0, -1, [], []
-    best_metrics: dict = {}
-    last_path = fold_dir / "last.pt"
-    if resume and last_path.is_file():
-        from kit.models import load_checkpoint
-
-        ckpt = load_checkpoint(last_path, map_location="cpu")  # RNG states must stay on the CPU
-        unwrap(model).load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["lr_scheduler"])
-        scaler.load_state_dict(ckpt["scaler"])
-        start_epoch, best_score, best_epoch = ckpt["epoch"], ckpt["best_score"], ckpt["best_epoch"]
-        history, batch_losses = list(ckpt["history"]), list(ckpt["batch_losses"])
-        best_metrics = dict(ckpt.get("best_metrics", {}))
-        _set_rng_state(ckpt["rng"])
-        if ckpt.get("epochs", tcfg.epochs) != tcfg.epochs:
-            raise ConfigError(f"{last_path}: trained for {ckpt.get('epochs')} epochs, config now says {tcfg.epochs}; "
-                              "the schedule cannot change on resume")
-        say(f"resuming {kind} fold {fold} after epoch {start_epoch} (best macro-AP {best_score:.4f})")
-    elif is_main and fold_dir.exists() and not resume:
-        for name in ("last.pt", "best.pt", "epochs.csv", "oof.csv"):
-            (fold_dir / name).unlink(missing_ok=True)
-
-    if is_main:
-        say(f"{kind} fold {fold}: {len(train_ds)} train / {len(valid_ds)} valid "
-            f"{'cells' if kind == 'cell' else 'fields'}, {mcfg.backbone}, {tcfg.epochs} epochs, "
-            f"{steps_per_epoch} steps/epoch, device {device}{f' x{world}' if world > 1 else ''}")
-        if start_epoch < tcfg.epochs:
-            say(format_row(None))
-    cfg_dict = to_dict(cfg)
-    best_changed = False
-    for epoch in range(start_epoch, tcfg.epochs):
+    run = build_fold(cfg, kind, fold, subdir, cell_targets, progress, build)
+    resume_fold(run, resume)
+    _say(f"{run.fold_dir.parent.name} fold {fold}: {len(run.train_ds)} train "
+         f"{'bags' if kind == 'cell' and run.tcfg.cell_mode == 'mil' else 'cells' if kind == 'cell' else 'fields'} / "
+         f"{len(run.valid_ds)} valid, {cfg.model(kind).backbone}, {run.tcfg.epochs} epochs, "
+         f"{run.steps_per_epoch} steps/epoch, device {run.device}{f' x{run.world}' if run.world > 1 else ''}")
+    if run.start_epoch < run.tcfg.epochs:
+        _say(format_row(None))
+    for epoch in range(run.start_epoch, run.tcfg.epochs):
         if stop_after is not None and epoch >= stop_after:
             break
-        t0 = time.time()
-        train_sampler.set_epoch(epoch)
-        train_loss, losses = train_one_epoch(model, train_loader, loss_fn, optimizer, scheduler, scaler, device,
-                                             tcfg, progress, desc=f"{kind} f{fold} e{epoch}")
-        if world > 1:
-            t = torch.tensor([train_loss], device=device)
-            torch.distributed.all_reduce(t)
-            train_loss = float(t) / world
-        batch_losses.extend(losses)
-        if is_main:
-            ev = evaluate(unwrap(model), valid_loader, loss_fn, device, tcfg, progress, desc="valid")
-            metrics = compute_metrics(ev["targets"], ev["probs"])
-            if kind == "cell" and len(valid_ds):  # image level: max over each image's cells
-                img_probs, img_targets = _per_image_max(valid_ds.img_idx, ev["probs"], ev["targets"])
-                metrics["image_macro_ap"] = compute_metrics(img_targets, img_probs)["macro_ap"]
-            row = {"epoch": epoch, "train_loss": train_loss, "valid_loss": ev["valid_loss"], **metrics,
-                   "lr": optimizer.param_groups[0]["lr"], "time_s": time.time() - t0}
-            history.append({k: row[k] for k in ("epoch", *METRIC_COLUMNS, "lr", "time_s", "image_macro_ap") if k in row})
-            say(format_row(row))
-            score = metrics["macro_ap"] if math.isfinite(metrics["macro_ap"]) else -ev["valid_loss"]
-            improved = score > best_score
-            if improved:
-                best_score, best_epoch = score, epoch
-                best_metrics = {"valid_loss": ev["valid_loss"], **metrics}
-            state = {
-                "model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
-                "lr_scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                "epoch": epoch + 1, "epochs": tcfg.epochs, "config": cfg_dict, "kind": kind, "fold": fold,
-                "best_score": best_score, "best_epoch": best_epoch, "best_metrics": best_metrics,
-                "history": history, "batch_losses": batch_losses, "rng": _rng_state(),
-            }
-            save_checkpoint(state, last_path)
-            if improved:
-                shutil.copyfile(last_path, fold_dir / ".best.pt.tmp")
-                os.replace(fold_dir / ".best.pt.tmp", fold_dir / "best.pt")
-                _write_oof(fold_dir / "oof.csv", valid_ds, kind, ev["probs"])
-                best_changed = True
-            _write_epochs_csv(fold_dir / "epochs.csv", history)
-            plot_loss_curves(history, batch_losses, steps_per_epoch, fold_dir / "loss_curves.png")
-        _barrier(world)
-    # Per-label plots of the best epoch, once per call (they take seconds; not every epoch).
-    plots = [fold_dir / "confusion_matrices.png", fold_dir / "pr_curves.png"]
-    if is_main and (fold_dir / "oof.csv").is_file() and (best_changed or not all(p.is_file() for p in plots)):
-        import pandas as pd
-
-        probs = pd.read_csv(fold_dir / "oof.csv")[[f"p{c}" for c in range(NUM_CLASSES)]].to_numpy(np.float32)
-        targets = valid_ds.sample_targets()
-        if len(probs) == len(targets):
-            plot_confusion_matrices(targets, probs, plots[0])
-            plot_pr_curves(targets, probs, plots[1])
-    epochs_done = len(history) if is_main else None
-    result = {
-        "kind": kind, "fold": fold, "best_epoch": best_epoch, "epochs_done": epochs_done,
-        "n_train": len(train_ds), "n_valid": len(valid_ds), "fold_dir": str(fold_dir),
-        "weights_sha256": _weights_digest(model), "rank": rank, **best_metrics,
-    }
-    return result
+        row = run_epoch(run, epoch)
+        on_main(save_epoch, run, epoch, row)
+        _barrier(run.world)
+    return finish_fold(run)
 
 
 def _training_signature(cfg: Config) -> dict:
@@ -683,7 +730,7 @@ def _training_signature(cfg: Config) -> dict:
     workers, device, folds and the predict section may change)."""
     d = to_dict(cfg)
     out = {f"data.{k}": d["data"][k] for k in ("tile_size", "field_size", "single_label_only", "segment_backend")}
-    for section in ("cell_model", "image_model", "train"):
+    for section in ("cell_model", "image_model", "train", "cells"):
         for k, v in d[section].items():
             if k not in ("workers", "device", "folds", "pretrained"):
                 out[f"{section}.{k}"] = v
@@ -717,19 +764,66 @@ def write_run_config(cfg: Config, resume: bool = False) -> Path:
     return cfg_path
 
 
+def _read_metrics(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text()) if path.is_file() else {}
+    except ValueError:
+        return {}
+
+
+def _write_json(path: Path, obj) -> None:
+    with atomic_open(path, "w") as f:
+        json.dump(obj, f, indent=2)
+
+
+def round_proxy_score(cfg: Config, round_: int) -> float | None:
+    """OOF image-level proxy of a round's cell model: macro AP of each image's top cell score."""
+    from kit.labels import read_labels_csv, to_multihot
+    from kit.metric import classification_ap
+    from kit.pseudo import read_round_oof
+
+    try:
+        oof = read_round_oof(cfg.run_dir, round_)
+    except KitError:
+        return None
+    probs = oof.groupby("ID", sort=True)[[f"p{c}" for c in range(NUM_CLASSES)]].max()
+    labels = read_labels_csv(cfg.data.labels_path).set_index("ID")
+    t = np.stack([to_multihot(labels.loc[i, "labels"]) for i in probs.index])
+    return classification_ap(t, probs.to_numpy())["macro"]
+
+
+def _write_rounds_table(cfg: Config, rounds: list[dict]) -> None:
+    import pandas as pd
+
+    with atomic_open(Path(cfg.run_dir) / "pseudo_rounds.csv", "w", newline="") as f:
+        pd.DataFrame(rounds).to_csv(f, index=False, float_format="%.6g")
+
+
+def _pseudo_targets_for(cfg: Config, round_: int) -> dict:
+    """Cell labels for round `round_` >= 1 from round - 1's OOF predictions (kit.pseudo)."""
+    from kit.labels import read_labels_csv
+    from kit.pseudo import read_round_oof, round_targets
+
+    t = cfg.train
+    return round_targets(read_round_oof(cfg.run_dir, round_ - 1), read_labels_csv(cfg.data.labels_path),
+                         t.pseudo_threshold, t.pseudo_std, t.pseudo_soft)
+
+
 def train_all(cfg: Config, kinds: Sequence[str] = KINDS, folds=None, resume: bool = False,
               progress: bool = True, prepare: bool = True) -> dict:
-    """Train every requested kind and fold; writes config.yaml and manifest.json once, and
-    train_metrics.json (rank 0). The inputs of every fold are made first, in one `kit.prepare` pass
-    (`prepare=False`: the caller just made them).
+    """Train every requested kind and fold (and the cell model's pseudo-label rounds); writes
+    config.yaml and manifest.json once, train_metrics.json and pseudo_rounds.csv (rank 0). The
+    inputs of every fold are made first, in one `kit.prepare` pass (`prepare=False`: the caller
+    just made them).
 
-    folds: None -> cfg.train.folds; "all", an int or a list. Returns ``{kind: {fold: metrics}}``.
+    folds: None -> cfg.train.folds; "all", an int or a list. Returns ``{kind: {fold: metrics}}``
+    (round r >= 1 of the cell model under ``cell_pseudo<r>``).
     """
     from kit.manifest import resolve_inputs, write_manifest
+    from kit.pseudo import cell_dir_name
 
     ensure_run_dir(cfg)
     run_dir = Path(cfg.run_dir)
-    rank = dist_info()[0]
     inputs = resolve_inputs(cfg)  # ConfigError when train.folds names a fold the folds file lacks
     fold_ids = _fold_list(cfg, folds)
     available = _fold_list(cfg, "all")
@@ -737,7 +831,7 @@ def train_all(cfg: Config, kinds: Sequence[str] = KINDS, folds=None, resume: boo
     if unknown:
         raise ConfigError(f"fold(s) {', '.join(map(str, unknown))} not in {cfg.data.folds_file} "
                           f"(it has folds {', '.join(map(str, available))})")
-    if rank == 0:
+    if is_main_process():
         write_run_config(cfg, resume)
         write_manifest(run_dir, inputs)
         if prepare:
@@ -745,127 +839,36 @@ def train_all(cfg: Config, kinds: Sequence[str] = KINDS, folds=None, resume: boo
 
             prepare_run(inputs, load_fold_table(cfg)["ID"].tolist(), kinds, workers=max(1, cfg.train.workers),
                         progress=progress)
-    results: dict = {}
     metrics_path = run_dir / "train_metrics.json"
-    if rank == 0 and metrics_path.is_file():
-        try:
-            results = json.loads(metrics_path.read_text())
-        except ValueError:
-            results = {}
+    results: dict = on_main(_read_metrics, metrics_path) or {}
+    jobs = []  # (kind, folder, round)
     for kind in kinds:
-        results.setdefault(kind, {})
+        rounds = range(cfg.train.pseudo_rounds + 1) if kind == "cell" else [0]
+        jobs += [(kind, cell_dir_name(r) if kind == "cell" else kind, r) for r in rounds]
+    round_rows = []
+    for kind, subdir, round_ in jobs:
+        targets = _pseudo_targets_for(cfg, round_) if round_ > 0 else None
+        results.setdefault(subdir, {})
         for fold in fold_ids:
-            r = train_fold(cfg, kind, fold, resume=resume, progress=progress, build=False)  # prepared above
-            results[kind][str(fold)] = {k: v for k, v in r.items() if k not in ("rank",)}
-            if rank == 0:
-                with atomic_open(metrics_path, "w") as f:
-                    json.dump(results, f, indent=2)
-    if rank == 0:
-        for kind in kinds:
-            scores = [m.get("macro_ap", float("nan")) for m in results[kind].values()]
-            if scores:
-                print(f"{kind}: macro-AP per fold {', '.join(f'{s:.4f}' for s in scores)}; mean {np.nanmean(scores):.4f}")
+            r = train_fold(cfg, kind, fold, resume=resume, progress=progress, subdir=subdir, cell_targets=targets,
+                           build=False)  # prepared above
+            results[subdir][str(fold)] = {k: v for k, v in r.items() if k not in ("rank",)}
+            on_main(_write_json, metrics_path, results)
+        if kind == "cell" and cfg.train.pseudo_rounds > 0 and is_main_process():
+            round_rows.append({"round": round_, "folder": subdir, "oof_image_proxy": round_proxy_score(cfg, round_)})
+            _write_rounds_table(cfg, round_rows)
+    if is_main_process():
+        for name, per_fold in results.items():
+            scores = [m.get("macro_ap", float("nan")) for m in per_fold.values()]
+            if scores and name in {j[1] for j in jobs}:
+                print(f"{name}: macro-AP per fold {', '.join(f'{s:.4f}' for s in scores)}; mean {np.nanmean(scores):.4f}")
+        for row in round_rows:
+            print(f"pseudo round {row['round']} ({row['folder']}): OOF image-level proxy {row['oof_image_proxy']:.4f}")
     return results
 
 
 # ---------------------------------------------------------------------------------------------
-# LR finder
-
-
-def suggest_lr(lrs: Sequence[float], losses: Sequence[float], skip_start: int = 5, skip_end: int = 3) -> float:
-    """The learning rate at the steepest descent of the (smoothed) loss against log10(lr)."""
-    lrs, losses = np.asarray(lrs, dtype=np.float64), np.asarray(losses, dtype=np.float64)
-    if len(lrs) != len(losses) or len(lrs) < 3:
-        raise ValueError("need at least 3 (lr, loss) points")
-    end = len(lrs) - skip_end if len(lrs) - skip_end - skip_start >= 3 else len(lrs)
-    start = skip_start if end - skip_start >= 3 else 0
-    x, y = np.log10(lrs[start:end]), losses[start:end]
-    grad = np.gradient(y, x)
-    return float(lrs[start + int(np.argmin(grad))])
-
-
-def lr_find(cfg: Config, kind: str = "cell", fold: int | None = None, start_lr: float = 1e-7, end_lr: float = 10.0,
-            num_iter: int = 100, beta: float = 0.98, diverge: float = 4.0, progress: bool = True) -> dict:
-    """Exponential LR range test (Smith 2015 / fastai): the LR grows from start_lr to end_lr over
-    num_iter batches while the exponentially smoothed loss is recorded; stops when it exceeds
-    `diverge` x the best. Trains on the training images of `fold` (default: the first fold).
-    Returns ``{"lrs", "losses" (smoothed), "raw_losses", "suggestion"}``."""
-    from tqdm import tqdm
-
-    from kit.losses import build_loss
-    from kit.torchdata import EpochSampler
-
-    tcfg = cfg.train_for(kind)
-    device = resolve_device(tcfg.device)
-    table = load_fold_table(cfg)
-    fold = int(table["fold"].min()) if fold is None else fold
-    train_df, _ = fold_split(table, fold, cfg.data.single_label_only)
-    ds = make_dataset(cfg, kind, train_df, train=True, progress=progress)
-    _seed_everything(tcfg.seed)
-    model = build_from_config(cfg.model(kind)).to(device)
-    tcfg = measured_layout(tcfg, model, cfg.data.tile_size if kind == "cell" else cfg.data.field_size, device)
-    if tcfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    loss_fn = build_loss(tcfg).to(device)
-    optimizer = make_optimizer(model, dataclasses.replace(tcfg, lr=start_lr))
-    scaler = torch.amp.GradScaler(device.type, enabled=tcfg.amp and device.type == "cuda")
-    amp = tcfg.amp and device.type == "cuda"
-    sampler = EpochSampler(len(ds), shuffle=True, seed=tcfg.seed, augment=tcfg.augment)
-    loader = make_loader(ds, tcfg, sampler, device)
-    mult = (end_lr / start_lr) ** (1.0 / max(1, num_iter - 1))
-    lrs, smoothed, raw = [], [], []
-    avg, best, it, epoch = 0.0, float("inf"), 0, 0
-    bar = tqdm(total=num_iter, desc="lr-find", disable=not progress, unit="batch")
-    model.train()
-    while it < num_iter:
-        sampler.set_epoch(epoch)
-        for x, y in loader:
-            lr = start_lr * mult**it
-            for g in optimizer.param_groups:
-                g["lr"] = lr
-            loss, _ = _forward_loss(model, loss_fn, x, y, device, amp, tcfg.channels_last)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            value = float(loss.detach())
-            avg = beta * avg + (1 - beta) * value
-            s = avg / (1 - beta ** (it + 1))
-            lrs.append(lr)
-            raw.append(value)
-            smoothed.append(s)
-            best = min(best, s)
-            it += 1
-            bar.update()
-            if not math.isfinite(s) or s > diverge * best or it >= num_iter:
-                it = num_iter if (not math.isfinite(s) or s > diverge * best) else it
-                break
-        epoch += 1
-    bar.close()
-    return {"lrs": lrs, "losses": smoothed, "raw_losses": raw, "suggestion": suggest_lr(lrs, smoothed)}
-
-
-def plot_lr_find(result: dict, path: Path, title: str = "") -> None:
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(result["lrs"], result["losses"], color="C0")
-    sug = result["suggestion"]
-    y = np.interp(np.log10(sug), np.log10(result["lrs"]), result["losses"])
-    ax.plot([sug], [y], "o", color="C3", label=f"steepest descent: {sug:.2e}")
-    ax.set_xscale("log")
-    ax.set_xlabel("learning rate (log scale)")
-    ax.set_ylabel("loss (smoothed)")
-    ax.set_title(title or "LR range test")
-    ax.legend()
-    ax.grid(alpha=0.3, which="both")
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-
-
-# ---------------------------------------------------------------------------------------------
-# Commands
+# Command
 
 
 def _parse_folds_arg(text: str | None):
@@ -901,42 +904,10 @@ def _run_train(args) -> int:
         raise ConfigError("--resume needs the run folder: pass --run-dir or --config RUN_DIR/config.yaml")
     kinds = KINDS if args.kind == "both" else (args.kind,)
     ensure_run_dir(cfg)
-    if dist_info()[0] == 0:
-        print(f"run folder: {cfg.run_dir}")
+    on_main(print, f"run folder: {cfg.run_dir}")
     train_all(cfg, kinds=kinds, folds=_parse_folds_arg(args.fold), resume=args.resume)
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
     return 0
 
 
-def configure_lr_find(parser: argparse.ArgumentParser) -> None:
-    from kit.cli import folder_arg
-
-    parser.add_argument("--config", required=True, help="YAML config (e.g. RUN_DIR/config.yaml)")
-    parser.add_argument("--out", required=True, type=folder_arg, help="folder for lr_find_<kind>.png and .csv")
-    parser.add_argument("--kind", choices=KINDS, default="cell")
-    parser.add_argument("--fold", type=int, help="train on this fold's training images (default: the first fold)")
-    parser.add_argument("--start-lr", type=float, default=1e-7)
-    parser.add_argument("--end-lr", type=float, default=10.0)
-    parser.add_argument("--num-iter", type=int, default=100)
-    parser.add_argument("overrides", nargs="*", help="config overrides KEY=VALUE")
-    parser.set_defaults(func=_run_lr_find)
-
-
-def _run_lr_find(args) -> int:
-    import pandas as pd
-
-    if not 0 < args.start_lr < args.end_lr:
-        raise ConfigError(f"--start-lr must be > 0 and below --end-lr, got {args.start_lr} and {args.end_lr}")
-    if args.num_iter < 10:
-        raise ConfigError(f"--num-iter must be at least 10, got {args.num_iter}")
-    cfg = load_config(args.config, args.overrides)
-    res = lr_find(cfg, args.kind, args.fold, args.start_lr, args.end_lr, args.num_iter)
-    out = Path(args.out)
-    png = out / f"lr_find_{args.kind}.png"
-    plot_lr_find(res, png, title=f"LR range test: {args.kind} model, {cfg.model(args.kind).backbone}")
-    with atomic_open(out / f"lr_find_{args.kind}.csv", "w", newline="") as f:
-        pd.DataFrame({"lr": res["lrs"], "loss_smoothed": res["losses"], "loss": res["raw_losses"]}).to_csv(f, index=False)
-    print(f"suggested learning rate (steepest descent): {res['suggestion']:.2e}")
-    print(f"plot: {png}")
-    return 0

@@ -199,11 +199,11 @@ def test_fast_cell_map_equals_kit_metric():
 def test_candidate_specs_cover_the_sweep():
     specs = candidate_specs(weights=[0.2, 0.8], border_powers=[0.0, 1.0])
     names = {s.strategy for s in specs}
-    assert names == {"cell_only", "image_only", "product", "geometric", "mean"}  # rank only on request
-    # unweighted: 3 * 3 negatives * 2 powers; weighted: 2 * 2 weights * 3 * 2
-    assert len(specs) == 3 * 3 * 2 + 2 * 2 * 3 * 2
+    assert names == {"cell_only", "image_only", "product", "geometric", "mean", "field"}  # rank only on request
+    # unweighted: 3 * 5 negatives * 2 powers; weighted: 3 * 2 weights * 5 * 2
+    assert len(specs) == 3 * 5 * 2 + 3 * 2 * 5 * 2
     with_rank = candidate_specs(strategies=STRATEGIES, weights=[0.2, 0.8], border_powers=[0.0, 1.0])
-    assert len(with_rank) == len(specs) + 2 * 3 * 2
+    assert len(with_rank) == len(specs) + 2 * 5 * 2
     assert len(set(specs)) == len(specs)
 
 
@@ -283,5 +283,7 @@ def test_tune_run_chooses_a_combination_that_beats_both_sources(tmp_path):
     # image-only: A's cells tie (row order: +, +, +, -), then B's (-, -, -, +)
     assert oof.per_class(IMAGE_ONLY)[0] == pytest.approx(0.75 + 0.25 * 4 / 8)
     assert set(result["oof"]["per_fold"]) == {"0", "1"}
-    assert read_combine_spec(run) == CombineSpec("product")
+    from kit.combine import DEFAULT_SPEC
+
+    assert read_combine_spec(run) == DEFAULT_SPEC  # the default kept: product beats it by no more than the spread
     assert load_config(run / "config.yaml").predict.combine == "product"

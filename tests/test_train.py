@@ -9,7 +9,8 @@ import torch
 from kit.config import ConfigError, config_hash, load_config, save_config
 from kit.torchdata import EpochSampler, augment
 from kit.labels import format_label, to_multihot
-from kit.train import compute_metrics, fold_split, suggest_lr, train_fold
+from kit.lr_find import suggest_lr
+from kit.train import compute_metrics, fold_split, train_fold
 from helpers import write_random_tiles
 
 
@@ -240,3 +241,24 @@ def test_config_yaml_is_written_once(tmp_path):
     with pytest.raises(ConfigError, match="train.lr differ .* a run folder trains one way"):
         write_run_config(_cfg(tmp_path, "train.epochs=2", "train.lr=0.1"))
 
+
+
+@pytest.mark.parametrize("n,batches", [(33, [32]), (34, [32, 2]), (32, [32]), (1, [1])])
+def test_training_loader_never_ends_on_a_batch_of_one(n, batches):
+    """BatchNorm cannot train on one sample of 1 x 1 features: a training epoch drops a last batch
+    of one (and only that); the validation loader (no sampler) keeps every item."""
+    from torch.utils.data import Dataset
+
+    from kit.train import make_loader
+
+    class Items(Dataset):  # takes the sampler's (index, aug seed) keys, or plain indices
+        def __len__(self):
+            return n
+
+        def __getitem__(self, key):
+            return torch.tensor(key[0] if isinstance(key, tuple) else key)
+
+    tcfg = load_config(None, ["train.workers=0", "train.batch_size=32"]).train
+    train = make_loader(Items(), tcfg, EpochSampler(n, shuffle=True, seed=0), torch.device("cpu"))
+    assert [len(b) for b in train] == batches
+    assert sum(len(b) for b in make_loader(Items(), tcfg, None, torch.device("cpu"))) == n
