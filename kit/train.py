@@ -258,15 +258,20 @@ def make_scheduler(optimizer, tcfg, total_steps: int):
 
 def measured_layout(tcfg, model: nn.Module, side: int, device: torch.device):
     """`tcfg` with ``channels_last: auto`` resolved: the layout measured faster for a training step of
-    this model on this machine (`kit.throughput.training_layout`, cached per machine + model)."""
+    this model on this machine (`kit.throughput.training_layout`, cached per machine + model),
+    measured by rank 0 and the same on every rank (DDP checks that parameters have one layout)."""
     if tcfg.channels_last != "auto":
         return tcfg
     from kit.throughput import default_batch, training_layout
 
-    n = default_batch(side, min(tcfg.batch_size, 16))
-    example = np.random.default_rng(0).integers(0, 256, (n, 4, side, side), dtype=np.uint8)
-    layout = training_layout(model, example, device, amp=tcfg.amp, cache=True)
-    return dataclasses.replace(tcfg, channels_last=bool(layout["channels_last"]))
+    choice = [None]
+    if is_main_process():
+        n = default_batch(side, min(tcfg.batch_size, 16))
+        example = np.random.default_rng(0).integers(0, 256, (n, 4, side, side), dtype=np.uint8)
+        choice = [bool(training_layout(model, example, device, amp=tcfg.amp, cache=True)["channels_last"])]
+    if torch.distributed.is_initialized():  # every rank takes rank 0's layout: DDP needs one
+        torch.distributed.broadcast_object_list(choice, src=0)
+    return dataclasses.replace(tcfg, channels_last=choice[0])
 
 
 def _to_device(x, device: torch.device, channels_last: bool):
