@@ -404,3 +404,43 @@ def test_plugin_backend_in_spawned_workers(tmp_path, monkeypatch):
     nuclei, cells, table = cache.load("p1")
     assert table["area"].tolist() == [64, 64] and table["touches_border"].all()
     assert main(["segment", "--images", str(images), "--out", str(out), "--plugin", "no_such_module_x"]) == 2
+
+
+def test_line_valleys_pick_a_long_seam_out_of_short_texture():
+    """A straight, shallow dim line (a seam between touching cells) scores above dark texture gaps.
+
+    The field is bright, with many short dark dashes twice as deep as the seam: a pixel-wise
+    darkness map cannot tell them apart, the darkest long line through each pixel can.
+    """
+    from kit.segment.classical import _line_valleys
+
+    rng = np.random.default_rng(0)
+    img = np.full((200, 200), 0.6, np.float32)
+    for _ in range(300):  # short, deep texture gaps
+        y, x = rng.integers(5, 195, 2)
+        a = rng.uniform(0, np.pi)
+        dy, dx = 3 * np.sin(a), 3 * np.cos(a)
+        cv2.line(img, (int(x - dx), int(y - dy)), (int(x + dx), int(y + dy)), 0.25, 1)
+    img[:, 99:101] *= 0.7  # the seam: 30% dimmer, the whole height
+    img += rng.normal(0, 0.02, img.shape).astype(np.float32)
+    v = _line_valleys(img, 21)
+    seam = v[20:180, 99:101].mean()
+    away = np.percentile(np.r_[v[20:180, 20:90].ravel(), v[20:180, 110:180].ravel()], 95)
+    assert seam > 1.5 * away, (seam, away)
+    # pixel-wise darkness alone would not rank the seam first: more texture pixels than seam
+    # pixels are darker than the seam
+    off_seam = np.r_[img[:, :95].ravel(), img[:, 105:].ravel()]
+    assert (off_seam < img[20:180, 99:101].mean()).sum() > img[:, 99:101].size
+
+
+def test_seam_term_places_boundaries_between_touching_textured_cells():
+    """On a confluent field of the independent generator (tuning seed, not a held-out one), the seam
+    term of the cell watershed finds clearly more cells at IoU 0.6 than the relief alone."""
+    sys.path.insert(0, str(REPO))
+    from benchmarks.foreign_fields import draw_field, score_field
+
+    field = draw_field(1, "confluent", size=1728)  # 1728 px: the default 1/4 working scale
+    _, cells = segment_image(field["image"])
+    _, plain = segment_image(field["image"], seam_line=0.0)
+    f1, f1_plain = score_field(cells, field)["f1"], score_field(plain, field)["f1"]
+    assert f1 >= f1_plain + 0.05, (f1, f1_plain)
