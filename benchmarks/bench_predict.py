@@ -195,7 +195,7 @@ def main() -> int:
             # the prediction cache goes; the run's ONNX export of its folds stays (made once per run
             # on the warm-up, like the throughput probe: ~3 s per model kind, a one-off for 559 fields)
             for stale in (run / "predict").glob("*"):
-                if stale.suffix != ".onnx":
+                if stale.suffix not in (".onnx", ".json"):  # the export and its sidecar
                     shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink()
             cmd = [sys.executable, str(Path(__file__).resolve()), "--child", name, "--tree", str(trees[name]),
                    "--run", str(run), "--images", str(args.images), "--out", str(root / name / "submission.csv")]

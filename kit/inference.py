@@ -61,6 +61,39 @@ class EnsembleRunner:
         self._run = build_runner(models, self.path, self.device, example, activation=activation, onnx_path=onnx_path)
         self.tiles_per_call = max(1, self.path.batch_size // self.tta)
 
+    @classmethod
+    def from_export(cls, onnx_path, signature: dict, n_models: int, device="cpu", *, tta: int = 1,
+                    activation: str = "sigmoid", example: np.ndarray, batch_size: int = 64, engine: str = "auto",
+                    log: Callable[[str], None] | None = None) -> "EnsembleRunner | None":
+        """The runner of an ensemble already exported to `onnx_path`, without its PyTorch models:
+        for engine "onnx", or "auto" when this machine's cached probe record for the model
+        (`signature`: `kit.throughput.model_signature` of one fold) chose ONNX Runtime. None
+        otherwise (no record yet, another path chosen): the caller builds the models."""
+        import dataclasses
+
+        import torch
+
+        from kit.engines import build_runner
+        from kit.throughput import baseline_path, probe_record
+
+        record = None
+        if engine == "auto":
+            record = probe_record(None, example, device, batch_size=batch_size, activation=activation,
+                                  signature=signature, log=log)
+            if not record or record["path"].get("engine") != "onnx":
+                return None
+            path = InferencePath.from_dict(record["path"])
+        elif engine == "onnx":
+            path = dataclasses.replace(baseline_path(batch_size), engine="onnx")
+        else:
+            return None
+        self = cls.__new__(cls)
+        self.device, self.tta, self.activation, self.n_models = torch.device(device), int(tta), activation, n_models
+        self.record, self.path = record, path
+        self._run = build_runner(None, path, self.device, example, activation=activation, onnx_path=onnx_path)
+        self.tiles_per_call = max(1, path.batch_size // self.tta)
+        return self
+
     def predict(self, tiles: np.ndarray) -> np.ndarray:
         """uint8 N x 4 x S x S -> float32 N x C (fold and TTA mean)."""
         from kit.throughput import torch_threads

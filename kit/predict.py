@@ -139,35 +139,90 @@ class FoldEnsemble:
                  onnx_path: str | Path | None = None, log=None):
         import torch
 
-        from kit.mil import is_mil
-        from kit.models import load_checkpoint, load_fold_models, model_from_checkpoint
-
         if tta not in (1, 2, 4, 8):
             raise ConfigError(f"tta must be 1, 2, 4 or 8, got {tta}")
         self.device = torch.device(device) if not isinstance(device, torch.device) else device
-        if folds is None:  # every fold checkpoint there is
-            self.models = load_fold_models(run_dir, kind, self.device, which, subdir=subdir)
-        else:
-            self.models = [model_from_checkpoint(load_checkpoint(checkpoint_path(run_dir, subdir or kind, f, which)),
-                                                 kind).to(self.device).eval() for f in folds]
-        self.has_bag = bool(self.models) and all(is_mil(m) for m in self.models)
+        self.run_dir, self.kind, self.which, self.folds, self.subdir = Path(run_dir), kind, which, folds, subdir
         self.tta = tta
         self.batch_size = max(1, int(batch_size))
         self.activation = activation
         self.side, self.engine, self.onnx_path, self.log = side, engine, onnx_path, log
+        self._models = None
         self._runner = None
+
+    @property
+    def models(self) -> list:
+        """The fold models, built on first use: a run whose ensemble is exported to ONNX and chosen
+        for this machine never builds them (`runner_for`)."""
+        if self._models is None:
+            from kit.models import load_checkpoint, load_fold_models, model_from_checkpoint
+
+            if self.folds is None:  # every fold checkpoint there is
+                self._models = load_fold_models(self.run_dir, self.kind, self.device, self.which, subdir=self.subdir)
+            else:
+                self._models = [model_from_checkpoint(load_checkpoint(
+                    checkpoint_path(self.run_dir, self.subdir or self.kind, f, self.which)), self.kind
+                ).to(self.device).eval() for f in self.folds]
+        return self._models
+
+    def _export_info_path(self) -> Path | None:
+        return Path(self.onnx_path).with_suffix(".json") if self.onnx_path else None
+
+    def _export_info(self) -> dict | None:
+        """What `runner_for` saved beside the ONNX export: the fold count, MIL or not, the probe signature."""
+        path = self._export_info_path()
+        if path is None or not path.is_file() or not Path(self.onnx_path).is_file():
+            return None
+        try:
+            info = json.loads(path.read_text())
+            return info if {"n_models", "has_bag", "signature"} <= set(info) else None
+        except ValueError:
+            return None
+
+    @property
+    def has_bag(self) -> bool:
+        """MIL fold models (kit.mil): their bag head gives an image score."""
+        info = self._export_info() if self._models is None else None
+        if info is not None:
+            return bool(info["has_bag"])
+        from kit.mil import is_mil
+
+        return bool(self.models) and all(is_mil(m) for m in self.models)
+
+    @property
+    def n_models(self) -> int:
+        info = self._export_info() if self._models is None else None
+        return int(info["n_models"]) if info is not None else len(self.models)
 
     def runner_for(self, side: int | None = None):
         """The `kit.inference.EnsembleRunner` for `side` px inputs (built, and its path probed, on first
-        use; the constructor's `side` unless given)."""
+        use; the constructor's `side` unless given).
+
+        When the ensemble was exported to ONNX before (``RUN/predict/<key>.onnx`` and its ``.json``)
+        and ONNX Runtime is this machine's measured path for it, the runner reads the export and the
+        PyTorch models are never built (importing torchvision and building the folds cost ~4 s of a
+        predict here)."""
         if self._runner is None:
             from kit.inference import EnsembleRunner
+            from kit.throughput import model_signature
 
             side = int(side or self.side or 64)
             example = np.random.default_rng(0).integers(0, 256, (self.batch_size, 4, side, side), dtype=np.uint8)
-            self._runner = EnsembleRunner(self.models, self.device, tta=self.tta, activation=self.activation,
-                                          example=example, batch_size=self.batch_size, engine=self.engine,
-                                          onnx_path=self.onnx_path, log=self.log)
+            info = self._export_info() if self._models is None else None
+            if info is not None and not info["has_bag"] and info["signature"].get("input") == [4, side, side]:
+                self._runner = EnsembleRunner.from_export(
+                    self.onnx_path, info["signature"], int(info["n_models"]), self.device, tta=self.tta,
+                    activation=self.activation, example=example, batch_size=self.batch_size, engine=self.engine,
+                    log=self.log)
+            if self._runner is None:
+                self._runner = EnsembleRunner(self.models, self.device, tta=self.tta, activation=self.activation,
+                                              example=example, batch_size=self.batch_size, engine=self.engine,
+                                              onnx_path=self.onnx_path, log=self.log)
+                if self.onnx_path and Path(self.onnx_path).is_file():
+                    info = {"n_models": len(self.models), "has_bag": self.has_bag,
+                            "signature": model_signature(self.models[:1], example.shape, self.activation)}
+                    with atomic_open(self._export_info_path(), "w") as f:
+                        json.dump(info, f, indent=1, sort_keys=True)
         return self._runner
 
     @property
@@ -402,7 +457,7 @@ class Predictor:
             if rec and rec.get("tiles_s"):
                 rates[kind] = (float(rec["tiles_s"]), f"measured now by the throughput probe: {rec['name']}, "
                                                       f"load {rec.get('load', '?')}")
-        n_folds = len(self.ensemble("cell").models)
+        n_folds = self.ensemble("cell").n_models
         est = runtime.config_estimate(self.cfg, runtime.size_mix(sizes=sizes), n_folds=n_folds, tta=self.tta,
                                       cell_rate=rates.get("cell"), image_rate=rates.get("image"),
                                       device=str(self.device))

@@ -20,6 +20,10 @@ order rotated every round; medians over rounds). A candidate is adopted only whe
 
 Otherwise the baseline is kept. The search is staged (engine x layout x mode at the configured
 batch size, then batch size, then threads), each stage against the baseline in the same run.
+The probe that `predict` runs is bounded (``PROBE_BUDGET_S`` per model kind,
+``$KIT_THROUGHPUT_BUDGET_S`` to change it, 0 for none): stage 1 always runs (its rounds stop at
+the budget), a later stage only when its cost estimated from stage 1 fits in what is left; the
+record lists the skipped stages. `kit bench` searches without a budget.
 
 Cache: one JSON file (``$KIT_THROUGHPUT_CACHE``, default ``~/.cache/kit/throughput.json``)::
 
@@ -51,6 +55,7 @@ from kit.atomic import atomic_open
 EXACT_ATOL = 1e-5  # fp32 paths must give the baseline's probabilities to this
 REDUCED_ATOL = 1e-2  # AMP paths, when allowed
 MARGIN = 0.05  # a candidate must be this much faster than the baseline to be adopted
+PROBE_BUDGET_S = 45.0  # the first predict's probe of one model kind: later stages are skipped past it
 ENGINES = ("torch", "jit", "onnx", "compile")
 
 
@@ -228,11 +233,12 @@ def choose(measurements: Sequence[Measurement], baseline: InferencePath, *, allo
 
 
 def interleaved(runners: dict, make_batch: Callable[[int], object], rounds: int,
-                sizes: dict | None = None) -> dict:
+                sizes: dict | None = None, deadline: float | None = None) -> dict:
     """{key: [seconds per call]}: every runner called once per round, order rotated each round.
 
     `runners` maps a key to a callable(batch); `sizes` maps a key to its batch size (the batch is
-    made once per size by `make_batch`). Each runner is warmed up once (not timed).
+    made once per size by `make_batch`). Each runner is warmed up once (not timed). Past
+    `deadline` (a `time.perf_counter()` value) no new round starts, but one round always runs.
     """
     keys = list(runners)
     sizes = sizes or {k: 0 for k in keys}
@@ -241,6 +247,8 @@ def interleaved(runners: dict, make_batch: Callable[[int], object], rounds: int,
         runners[k](batches[sizes[k]])
     times = {k: [] for k in keys}
     for r in range(rounds):
+        if r and deadline is not None and time.perf_counter() > deadline:
+            break
         order = keys[r % len(keys):] + keys[: r % len(keys)]
         for k in order:
             t0 = time.perf_counter()
@@ -266,7 +274,7 @@ def torch_threads(n: int):
 
 def measure(models: Sequence, paths: Sequence[InferencePath], example, device, *, rounds: int = 5,
             activation: str = "sigmoid", reference_path: InferencePath | None = None,
-            cache: dict | None = None) -> list[Measurement]:
+            cache: dict | None = None, deadline: float | None = None) -> list[Measurement]:
     """Interleaved timings of `paths` on the fold `models` with uint8 tiles like `example`
     (``N x 4 x S x S``, repeated to each path's batch size); max |difference| of probabilities vs
     `reference_path` (default: the first path) on the same tiles."""
@@ -301,7 +309,8 @@ def measure(models: Sequence, paths: Sequence[InferencePath], example, device, *
             errors[p] = f"{type(exc).__name__}: {exc}"[:300]
     for p in errors:
         runners.pop(p, None)
-    times = interleaved({p: call(p) for p in runners}, make_batch, rounds, {p: sizes[p] for p in runners})
+    times = interleaved({p: call(p) for p in runners}, make_batch, rounds, {p: sizes[p] for p in runners},
+                        deadline)
     ref = outputs.get(ref_key)
     out = []
     for p in paths:
@@ -321,13 +330,18 @@ def _with_threads(n: int, runner, batch):
 
 def staged_search(models: Sequence, example, device, *, batch_size: int = 64, threads: int = 0, rounds: int = 3,
                   activation: str = "sigmoid", allow_reduced: bool | None = None, onnx: bool | None = None,
-                  compile: bool = False, batch_sizes: Sequence[int] | None = None
+                  compile: bool = False, batch_sizes: Sequence[int] | None = None,
+                  budget_s: float | None = None, skipped: list | None = None
                   ) -> tuple[list[list[Measurement]], Measurement, Measurement]:
     """The staged search of the module doc: (measurements per stage, chosen, baseline of the last stage).
 
     Stage 1 engine x layout x mode (x AMP / cudnn.benchmark); stage 2 batch sizes of the stage-1
     choice; stage 3 thread counts (CPU). Every stage measures the baseline in the same rounds, so
-    each choice is a same-run ratio."""
+    each choice is a same-run ratio.
+
+    `budget_s` bounds the search: stage 1 always runs (rounds stop at the budget, one always
+    runs); a later stage runs only when its cost, estimated from stage 1's times, fits in what is
+    left; its number goes into `skipped` otherwise (the choice so far stands)."""
     import torch
 
     device = torch.device(device)
@@ -339,13 +353,21 @@ def staged_search(models: Sequence, example, device, *, batch_size: int = 64, th
         lambda b: ([base] + thread_candidates(b)) if device.type == "cpu" else [base],
     ]
     built: dict = {}
+    start = time.perf_counter()
+    deadline = None if budget_s is None else start + float(budget_s)
     stages, best, base_m, best_path = [], None, None, base
-    for make in stage_lists:
+    for number, make in enumerate(stage_lists, 1):
         cands = _unique(make(best_path))
         if len(cands) <= 1 and best is not None:
             continue
+        if deadline is not None and best is not None:
+            cost = _stage_cost(cands, stages[0], rounds)
+            if time.perf_counter() + cost > deadline:
+                if skipped is not None:
+                    skipped.append(number)
+                continue
         ms = measure(models, cands, example, device, rounds=rounds, activation=activation, reference_path=base,
-                     cache=built)
+                     cache=built, deadline=deadline)
         best = choose(ms, base, allow_reduced=allow)
         base_m = next(m for m in ms if m.path == base)
         best_path = best.path
@@ -353,13 +375,42 @@ def staged_search(models: Sequence, example, device, *, batch_size: int = 64, th
     return stages, best, base_m
 
 
+def _stage_cost(cands: Sequence[InferencePath], first: Sequence[Measurement], rounds: int) -> float:
+    """Seconds a stage of `cands` should take: per candidate, its batch at the per-tile time stage 1
+    measured for its engine + layout + mode (the slowest there when unmeasured), warm-up + check +
+    `rounds` calls."""
+    def key(p):
+        return p.engine, p.channels_last, p.inference_mode, p.amp, p.cudnn_benchmark
+
+    per_tile = {key(m.path): m.median_s_per_tile for m in first if m.seconds}
+    worst = max(per_tile.values(), default=0.0)
+    return sum(per_tile.get(key(p), worst) * p.batch_size * (rounds + 2) for p in cands)
+
+
+def probe_budget_s() -> float | None:
+    """Seconds one probe may take: ``$KIT_THROUGHPUT_BUDGET_S`` (0 or below: no bound), else PROBE_BUDGET_S."""
+    raw = os.environ.get("KIT_THROUGHPUT_BUDGET_S", "").strip()
+    if not raw:
+        return PROBE_BUDGET_S
+    try:
+        value = float(raw)
+    except ValueError:
+        from kit.errors import ConfigError
+
+        raise ConfigError(f"KIT_THROUGHPUT_BUDGET_S must be a number of seconds, got {raw!r}") from None
+    return value if value > 0 else None
+
+
 def probe(models: Sequence, example, device, *, batch_size: int = 64, threads: int = 0, rounds: int = 3,
           activation: str = "sigmoid", allow_reduced: bool | None = None, onnx: bool | None = None,
-          compile: bool = False, batch_sizes: Sequence[int] | None = None) -> dict:
-    """`staged_search`, as the cache record (path, ratio, tiles/s, max |diff|, every stage's figures)."""
+          compile: bool = False, batch_sizes: Sequence[int] | None = None, budget_s: float | None = None) -> dict:
+    """`staged_search`, as the cache record (path, ratio, tiles/s, max |diff|, every stage's figures,
+    the stages the budget skipped)."""
+    skipped: list = []
     stages, best, base_m = staged_search(models, example, device, batch_size=batch_size, threads=threads,
                                          rounds=rounds, activation=activation, allow_reduced=allow_reduced,
-                                         onnx=onnx, compile=compile, batch_sizes=batch_sizes)
+                                         onnx=onnx, compile=compile, batch_sizes=batch_sizes, budget_s=budget_s,
+                                         skipped=skipped)
     return {
         "path": best.path.to_dict(),
         "name": best.path.name,
@@ -371,12 +422,14 @@ def probe(models: Sequence, example, device, *, batch_size: int = 64, threads: i
         "when": time.strftime("%Y-%m-%d %H:%M:%S"),
         "load": load_average(),
         "stages": [[_record(m) for m in ms] for ms in stages],
+        "budget_s": budget_s,
+        "skipped_stages": skipped,
     }
 
 
 def _record(m: Measurement) -> dict:
     return {"name": m.path.name, "tiles_s": round(m.tiles_per_s, 2), "max_abs_diff": m.max_abs_diff,
-            "error": m.error}
+            "error": m.error, "rounds_run": len(m.seconds)}
 
 
 # --------------------------------------------------------------------------------------------
@@ -462,12 +515,15 @@ def inference_path(models: Sequence, example, device, *, batch_size: int = 64, t
     return InferencePath.from_dict(record["path"]) if record else base
 
 
-def probe_record(models: Sequence, example, device, *, batch_size: int = 64, threads: int = 0,
+def probe_record(models: Sequence | None, example, device, *, batch_size: int = 64, threads: int = 0,
                  activation: str = "sigmoid", allow_reduced: bool | None = None, compile: bool = False,
-                 log: Callable[[str], None] | None = None) -> dict | None:
+                 log: Callable[[str], None] | None = None, signature: dict | None = None) -> dict | None:
     """The cached `probe` record for this machine + model + settings (probing once when missing);
     None when probing is switched off (``KIT_THROUGHPUT_PROBE=0``). Its ``tiles_s`` are per call of
-    `models` (pass one fold model: the path that is fastest for one is fastest for their ensemble)."""
+    `models` (pass one fold model: the path that is fastest for one is fastest for their ensemble).
+
+    `signature` (`model_signature` of those models, saved earlier) looks the cache up without the
+    models; with `models` None a miss returns None (nothing to probe with)."""
     import torch
 
     if os.environ.get("KIT_THROUGHPUT_PROBE", "1") == "0":
@@ -476,19 +532,24 @@ def probe_record(models: Sequence, example, device, *, batch_size: int = 64, thr
     example = np.asarray(example)
     machine = machine_info()
     settings = {"batch_size": batch_size, "threads": threads, "allow_reduced": allow_reduced, "compile": compile}
-    key = cache_key(machine, model_signature(models, example.shape, activation), str(device), settings)
+    signature = signature or model_signature(models, example.shape, activation)
+    key = cache_key(machine, signature, str(device), settings)
     hit = read_cache().get(key)
     if hit and "path" in hit:
         return hit
+    if models is None:
+        return None
     t0 = time.perf_counter()
     record = probe(models, example, device, batch_size=batch_size, threads=threads, activation=activation,
-                   allow_reduced=allow_reduced, compile=compile)
+                   allow_reduced=allow_reduced, compile=compile, budget_s=probe_budget_s())
     record["machine"] = machine
     record["probe_s"] = round(time.perf_counter() - t0, 1)
     write_cache_entry(key, record)
     if log:
         log(f"throughput probe ({record['probe_s']} s, cached in {cache_path()}): {record['name']}, "
-            f"{record['ratio']:.2f}x the plain no_grad NCHW loop, max |diff| {record['max_abs_diff']:.1e}")
+            f"{record['ratio']:.2f}x the plain no_grad NCHW loop, max |diff| {record['max_abs_diff']:.1e}"
+            + (f"; stage(s) {', '.join(map(str, record['skipped_stages']))} skipped: over the "
+               f"{record['budget_s']:.0f} s budget (KIT_THROUGHPUT_BUDGET_S)" if record.get("skipped_stages") else ""))
     return record
 
 

@@ -1,6 +1,7 @@
 """kit.predict: fold/TTA averaging, a valid 19-triples-per-cell submission, resume after a kill."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -361,3 +362,37 @@ def test_fold_ensemble_gives_the_same_probabilities_on_every_engine(run_dir, mon
         ens = FoldEnsemble(run_dir, "cell", "cpu", tta=2, batch_size=4, engine=engine)
         assert np.abs(ens.predict(tiles) - base).max() <= 1e-5, engine
     assert ens.runner_for().path.engine == "jit"
+
+
+def test_an_exported_onnx_ensemble_is_reused_without_building_the_models(run_dir, tmp_path, monkeypatch):
+    """Second predict of a run whose ensemble ONNX Runtime runs on this machine: the export and its
+    .json are read, the PyTorch fold models are never built, the probabilities are the same."""
+    pytest.importorskip("onnxruntime")
+    import kit.models
+
+    monkeypatch.setenv("KIT_THROUGHPUT_PROBE", "1")
+    monkeypatch.setenv("KIT_THROUGHPUT_CACHE", str(tmp_path / "throughput.json"))
+    tiles = np.random.default_rng(2).integers(0, 255, size=(6, 4, 32, 32), dtype=np.uint8)
+    onnx = tmp_path / "ens.onnx"
+    first = FoldEnsemble(run_dir, "cell", "cpu", tta=2, batch_size=4, side=32, engine="onnx", onnx_path=onnx)
+    want = first.predict(tiles)
+    info = json.loads(onnx.with_suffix(".json").read_text())
+    assert onnx.is_file() and info["n_models"] == 2 and info["has_bag"] is False
+
+    def no_models(*a, **k):
+        raise AssertionError("the fold models were built")
+
+    monkeypatch.setattr(kit.models, "load_fold_models", no_models)
+    again = FoldEnsemble(run_dir, "cell", "cpu", tta=2, batch_size=4, side=32, engine="onnx", onnx_path=onnx)
+    assert np.array_equal(again.predict(tiles), want) and again.n_models == 2 and not again.has_bag
+    # engine auto: only when this machine's cached probe chose ONNX for this model
+    auto = FoldEnsemble(run_dir, "cell", "cpu", tta=2, batch_size=4, side=32, engine="auto", onnx_path=onnx)
+    with pytest.raises(AssertionError, match="were built"):  # no probe record yet: it must probe, with models
+        auto.predict(tiles)
+    from kit.throughput import cache_key, machine_info, write_cache_entry
+
+    settings = {"batch_size": 4, "threads": 0, "allow_reduced": None, "compile": False}
+    write_cache_entry(cache_key(machine_info(), info["signature"], "cpu", settings),
+                      {"path": {"engine": "onnx", "batch_size": 4}, "name": "onnx", "tiles_s": 1.0})
+    auto = FoldEnsemble(run_dir, "cell", "cpu", tta=2, batch_size=4, side=32, engine="auto", onnx_path=onnx)
+    assert np.array_equal(auto.predict(tiles), want) and auto.runner_for().record["name"] == "onnx"

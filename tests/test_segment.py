@@ -241,7 +241,15 @@ def test_mask_cache_layout_and_round_trip(tmp_path):
     assert {"cell_id", "x0", "y0", "x1", "y1", "area", "nucleus_area", "touches_border",
             "nucleus_visible_fraction", "mean_blue"} <= set(t2.columns)
     with np.load(cache.path("img1"), allow_pickle=False) as z:
+        assert z["cells"].dtype == np.uint16  # stored compact, read as int32
+    # ids past uint16 are stored as int32 and read back exactly
+    big = np.zeros((8, 8), np.int32)
+    big[2:4, 2:4] = 70000
+    cache.save("big", big, big, table)
+    with np.load(cache.path("big"), allow_pickle=False) as z:
         assert z["cells"].dtype == np.int32
+    assert (cache.load("big")[1] == big).all()
+    cache.path("big").unlink()
     assert cache.ids() == ["img1"]
     with pytest.raises(DataError, match="not in the mask cache"):
         cache.load("img2")

@@ -12,6 +12,7 @@ torch = pytest.importorskip("torch")
 nn = torch.nn
 
 from kit import throughput as tp  # noqa: E402
+from kit.errors import ConfigError  # noqa: E402
 from kit.models import build_model, preprocess, register_backbone  # noqa: E402
 
 
@@ -143,6 +144,27 @@ def test_probe_measures_the_baseline_and_never_picks_a_slower_or_different_path(
     assert rec["ratio"] >= 1.0  # the rule: the choice is the baseline or faster than it in the same run
     assert rec["max_abs_diff"] <= tp.EXACT_ATOL
     assert tp.InferencePath.from_dict(rec["path"]).name == rec["name"]
+
+
+def test_a_probe_budget_keeps_stage_one_and_skips_the_stages_that_do_not_fit(monkeypatch):
+    models, tiles = _models(1), _tiles(8)
+    kw = dict(batch_size=8, rounds=3, batch_sizes=(4, 8), onnx=False)
+    full = tp.probe(models, tiles, "cpu", **kw)
+    assert len(full["stages"]) == 3 and full["skipped_stages"] == []
+    assert all(r["rounds_run"] == 3 for r in full["stages"][0])
+    tight = tp.probe(models, tiles, "cpu", budget_s=1e-6, **kw)
+    assert len(tight["stages"]) == 1 and tight["skipped_stages"] == [2, 3]
+    assert all(r["rounds_run"] == 1 for r in tight["stages"][0])  # one round always runs, then the budget
+    assert tight["ratio"] >= 1.0 and tight["max_abs_diff"] <= tp.EXACT_ATOL  # the rule still holds
+    monkeypatch.setenv("KIT_THROUGHPUT_BUDGET_S", "0")
+    assert tp.probe_budget_s() is None
+    monkeypatch.setenv("KIT_THROUGHPUT_BUDGET_S", "12.5")
+    assert tp.probe_budget_s() == 12.5
+    monkeypatch.setenv("KIT_THROUGHPUT_BUDGET_S", "soon")
+    with pytest.raises(ConfigError, match="KIT_THROUGHPUT_BUDGET_S"):
+        tp.probe_budget_s()
+    monkeypatch.delenv("KIT_THROUGHPUT_BUDGET_S")
+    assert tp.probe_budget_s() == tp.PROBE_BUDGET_S
 
 
 def test_inference_path_probes_once_per_machine_and_model(tmp_path, monkeypatch):

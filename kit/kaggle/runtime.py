@@ -28,23 +28,24 @@ BACKBONE_GFLOPS_224 = {  # torchvision model docs (GFLOPS at 224 x 224, 3 channe
 #   3 synthetic 2048 px fields) -> 0.8 s. It does not shrink on a GPU machine (decoding and the
 #   classical segmenter stay on the CPU).
 CPU_S_PER_FIELD = 0.8
-HARDWARE = {
-    # effective_gflops: CNN inference throughput; hpacellseg_s: the HPA Cell Segmentator per field.
-    "here-cpu": dict(effective_gflops=50.0, cpu_s_per_image=CPU_S_PER_FIELD, hpacellseg_s=30.0,
+_CPU_SOURCE = "CPU work per field measured here (bench_segment.py)"
+# effective_gflops: CNN inference throughput; hpacellseg_s: the HPA Cell Segmentator per field; every
+# kind also gets cpu_s_per_image = CPU_S_PER_FIELD (decoding and the classical segmenter stay on the CPU)
+_CNN = {
+    "here-cpu": dict(effective_gflops=50.0, hpacellseg_s=30.0,
                      source="measured here, 2 cores: ResNet-50@224 ~11 tiles/s (45 GFLOP/s), ResNet-18@128 "
-                            "~95 tiles/s (56 GFLOP/s); CPU work per field bench_segment.py; "
-                            "hpacellseg on CPU: assumption"),
-    "kaggle-cpu": dict(effective_gflops=100.0, cpu_s_per_image=CPU_S_PER_FIELD, hpacellseg_s=30.0,
-                       source="assumption: a Kaggle CPU session has 4 cores, twice the CNN rate measured on 2 "
-                              "here; CPU work per field measured here (bench_segment.py)"),
-    "t4": dict(effective_gflops=2000.0, cpu_s_per_image=CPU_S_PER_FIELD, hpacellseg_s=1.5,
+                            "~95 tiles/s (56 GFLOP/s); hpacellseg on CPU: assumption"),
+    "kaggle-cpu": dict(effective_gflops=100.0, hpacellseg_s=30.0,
+                       source="assumption: a Kaggle CPU session has 4 cores, twice the CNN rate measured on 2 here"),
+    "t4": dict(effective_gflops=2000.0, hpacellseg_s=1.5,
                source="CNN: assumption, not measured: ~25% of the T4's 8.1 TFLOPS fp32 peak (NVIDIA T4 "
-                      "datasheet), i.e. ~490 ResNet-50 tiles/s at 224 px; hpacellseg ~1.5 s/field (assumption); "
-                      "CPU work per field measured here (bench_segment.py)"),
-    "p100": dict(effective_gflops=2300.0, cpu_s_per_image=CPU_S_PER_FIELD, hpacellseg_s=1.5,
+                      "datasheet), i.e. ~490 ResNet-50 tiles/s at 224 px; hpacellseg ~1.5 s/field (assumption)"),
+    "p100": dict(effective_gflops=2300.0, hpacellseg_s=1.5,
                  source="CNN: assumption, not measured: ~25% of the P100's 9.3 TFLOPS fp32 peak (NVIDIA P100 "
-                        "datasheet); hpacellseg ~1.5 s/field (assumption); CPU work per field measured here"),
+                        "datasheet); hpacellseg ~1.5 s/field (assumption)"),
 }
+HARDWARE = {name: dict(row, cpu_s_per_image=CPU_S_PER_FIELD, source=f"{row['source']}; {_CPU_SOURCE}")
+            for name, row in _CNN.items()}
 FIXED_OVERHEAD_S = 180.0  # pip install from the bundle + model loading (assumption; the kernel prints its own)
 
 
