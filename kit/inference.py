@@ -71,9 +71,6 @@ class EnsembleRunner:
         otherwise (no record yet, another path chosen): the caller builds the models."""
         import dataclasses
 
-        import torch
-
-        from kit.engines import build_runner
         from kit.throughput import baseline_path, probe_record
 
         record = None
@@ -87,12 +84,11 @@ class EnsembleRunner:
             path = dataclasses.replace(baseline_path(batch_size), engine="onnx")
         else:
             return None
-        self = cls.__new__(cls)
-        self.device, self.tta, self.activation, self.n_models = torch.device(device), int(tta), activation, n_models
-        self.record, self.path = record, path
-        self._run = build_runner(None, path, self.device, example, activation=activation, onnx_path=onnx_path)
-        self.tiles_per_call = max(1, path.batch_size // self.tta)
-        return self
+        # no models: with an ONNX path and its export on disk, the runner reads the file
+        runner = cls([], device, tta=tta, activation=activation, path=path, example=example,
+                     batch_size=batch_size, onnx_path=onnx_path)
+        runner.record, runner.n_models = record, n_models
+        return runner
 
     def predict(self, tiles: np.ndarray) -> np.ndarray:
         """uint8 N x 4 x S x S -> float32 N x C (fold and TTA mean)."""

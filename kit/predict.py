@@ -148,6 +148,7 @@ class FoldEnsemble:
         self.activation = activation
         self.side, self.engine, self.onnx_path, self.log = side, engine, onnx_path, log
         self._models = None
+        self._info = None  # the export's .json, once read (`_export_info`)
         self._runner = None
 
     @property
@@ -169,15 +170,18 @@ class FoldEnsemble:
         return Path(self.onnx_path).with_suffix(".json") if self.onnx_path else None
 
     def _export_info(self) -> dict | None:
-        """What `runner_for` saved beside the ONNX export: the fold count, MIL or not, the probe signature."""
-        path = self._export_info_path()
-        if path is None or not path.is_file() or not Path(self.onnx_path).is_file():
-            return None
-        try:
-            info = json.loads(path.read_text())
-            return info if {"n_models", "has_bag", "signature"} <= set(info) else None
-        except ValueError:
-            return None
+        """What `runner_for` saved beside the ONNX export: the fold count, MIL or not, the probe
+        signature (read once: `has_bag` is asked per pack)."""
+        if self._info is None:
+            path = self._export_info_path()
+            info = {}
+            if path is not None and path.is_file() and Path(self.onnx_path).is_file():
+                try:
+                    info = json.loads(path.read_text())
+                except ValueError:
+                    info = {}
+            self._info = info if {"n_models", "has_bag", "signature"} <= set(info) else {}
+        return self._info or None
 
     @property
     def has_bag(self) -> bool:

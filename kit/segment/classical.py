@@ -348,8 +348,7 @@ def _segment_small(
         # wall would claim all of it: share such a filled hole by distance among the cells around
         # it. A hole that touches a nucleus is a dim cell's own cytoplasm and stays with the flood.
         n_h, hole_lab = cv2.connectedComponents(holes.view(np.uint8), connectivity=8)
-        near_nuc = cv2.dilate((nuclei > 0).view(np.uint8) if nuclei.dtype == np.bool_ else
-                              (nuclei > 0).astype(np.uint8), np.ones((3, 3), np.uint8)) > 0
+        near_nuc = cv2.dilate((nuclei > 0).view(np.uint8), np.ones((3, 3), np.uint8)) > 0
         touching = np.zeros(n_h, bool)
         touching[hole_lab[near_nuc & holes]] = True
         gaps = holes & ~touching[hole_lab]
