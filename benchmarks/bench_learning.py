@@ -17,7 +17,7 @@ image source and cell policy at prediction, without retraining.
 Trained variants (``--variants``; CPU-sized: ResNet-18, ``--tile-size`` 48 px tiles, 256 px
 fields, ``--epochs`` 4, ``--folds`` 3):
   broadcast   today's defaults (every cell gets its image's labels) + ``--rounds`` pseudo-label rounds
-  mil         train.cell_mode=mil (max pooling, bag 16, cell weight 0.1) + one pseudo round
+  mil         train.cell_mode=mil (max pooling, bag 16, cell weight 0.1) + ``--rounds`` pseudo rounds
   mil_attn    the same with attention pooling (no pseudo round)
   filters     broadcast trained and predicted with the cell policy on (``POLICY``)
   negaug      broadcast with the dimmed-green Negative augmentation (p = 0.05)
@@ -52,7 +52,7 @@ POLICY = ["cells.border_nucleus_fraction=0.5", "cells.min_signal_fraction=0.2",
           "cells.edge_area_fraction=0.019", "cells.inner_area_fraction=0.0076"]
 VARIANTS = {
     "broadcast": [],
-    "mil": ["train.cell_mode=mil", "train.pseudo_rounds=1"],
+    "mil": ["train.cell_mode=mil"],
     "mil_attn": ["train.cell_mode=mil", "train.bag_pool=attention"],
     "filters": POLICY,
     "negaug": ["train.negative_aug=0.05"],
@@ -271,7 +271,7 @@ def run_dataset(style: str, seed: int, args, root: Path) -> dict:
     rate18 = None
     for name in args.variants:
         overrides = list(VARIANTS[name])
-        if name != "broadcast" and not (name == "mil"):
+        if name not in ("broadcast", "mil"):
             overrides.append("train.pseudo_rounds=0")
         epochs = args.epochs
         if name in EQUAL_TIME:
@@ -339,7 +339,7 @@ def main(argv=None) -> int:
                                 ("--size", 512, "field side in px"), ("--folds", 3, "folds (OOF for the choice)"),
                                 ("--epochs", 4, "epochs of ResNet-18 (the others: equal CPU time)")):
         p.add_argument(name, type=int, default=default, help=f"{what} (default {default})")
-    p.add_argument("--rounds", type=int, default=2, help="pseudo-label rounds of the broadcast variant")
+    p.add_argument("--rounds", type=int, default=2, help="pseudo-label rounds of the broadcast and mil variants")
     p.add_argument("--backbone", default="resnet18")
     p.add_argument("--tile-size", type=int, default=48)
     p.add_argument("--field-size", type=int, default=256)
