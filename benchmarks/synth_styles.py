@@ -35,14 +35,14 @@ def _pooled(stats: list[dict]) -> float:
     return 2 * tp / max(sum(s["n_pred"] + s["n_true"] for s in stats), 1)
 
 
-def row(style: str, size: int, n: int, seed: int) -> dict:
+def row(style: str, size: int, n: int, seed: int, options: dict | None = None) -> dict:
     cells_s, nuc_s, secs = [], [], []
     for i in range(n):
         idx_style = synth.image_style(seed, "train", i, style)
         f = synth.draw_field(np.random.default_rng([seed, 0, i]), size, style=idx_style)
         image = synth.quantise(f.image, 8)
         t = time.process_time()
-        nuc, cells = segment_image(image)
+        nuc, cells = segment_image(image, **(options or {}))
         secs.append(time.process_time() - t)
         cells_s.append(instance_f1(cells, f.cells.astype(np.int32)))
         nuc_s.append(instance_f1(nuc, f.nuclei.astype(np.int32)))
@@ -59,9 +59,12 @@ def main() -> None:
     ap.add_argument("--styles", nargs="+", default=list(synth.STYLE_NAMES))
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--markdown", action="store_true")
+    ap.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                    help="classical segmenter option (a number), e.g. --option boundary=0")
     args = ap.parse_args()
+    options = {k: float(v) for k, v in (o.split("=", 1) for o in args.option)}
     cv2.setNumThreads(0)
-    print(f"classical segmenter (defaults) on kit synth styles, {args.n} fields each, seed {args.seed}, IoU 0.6")
+    print(f"classical segmenter ({options or 'defaults'}) on kit synth styles, {args.n} fields each, seed {args.seed}, IoU 0.6")
     head = ["style", "size", "cell F1", "nucleus F1", "fields >= 0.9", "worst field", "true", "pred", "s/field"]
     if args.markdown:
         print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
@@ -70,7 +73,7 @@ def main() -> None:
               f"{'true':>5} {'pred':>5} {'s/field':>7}")
     for size in args.sizes:
         for style in args.styles:
-            r = row(style, size, args.n, args.seed)
+            r = row(style, size, args.n, args.seed, options)
             if args.markdown:
                 print(f"| {style} | {size} | {r['f1']:.3f} | {r['nuc_f1']:.3f} | {r['ok']}/{r['n']} | "
                       f"{r['worst']:.2f} | {r['true']} | {r['pred']} | {r['s']:.2f} |")

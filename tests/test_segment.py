@@ -448,7 +448,7 @@ def test_seam_term_places_boundaries_between_touching_textured_cells():
     from benchmarks.foreign_fields import draw_field, score_field
 
     field = draw_field(1, "confluent", size=1728)  # 1728 px: the default 1/4 working scale
-    _, cells = segment_image(field["image"])
-    _, plain = segment_image(field["image"], seam_line=0.0)
+    _, cells = segment_image(field["image"], boundary=0.0)
+    _, plain = segment_image(field["image"], seam_line=0.0, boundary=0.0)
     f1, f1_plain = score_field(cells, field)["f1"], score_field(plain, field)["f1"]
     assert f1 >= f1_plain + 0.05, (f1, f1_plain)
