@@ -452,3 +452,19 @@ def test_seam_term_places_boundaries_between_touching_textured_cells():
     _, plain = segment_image(field["image"], seam_line=0.0, boundary=0.0)
     f1, f1_plain = score_field(cells, field)["f1"], score_field(plain, field)["f1"]
     assert f1 >= f1_plain + 0.05, (f1, f1_plain)
+
+
+def test_fill_holes_matches_scipy_on_random_masks():
+    """The cv2 flood-fill hole filling gives exactly scipy's binary_fill_holes (4-connected background)."""
+    from scipy import ndimage as ndi
+
+    from kit.segment.classical import _fill_holes
+
+    rng = np.random.default_rng(0)
+    for _ in range(100):
+        m = rng.random((int(rng.integers(3, 50)), int(rng.integers(3, 50)))) < rng.uniform(0.3, 0.8)
+        assert np.array_equal(_fill_holes(m), ndi.binary_fill_holes(m))
+    ring = np.zeros((9, 9), bool)
+    ring[2:7, 2:7] = True
+    ring[3:6, 3:6] = False
+    assert _fill_holes(ring)[4, 4] and not _fill_holes(ring)[0, 0]
