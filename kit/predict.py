@@ -183,10 +183,14 @@ class FoldEnsemble:
             self._info = info if {"n_models", "has_bag", "signature"} <= set(info) else {}
         return self._info or None
 
+    def _unbuilt_info(self) -> dict | None:
+        """The export's record while the models are not built (once built, they are asked)."""
+        return self._export_info() if self._models is None else None
+
     @property
     def has_bag(self) -> bool:
         """MIL fold models (kit.mil): their bag head gives an image score."""
-        info = self._export_info() if self._models is None else None
+        info = self._unbuilt_info()
         if info is not None:
             return bool(info["has_bag"])
         from kit.mil import is_mil
@@ -195,7 +199,7 @@ class FoldEnsemble:
 
     @property
     def n_models(self) -> int:
-        info = self._export_info() if self._models is None else None
+        info = self._unbuilt_info()
         return int(info["n_models"]) if info is not None else len(self.models)
 
     def runner_for(self, side: int | None = None):
@@ -212,7 +216,7 @@ class FoldEnsemble:
 
             side = int(side or self.side or 64)
             example = np.random.default_rng(0).integers(0, 256, (self.batch_size, 4, side, side), dtype=np.uint8)
-            info = self._export_info() if self._models is None else None
+            info = self._unbuilt_info()
             if info is not None and not info["has_bag"] and info["signature"].get("input") == [4, side, side]:
                 self._runner = EnsembleRunner.from_export(
                     self.onnx_path, info["signature"], int(info["n_models"]), self.device, tta=self.tta,

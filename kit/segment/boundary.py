@@ -32,16 +32,14 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from kit.segment.classical import _blur
+
 __all__ = ["FEATURES", "MODEL_PATH", "boundary_features", "boundary_probability", "load_model"]
 
 MODEL_PATH = Path(__file__).resolve().parents[1] / "data" / "boundary_mlp.json"
 
 FEATURES = tuple(f"{c}_{n}" for c in ("red", "yellow") for n in ("rel", "h1", "h2", "h2min", "hr", "grad", "line")) + (
     "relief", "d_nucleus", "d_partition", "d_background", "in_nucleus", "blue_rel")
-
-
-def _blur(x: np.ndarray, sigma: float) -> np.ndarray:
-    return cv2.GaussianBlur(x, (0, 0), sigmaX=sigma, sigmaY=sigma) if sigma > 0 else x
 
 
 def _local_mean(x: np.ndarray, sigma: float) -> np.ndarray:

@@ -48,8 +48,6 @@ channel shows no contrast above its noise (blank, constant or pure noise) yields
 """
 from __future__ import annotations
 
-import inspect
-
 import cv2
 import numpy as np
 from scipy import ndimage as ndi
@@ -466,9 +464,9 @@ def segment_classical(
 def boundary_inputs(image: np.ndarray, **options) -> dict:
     """The learned boundary map's inputs for `image` at working scale (``features``, ``fg``, and
     ``shape``, the working shape), with the segmenter's options (for benchmarks/train_boundary.py)."""
-    opts = {p.name: p.default for p in inspect.signature(segment_classical).parameters.values()
-            if p.default is not p.empty}
-    opts.update(options)
+    from kit.segment import backend_options
+
+    opts = backend_options("classical", options)  # the defaults, updated and type-checked
     got: dict = {}
     _run(image, opts, collect=got)
     return got
