@@ -10,7 +10,7 @@ STAMP  := $(VENV)/.installed
 
 $(STAMP): requirements.txt
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet --no-cache-dir -r requirements.txt
 	touch $(STAMP)
 
 venv: $(STAMP)
