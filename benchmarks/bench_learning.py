@@ -177,6 +177,7 @@ def oracle_broadcast(solution: dict, train_labels: dict | None = None) -> dict:
 def with_policy(results: dict, cache, policy) -> dict:  # cache: the run's kit.segment.cache.MaskCache
     """Results with the cell policy applied after the fact (drop + confidence factor)."""
     from kit.cell_policy import confidence_scale, keep_mask
+    from kit.combine import stain_fraction
 
     out = {}
     for image_id, r in results.items():
@@ -186,13 +187,13 @@ def with_policy(results: dict, cache, policy) -> dict:  # cache: the run's kit.s
         scale = confidence_scale(table, policy, float(cells.size))[keep]
         out[image_id] = dataclasses.replace(
             r, cell_ids=r.cell_ids[keep], cell_probs=r.cell_probs[keep], visible=r.visible[keep],
-            masks=r.masks[keep], scale=scale)
+            masks=r.masks[keep], scale=scale, stain=stain_fraction(table[keep]))  # as kit.predict: kept cells
     return out
 
 
 def score_run(cfg, data: Path, test_ids: list[str], solution: dict, rounds: list[int], extra: bool) -> dict:
     """{row name: test true cell mAP} of one trained variant (post-hoc rows when `extra`)."""
-    from kit.combine import (CELL_ONLY, IMAGE_ONLY, CombineSpec, DEFAULT_SPEC, candidate_specs, choose, load_oof,
+    from kit.combine import (CELL_ONLY, IMAGE_ONLY, UNSTAINED, CombineSpec, candidate_specs, choose, load_oof,
                              tune)
     from kit.ceilings import seg_ceiling_predictions
     from kit.manifest import read_manifest
@@ -203,6 +204,9 @@ def score_run(cfg, data: Path, test_ids: list[str], solution: dict, rounds: list
     run_dir = Path(cfg.run_dir)
     test_dir = data / "test"
     rows: dict[str, float] = {}
+    PRODUCT = CombineSpec("product")  # the plain product, whatever the kit's default is
+    PRODUCT_UNSTAINED = CombineSpec("product", unstained=UNSTAINED)
+    CELL_UNSTAINED = CombineSpec("cell_only", unstained=UNSTAINED)
     for r in rounds:
         rcfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, pseudo_rounds=r))
         predictor = Predictor(run_dir, rcfg)
@@ -211,12 +215,16 @@ def score_run(cfg, data: Path, test_ids: list[str], solution: dict, rounds: list
         have = available_image_sources(results)
         tag = f"r{r}"
         rows[f"{tag} cell-only"] = true_map(solution, build_predictions(results, CELL_ONLY), test_ids)
+        rows[f"{tag} cell-only + unstained"] = true_map(solution, build_predictions(results, CELL_UNSTAINED), test_ids)
         for src in have + (["mean"] if len(have) == 2 else []):
             rows[f"{tag} image-only [{src}]"] = true_map(solution, build_predictions(results, IMAGE_ONLY, image_source=src), test_ids)
-            rows[f"{tag} product [{src}]"] = true_map(solution, build_predictions(results, DEFAULT_SPEC, image_source=src), test_ids)
+            rows[f"{tag} product [{src}]"] = true_map(solution, build_predictions(results, PRODUCT, image_source=src), test_ids)
+            rows[f"{tag} product + unstained [{src}]"] = true_map(
+                solution, build_predictions(results, PRODUCT_UNSTAINED, image_source=src), test_ids)
         oof = load_oof(run_dir, rcfg, progress=False, cell_dir=cell_dir_name(r))
         rows[f"{tag} OOF cell-only"] = oof.score(CELL_ONLY)
-        rows[f"{tag} OOF product"] = oof.score(DEFAULT_SPEC)
+        rows[f"{tag} OOF product"] = oof.score(PRODUCT)
+        rows[f"{tag} OOF product + unstained"] = oof.score(PRODUCT_UNSTAINED)
         ranking = tune(oof, candidate_specs())
         chosen, _, _ = choose(oof, ranking)
         rows[f"{tag} tuned (kit rule) [{oof.image_source}]"] = true_map(
@@ -228,6 +236,9 @@ def score_run(cfg, data: Path, test_ids: list[str], solution: dict, rounds: list
             for neg in ("model", "max", "complement", "min_complement", "suppress"):
                 rows[f"negative={neg} (product)"] = true_map(
                     solution, build_predictions(results, CombineSpec("product", negative=neg)), test_ids)
+            for t in (0.1, 0.2, 0.5):
+                rows[f"unstained<{t:g} (product)"] = true_map(
+                    solution, build_predictions(results, CombineSpec("product", unstained=t)), test_ids)
             for spec in (CombineSpec("mean", 0.7), CombineSpec("geometric", 0.5), CombineSpec("field", 0.9),
                          CombineSpec("rank", 0.5), CombineSpec("product", border_power=1.0)):
                 rows[f"combination {spec.name}"] = true_map(solution, build_predictions(results, spec), test_ids)
@@ -237,11 +248,13 @@ def score_run(cfg, data: Path, test_ids: list[str], solution: dict, rounds: list
             for label, rules in [("all rules", POLICY)] + [(rule.split("=")[0][6:], [rule]) for rule in POLICY]:
                 filtered = with_policy(results, cache, load_config(None, rules).cells)
                 rows[f"policy at prediction only ({label}): product"] = true_map(
-                    solution, build_predictions(filtered, DEFAULT_SPEC), test_ids)
+                    solution, build_predictions(filtered, PRODUCT), test_ids)
             rows["ceiling: segmentation (true labels, predicted masks)"] = true_map(
                 solution, seg_ceiling_predictions(results, solution), test_ids)
             rows["ceiling: classification (product, true masks)"] = true_map(
-                solution, build_predictions(true_results[0], DEFAULT_SPEC), test_ids)
+                solution, build_predictions(true_results[0], PRODUCT), test_ids)
+            rows["ceiling: classification (product + unstained, true masks)"] = true_map(
+                solution, build_predictions(true_results[0], PRODUCT_UNSTAINED), test_ids)
             rows["oracle broadcast (true image labels, true cells)"] = true_map(solution, oracle_broadcast(solution), test_ids)
     return rows
 

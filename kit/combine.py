@@ -31,6 +31,15 @@ of the other classes rather than a location of its own:
 * ``suppress``: Negative as ``model``, and every location score multiplied by ``1 - Negative``
   (``p[0:18] *= 1 - p[18]``, 6th place, +0.003).
 
+Unstained cells (``unstained = t``, 0 = off): a cell whose protein (green) signal is far below its
+field's stained cells shows no location, whatever its field shows; models trained on image labels
+cannot learn that, since every cell of a positive field is labelled positive. With ``s`` the cell's
+mean green over the 0.9 quantile of its field's cells (`stain_fraction`) and ``d = clip(1 - s / t,
+0, 1)``: Negative becomes ``max(Negative, d)`` and every location score is multiplied by ``1 - d``.
+Cells at or above ``t`` of the field's stained level are untouched (``t = 0.3``: on the four real
+2021 train fields the dimmest cell of a positive field is at 0.41; the synthetic Negative cells of a
+positive field are at a median of 0.02-0.04).
+
 Border cells (cut by the field edge) are down-weighted: every score is multiplied by
 ``visible ** border_power`` where ``visible`` is the visible fraction of the cell (from the cell
 table: ``nucleus_visible_fraction`` when the segmenter reports it, else ``area / median area``
@@ -40,12 +49,12 @@ it off.
 The cell policy's area scaling (`kit.cell_policy.confidence_scale`) multiplies the result like
 the border power; cells the policy drops get no triples at all.
 
-`tune` sweeps every strategy, weight, Negative mode and border power on out-of-fold predictions
-and returns them ranked; ``python -m kit tune-combine --run RUN_DIR`` does it for a run and
+`tune` sweeps every strategy, weight, Negative mode, border power and unstained threshold (0,
+``UNSTAINED`` and 0.5) on out-of-fold predictions and returns them ranked; ``python -m kit tune-combine --run RUN_DIR`` does it for a run and
 writes the choice into ``RUN_DIR/combine.yaml`` (which `kit.predict` reads; the run's config.yaml
 is its input and is never rewritten). The choice must not be noise: the simple default
-(`DEFAULT_SPEC`: product, the winners' choice, Negative from the models) is kept unless
-the best candidate beats it on the concatenated OOF set by more than the fold-to-fold spread
+(`DEFAULT_SPEC`: product, the winners' choice, Negative from the models, the unstained rule at
+``UNSTAINED``) is kept unless the best candidate beats it on the concatenated OOF set by more than the fold-to-fold spread
 (standard deviation of the default's per-fold scores); ``reason`` in combine.yaml says which
 happened:
 
@@ -107,6 +116,7 @@ class CombineSpec:
     weight: float = 0.5
     negative: str = "model"
     border_power: float = 0.0
+    unstained: float = 0.0  # stain fraction below which a cell counts as unstained (0 = off)
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
@@ -117,6 +127,8 @@ class CombineSpec:
             raise ConfigError(f"combine weight {self.weight} outside [0, 1]")
         if float(self.border_power) < 0:
             raise ConfigError(f"combine border_power {self.border_power} is negative")
+        if not 0.0 <= float(self.unstained) < 1.0:
+            raise ConfigError(f"combine unstained {self.unstained} outside [0, 1)")
 
     @property
     def name(self) -> str:
@@ -126,6 +138,8 @@ class CombineSpec:
             text += f" neg={self.negative}"
         if self.border_power:
             text += f" border^{self.border_power:g}"
+        if self.unstained:
+            text += f" unstained<{self.unstained:g}"
         return text
 
     def to_dict(self) -> dict:
@@ -134,11 +148,10 @@ class CombineSpec:
     @classmethod
     def from_dict(cls, data: dict | None) -> "CombineSpec":
         data = dict(data or {})
-        known = {k: data[k] for k in ("strategy", "weight", "negative", "border_power") if k in data}
-        if "weight" in known:
-            known["weight"] = float(known["weight"])
-        if "border_power" in known:
-            known["border_power"] = float(known["border_power"])
+        known = {k: data[k] for k in ("strategy", "weight", "negative", "border_power", "unstained") if k in data}
+        for key in ("weight", "border_power", "unstained"):
+            if key in known:
+                known[key] = float(known[key])
         return cls(**known)
 
 
@@ -206,6 +219,35 @@ def visible_fraction(table) -> np.ndarray:
     return np.clip(vis, 0.0, 1.0)
 
 
+# The unstained rule's default threshold. On the learning benchmark 0.5 scored a little higher than 0.3
+# on all six datasets (+0.0076 mean; README "The unstained rule"), but 0.5 reaches stained cells of
+# the real positive fields we have (dimmest at 0.41-0.49) and 0.3 none of them, and the synthetic
+# Negative cells are dimmer than real ones may be; 0.3 is the default, 0.5 a tune-combine candidate.
+UNSTAINED = 0.3
+STAIN_QUANTILE = 0.9  # the field's stained level: robust to one bright cell or a debris-covered one
+
+
+def stain_fraction(table) -> np.ndarray:
+    """Each cell's mean green (the protein) over the `STAIN_QUANTILE` of its field's cells' (1 = as
+    stained as the field's well-stained cells). `table`: one field's cell table, or several with an
+    ``ID`` column; without a ``mean_green`` column (a table made without the image) every cell gets 1,
+    which turns the unstained rule off."""
+    n = len(table)
+    if n == 0 or "mean_green" not in table.columns:
+        return np.ones(n)
+    green = np.asarray(table["mean_green"], dtype=np.float64)
+    out = np.ones(n)
+    codes = (np.unique(table["ID"].to_numpy(), return_inverse=True)[1].ravel() if "ID" in table.columns
+             else np.zeros(n, np.int64))
+    for g in range(int(codes.max()) + 1):
+        rows = np.flatnonzero(codes == g)
+        ref = float(np.quantile(green[rows], STAIN_QUANTILE))
+        if ref > 0 and np.isfinite(ref):
+            out[rows] = green[rows] / ref
+    out[~np.isfinite(out)] = 1.0
+    return out
+
+
 def field_mean(values: np.ndarray, groups: np.ndarray) -> np.ndarray:
     """Per row, the mean of `values` over the rows of the same group (field)."""
     groups = np.asarray(groups)
@@ -225,6 +267,7 @@ def combine(
     visible: np.ndarray | None = None,
     groups: np.ndarray | None = None,
     scale: np.ndarray | None = None,
+    stain: np.ndarray | None = None,
 ) -> np.ndarray:
     """Combined N x 19 confidences for N cells (see the module doc for each strategy).
 
@@ -232,7 +275,8 @@ def combine(
     `visible` (length N, in [0, 1]) is used when ``spec.border_power > 0``. The rank strategy
     ranks over the N cells given, so give it all the cells that will be scored together.
     `groups` (length N: the field of each cell, e.g. its image ID) is needed by ``field``;
-    `scale` (length N, e.g. the cell policy's area factor) multiplies every score.
+    `scale` (length N, e.g. the cell policy's area factor) multiplies every score; `stain` (length N,
+    `stain_fraction`) is needed by ``spec.unstained > 0``.
     """
     cell = _check_probs("cell_probs", cell_probs)
     image = _check_probs("image_probs", image_probs)
@@ -266,6 +310,15 @@ def combine(
             out[:, NEGATIVE] = (1.0 - cell[:, :NEGATIVE]).min(axis=1)
         elif spec.negative == "suppress":
             out[:, :NEGATIVE] *= 1.0 - np.clip(out[:, NEGATIVE:NEGATIVE + 1], 0.0, 1.0)
+    if spec.unstained and len(out):
+        if stain is None:
+            raise ValueError("the unstained rule needs the stain fraction (stain) of every cell")
+        st = np.asarray(stain, dtype=np.float64)
+        if st.shape != (len(out),):
+            raise ValueError(f"stain has shape {st.shape}, expected ({len(out)},)")
+        d = np.clip(1.0 - st / float(spec.unstained), 0.0, 1.0)
+        out[:, NEGATIVE] = np.maximum(out[:, NEGATIVE], d)
+        out[:, :NEGATIVE] *= (1.0 - d)[:, None]
     if scale is not None and len(out):
         sc = np.asarray(scale, dtype=np.float64)
         if sc.shape != (len(out),):
@@ -315,6 +368,7 @@ class OOFSet:
     notes: list[str] = field(default_factory=list)
     scale: np.ndarray | None = None  # N: the cell policy's confidence factor (None = 1)
     image_source: str = "field"  # where image_probs came from: field | bag | mean
+    stain: np.ndarray | None = None  # N: stain fraction (kit.combine.stain_fraction; None = 1)
 
     def __len__(self) -> int:
         return len(self.cell_ids)
@@ -330,6 +384,7 @@ class OOFSet:
             self.score_kind, pick(self.truth, rows), pick(self.verified, rows), pick(self.image_n_pos, imgs),
             pick(self.image_labels, imgs), pick(self.image_level_probs, imgs), list(self.notes),
             pick(self.scale, rows),
+            stain=pick(self.stain, rows),
         )
 
     def select(self, rows: np.ndarray) -> "OOFSet":
@@ -340,10 +395,13 @@ class OOFSet:
         return dataclasses.replace(
             self, image_ids=self.image_ids[rows], cell_ids=self.cell_ids[rows], folds=self.folds[rows],
             cell_probs=self.cell_probs[rows], image_probs=self.image_probs[rows], visible=self.visible[rows],
-            truth=pick(self.truth), verified=pick(self.verified), scale=pick(self.scale), notes=list(self.notes))
+            truth=pick(self.truth), verified=pick(self.verified), scale=pick(self.scale), notes=list(self.notes),
+            stain=pick(self.stain))
 
     def combined(self, spec: CombineSpec) -> np.ndarray:
-        return combine(self.cell_probs, self.image_probs, spec, self.visible, groups=self.image_ids, scale=self.scale)
+        stain = self.stain if self.stain is not None else np.ones(len(self.cell_ids))
+        return combine(self.cell_probs, self.image_probs, spec, self.visible, groups=self.image_ids, scale=self.scale,
+                       stain=stain)
 
     def per_class(self, spec: CombineSpec) -> np.ndarray:
         """Per-class AP (NaN for classes without truth) of `spec` on this set."""
@@ -519,7 +577,8 @@ def load_oof(run_dir: str | Path, cfg=None, progress: bool = True, truth: bool |
 
     cache = manifest.masks()
     by_image = {k: g for k, g in cell_oof.groupby("ID", sort=False)}
-    parts: dict[str, list] = {k: [] for k in ("ids", "cells", "folds", "cp", "vis", "truth", "verified", "scale")}
+    parts: dict[str, list] = {k: [] for k in ("ids", "cells", "folds", "cp", "vis", "truth", "verified", "scale",
+                                                   "stain")}
     image_n_pos = np.zeros((len(images), NUM_CLASSES), np.int64)
     for m, image_id in enumerate(tqdm(images, desc="oof cells", unit="img", disable=not progress, leave=False)):
         g = by_image.get(image_id)
@@ -542,8 +601,11 @@ def load_oof(run_dir: str | Path, cfg=None, progress: bool = True, truth: bool |
             raise DataError(f"image {image_id}: OOF cell {unknown[0]} is not in the mask cache {cache.dir}: "
                             "were the tiles made from another segmentation (data.mask_cache, data.segment_backend)?")
         g = g.assign(_pos=[position[int(k)] for k in g["cell_id"]]).sort_values("_pos", kind="stable")
-        g = g[keep_mask(table, policy)[g["_pos"].to_numpy()]]  # the policy's dropped cells get no triples
+        kept = keep_mask(table, policy)
+        g = g[kept[g["_pos"].to_numpy()]]  # the policy's dropped cells get no triples
         vis_all = visible_fraction(table)
+        stain_all = np.ones(len(table))
+        stain_all[kept] = stain_fraction(table[kept])  # over the cells predicted, as kit.predict does
         n = len(g)
         parts["scale"].append(confidence_scale(table, policy, pred_cells.size)[g["_pos"].to_numpy()])
         parts["ids"].append(np.full(n, image_id, dtype=object))
@@ -551,6 +613,7 @@ def load_oof(run_dir: str | Path, cfg=None, progress: bool = True, truth: bool |
         parts["folds"].append(g["fold"].to_numpy(np.int64))
         parts["cp"].append(g[PROB_COLUMNS].to_numpy(np.float64))
         parts["vis"].append(vis_all[g["_pos"].to_numpy()])
+        parts["stain"].append(stain_all[g["_pos"].to_numpy()])
         if solution is not None:
             match = match_labels(pred_cells, true_labels)
             t = np.zeros((n, NUM_CLASSES), bool)
@@ -580,6 +643,7 @@ def load_oof(run_dir: str | Path, cfg=None, progress: bool = True, truth: bool |
         notes=notes,
         scale=cat("scale", (0,), np.float64),
         image_source=used_source,
+        stain=cat("stain", (0,), np.float64),
     )
     labels = read_labels_csv(manifest.labels_file).set_index("ID")
     from kit.labels import to_multihot
@@ -594,13 +658,15 @@ def candidate_specs(
     weights: Iterable[float] = tuple(np.round(np.linspace(0.1, 0.9, 9), 2)),
     negatives: Iterable[str] = NEGATIVE_MODES,
     border_powers: Iterable[float] = (0.0, 0.5, 1.0),
+    unstained: Iterable[float] = (0.0, UNSTAINED, 0.5),
 ) -> list[CombineSpec]:
     """Every combination of the sweep (weights only for the weighted strategies)."""
     specs = []
     weights = [float(w) for w in weights]
     for s, neg, bp in itertools.product(list(strategies), list(negatives), [float(b) for b in border_powers]):
         for w in weights if s in WEIGHTED else [0.5]:
-            specs.append(CombineSpec(s, w, neg, bp))
+            for u in unstained:
+                specs.append(CombineSpec(s, w, neg, bp, float(u)))
     return specs
 
 
@@ -621,13 +687,12 @@ def tune(oof: OOFSet, specs: Sequence[CombineSpec] | None = None, progress: bool
     return [scored[i] for i in order]
 
 
-# The simple default: the winners' product, with Negative derived per cell (1 - the largest combined
-# location score): an image model cannot say which cells of a positive field are Negative. On the
-# learning benchmark and the demo seeds it beat product with the model's Negative (see README).
-# Plain product: the complement Negative won on 2 of 3 held-out seeds by +0.0075 mean true cell mAP,
-# less than its spread (benchmarks/bench_learning.py, README "Learning benchmark"), so it is a
-# candidate of tune-combine, not the default.
-DEFAULT_SPEC = CombineSpec("product")
+# The simple default: the winners' product (Negative from the models; the complement Negative won on
+# 2 of 3 held-out seeds by less than its spread, so it is a candidate of tune-combine), with the
+# unstained rule (UNSTAINED) on top: on the learning benchmark's held-out seeds it gained on every seed
+# and style, far beyond the spread (README "The unstained rule"). predict.combine_unstained is the
+# same default for a run that was never tuned.
+DEFAULT_SPEC = CombineSpec("product", unstained=UNSTAINED)
 
 
 def fold_spread(oof: OOFSet, spec: CombineSpec) -> float:
@@ -701,7 +766,7 @@ def combine_path(run_dir: str | Path) -> Path:
 
 
 def read_combine_spec(run_dir: str | Path, cfg=None) -> CombineSpec:
-    """The run's combination: ``combine.yaml`` when tuned, else the config's predict.combine/_weight."""
+    """The run's combination: ``combine.yaml`` when tuned, else the config's predict.combine/_weight/_unstained."""
     import yaml
 
     path = combine_path(run_dir)
@@ -715,8 +780,9 @@ def read_combine_spec(run_dir: str | Path, cfg=None) -> CombineSpec:
         except (ConfigError, TypeError, ValueError) as exc:
             raise ConfigError(f"{path}: {exc}") from None
     if cfg is None:
-        return CombineSpec("product")
-    return CombineSpec(cfg.predict.combine, float(cfg.predict.combine_weight))
+        return DEFAULT_SPEC
+    return CombineSpec(cfg.predict.combine, float(cfg.predict.combine_weight),
+                       unstained=float(cfg.predict.combine_unstained))
 
 
 def tune_run(run_dir: str | Path, specs: Sequence[CombineSpec] | None = None, write: bool = True,

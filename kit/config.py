@@ -126,7 +126,7 @@ class TrainConfig:
 
 @dataclass
 class PredictConfig:
-    """Inference settings. combine/combine_weight are used only while the run has no combine.yaml
+    """Inference settings. combine/combine_weight/combine_unstained are used only while the run has no combine.yaml
     (`tune-combine` writes that file; it never rewrites config.yaml)."""
 
     tta: int = 1  # 1 = none, 2 = + horizontal flip, 4 = + vertical flips, 8 = all dihedral
@@ -134,6 +134,8 @@ class PredictConfig:
     which: Literal["best", "last"] = "best"
     combine: str = "product"  # cell x image score combination (kit.combine)
     combine_weight: float = 0.5
+    # cells below this fraction of their field's stained level count as unstained (kit.combine; 0 = off)
+    combine_unstained: float = 0.3
     # how the CNNs run (kit.throughput): auto = the fastest path measured on this machine for this model
     engine: Literal["auto", "baseline", "torch", "jit", "onnx", "compile"] = "auto"
     # image score: field model, MIL bag head, their mean; auto = the field model when there is one, else bag
@@ -273,6 +275,8 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"config key train.workers: must be >= 0, got {cfg.train.workers}")
     if not 0.0 <= cfg.train.warmup_pct < 1.0:
         raise ConfigError(f"config key train.warmup_pct: must be in [0, 1), got {cfg.train.warmup_pct}")
+    if not 0.0 <= cfg.predict.combine_unstained < 1.0:
+        raise ConfigError(f"config key predict.combine_unstained: must be in [0, 1), got {cfg.predict.combine_unstained}")
     if cfg.predict.tta not in (1, 2, 4, 8):
         raise ConfigError(f"config key predict.tta: must be 1, 2, 4 or 8, got {cfg.predict.tta}")
     for kind in ("cell", "image"):

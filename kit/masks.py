@@ -114,7 +114,7 @@ class TruthMasks(_FileMasks):
         cells = read(self._path(image_id, "cell"))
         nuclei_path = self._path(image_id, "nuclei")
         nuclei = read(nuclei_path) if nuclei_path.is_file() else cells
-        return nuclei, cells, cell_table(nuclei, cells)
+        return nuclei, cells, cell_table(nuclei, cells, image)  # intensities when the image is given
 
 
 @lru_cache(maxsize=4)
@@ -147,7 +147,7 @@ class SolutionMasks(_FileMasks):
         if row is None:
             raise DataError(f"{self.path}: no row for image {image_id}")
         cells, _ = truth_from_solution(row)
-        return cells, cells, cell_table(cells, cells)
+        return cells, cells, cell_table(cells, cells, image)
 
 
 def truth_masks(data_dir: str | Path) -> TruthMasks | SolutionMasks | None:

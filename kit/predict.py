@@ -28,6 +28,7 @@ Per-image results are cached as ``RUN_DIR/predict/<key>/<ID>.npz`` (written atom
     bag_probs    float32 (19,)      the MIL cell model's bag head over all the field's cells (NaN: none)
     visible      float32 (N,)       visible fraction (kit.combine.visible_fraction)
     scale        float32 (N,)       the cell policy's confidence factor (kit.cell_policy)
+    stain        float32 (N,)       green over the field's stained level (kit.combine.stain_fraction)
     masks        str     (N,)       the competition mask strings
     size         int64   (2,)       width, height
 
@@ -56,12 +57,12 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from kit.atomic import atomic_open, atomic_path
-from kit.combine import CombineSpec, combine, read_combine_spec, visible_fraction
+from kit.combine import CombineSpec, combine, read_combine_spec, stain_fraction, visible_fraction
 from kit.errors import ConfigError, DataError, KitError, clip
 from kit.ids import check_id
 from kit.labels import NUM_CLASSES
 
-PREDICT_CACHE_VERSION = 3  # 2: kit.cachekey folder key; 3: bag_probs and scale
+PREDICT_CACHE_VERSION = 4  # 2: kit.cachekey folder key; 3: bag_probs and scale; 4: stain
 KINDS = ("cell", "image")
 
 
@@ -79,6 +80,7 @@ class ImageResult:
     height: int
     bag_probs: np.ndarray | None = None
     scale: np.ndarray | None = None
+    stain: np.ndarray | None = None
 
     def image_score(self, source: str) -> np.ndarray:
         """The image-level probabilities of `source`: field | bag | mean (kit.combine.resolve_image_source)."""
@@ -98,6 +100,7 @@ class ImageResult:
                 visible=self.visible.astype(np.float32),
                 bag_probs=(self.bag_probs if self.bag_probs is not None else np.full(NUM_CLASSES, np.nan)).astype(np.float32),
                 scale=(self.scale if self.scale is not None else np.ones(len(self.cell_ids))).astype(np.float32),
+                stain=(self.stain if self.stain is not None else np.ones(len(self.cell_ids))).astype(np.float32),
                 masks=np.asarray(self.masks, dtype=np.str_),
                 size=np.array([self.width, self.height], np.int64),
             )
@@ -108,7 +111,8 @@ class ImageResult:
             w, h = (int(v) for v in z["size"])
             masks = z["masks"]
             return cls(image_id, z["cell_ids"], z["cell_probs"], z["image_probs"], z["visible"],
-                       masks.astype(str) if len(masks) else np.zeros(0, dtype=str), w, h, z["bag_probs"], z["scale"])
+                       masks.astype(str) if len(masks) else np.zeros(0, dtype=str), w, h, z["bag_probs"], z["scale"],
+                       z["stain"])
 
 
 # --------------------------------------------------------------------------------------------
@@ -327,7 +331,7 @@ def _predict_inputs(job: tuple) -> dict:
         ids = table["cell_id"].to_numpy(np.int64) if len(table) else np.zeros(0, np.int64)
         masks_text = np.asarray([rle[int(k)] for k in ids], dtype=np.str_) if len(ids) else np.zeros(0, np.str_)
         scale = confidence_scale(table, policy, float(labels.size))
-        cells[key] = (ids, tiles, visible_fraction(table), masks_text, scale)
+        cells[key] = (ids, tiles, visible_fraction(table), masks_text, scale, stain_fraction(table))
     return {"id": image_id, "width": prepared.width, "height": prepared.height, "field": prepared.field,
             "cells": cells, "failed": failed}
 
@@ -394,8 +398,8 @@ def _predict_pack(pack: list[dict], cell_ens: FoldEnsemble, image_ens: FoldEnsem
             cell_probs[n][key] = (part.astype(np.float32, copy=False), None)
     for n, item in enumerate(pack):
         yield [(key, ImageResult(item["id"], cell_ids, cell_probs[n][key][0], image_probs[n], visible, masks_text,
-                                 item["width"], item["height"], cell_probs[n][key][1], scale))
-               for key, (cell_ids, _, visible, masks_text, scale) in item["cells"].items()]
+                                 item["width"], item["height"], cell_probs[n][key][1], scale, stain))
+               for key, (cell_ids, _, visible, masks_text, scale, stain) in item["cells"].items()]
 
 
 class Predictor:
@@ -625,7 +629,9 @@ def combined_scores(results: dict[str, ImageResult], spec: CombineSpec, image_so
     groups = np.concatenate([np.full(len(results[i].cell_ids), i, dtype=object) for i in order])
     scale = np.concatenate([results[i].scale if results[i].scale is not None else np.ones(len(results[i].cell_ids))
                             for i in order]).astype(np.float64)
-    scores = combine(cell, image, spec, visible, groups=groups, scale=scale)
+    stain = np.concatenate([results[i].stain if results[i].stain is not None else np.ones(len(results[i].cell_ids))
+                            for i in order]).astype(np.float64)
+    scores = combine(cell, image, spec, visible, groups=groups, scale=scale, stain=stain)
     out, start = {}, 0
     for i in results:
         n = len(results[i].cell_ids)
@@ -768,7 +774,7 @@ def configure_predict(parser: argparse.ArgumentParser) -> None:
 
 
 def parse_combine_option(text: str) -> CombineSpec:
-    """``strategy[:weight[:negative[:border_power]]]`` -> CombineSpec."""
+    """``strategy[:weight[:negative[:border_power[:unstained]]]]`` -> CombineSpec."""
     parts = text.split(":")
     try:
         kwargs = {"strategy": parts[0]}
@@ -778,8 +784,10 @@ def parse_combine_option(text: str) -> CombineSpec:
             kwargs["negative"] = parts[2]
         if len(parts) > 3 and parts[3]:
             kwargs["border_power"] = float(parts[3])
+        if len(parts) > 4 and parts[4]:
+            kwargs["unstained"] = float(parts[4])
     except ValueError:
-        raise ConfigError(f"--combine {clip(text)}: expected strategy[:weight[:negative[:border_power]]]") from None
+        raise ConfigError(f"--combine {clip(text)}: expected strategy[:weight[:negative[:border_power[:unstained]]]]") from None
     return CombineSpec(**kwargs)
 
 

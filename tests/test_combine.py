@@ -7,12 +7,14 @@ import pytest
 
 from kit.combine import (
     STRATEGIES,
+    UNSTAINED,
     CombineSpec,
     broadcast_image_probs,
     candidate_specs,
     cell_ap_per_class,
     combine,
     rank01,
+    stain_fraction,
     visible_fraction,
 )
 from kit.errors import ConfigError, DataError
@@ -200,11 +202,48 @@ def test_candidate_specs_cover_the_sweep():
     specs = candidate_specs(weights=[0.2, 0.8], border_powers=[0.0, 1.0])
     names = {s.strategy for s in specs}
     assert names == {"cell_only", "image_only", "product", "geometric", "mean", "field"}  # rank only on request
-    # unweighted: 3 * 5 negatives * 2 powers; weighted: 3 * 2 weights * 5 * 2
-    assert len(specs) == 3 * 5 * 2 + 3 * 2 * 5 * 2
+    # unweighted: 3 * 5 negatives * 2 powers; weighted: 3 * 2 weights * 5 * 2; each without the
+    # unstained rule and at two thresholds
+    assert len(specs) == 3 * (3 * 5 * 2 + 3 * 2 * 5 * 2)
+    assert {s.unstained for s in specs} == {0.0, UNSTAINED, 0.5}
     with_rank = candidate_specs(strategies=STRATEGIES, weights=[0.2, 0.8], border_powers=[0.0, 1.0])
-    assert len(with_rank) == len(specs) + 2 * 5 * 2
+    assert len(with_rank) == len(specs) + 3 * 2 * 5 * 2
     assert len(set(specs)) == len(specs)
+    assert len(candidate_specs(weights=[0.2], border_powers=[0.0], unstained=[0.0])) == 3 * 5 + 3 * 5
+
+
+def test_stain_fraction_is_relative_to_each_fields_stained_cells():
+    table = pd.DataFrame({"ID": ["a"] * 5 + ["b"] * 3,
+                          "mean_green": [0.5, 0.5, 0.5, 0.5, 0.01, 0.02, 0.02, 0.02]})
+    s = stain_fraction(table)
+    assert s[:4] == pytest.approx([1.0] * 4)
+    assert s[4] == pytest.approx(0.02)  # a dim cell in a stained field
+    assert s[5:] == pytest.approx([1.0] * 3)  # a uniformly faint field is its own reference
+    one_field = stain_fraction(table.iloc[:5].drop(columns="ID"))
+    assert one_field == pytest.approx(s[:5])
+    # a table made without the image has no green: the rule is inert
+    assert stain_fraction(table.drop(columns="mean_green")) == pytest.approx(np.ones(8))
+    assert stain_fraction(pd.DataFrame({"ID": ["a"], "mean_green": [0.0]})) == pytest.approx([1.0])
+
+
+def test_unstained_cells_become_negative_and_lose_their_locations():
+    cell = _probs([{0: 0.8, NEGATIVE: 0.1}, {0: 0.8, NEGATIVE: 0.1}, {0: 0.8, NEGATIVE: 0.1}])
+    image = _probs([{0: 0.9}] * 3)
+    stain = np.array([1.0, 0.15, 0.0])  # stained, half below the threshold, no green at all
+    plain = combine(cell, image, CombineSpec("product"))
+    out = combine(cell, image, CombineSpec("product", unstained=0.3), stain=stain)
+    assert out[0] == pytest.approx(plain[0])  # at or above the threshold: untouched
+    assert out[1, NEGATIVE] == pytest.approx(0.5) and out[1, 0] == pytest.approx(plain[1, 0] * 0.5)
+    assert out[2, NEGATIVE] == pytest.approx(1.0) and out[2, :NEGATIVE] == pytest.approx(np.zeros(NEGATIVE))
+    # the model's Negative is kept where it is higher than the rule's
+    cell[1, NEGATIVE] = 0.9
+    assert combine(cell, image, CombineSpec("cell_only", unstained=0.3), stain=stain)[1, NEGATIVE] == 0.9
+    with pytest.raises(ValueError, match="stain"):
+        combine(cell, image, CombineSpec("product", unstained=0.3))
+    with pytest.raises(ConfigError, match="unstained"):
+        CombineSpec("product", unstained=1.5)
+    spec = CombineSpec("field", 0.7, "complement", 0.5, 0.3)
+    assert CombineSpec.from_dict(spec.to_dict()) == spec and "unstained<0.3" in spec.name
 
 
 def _fake_run(root):
@@ -287,3 +326,40 @@ def test_tune_run_chooses_a_combination_that_beats_both_sources(tmp_path):
 
     assert read_combine_spec(run) == DEFAULT_SPEC  # the default kept: product beats it by no more than the spread
     assert load_config(run / "config.yaml").predict.combine == "product"
+
+
+def test_oof_cells_carry_the_stain_fraction_of_their_mask_cache_table(tmp_path):
+    """The OOF set gets each cell's stain fraction as kit.predict does, so tune-combine scores the
+    unstained rule on the cells it will be applied to."""
+    from kit.cells import cell_table
+    from kit.combine import load_oof
+    from kit.config import load_config
+    from kit.segment.cache import MaskCache
+
+    run = _fake_run(tmp_path)
+    cfg = load_config(run / "config.yaml")
+    cache = MaskCache(cfg.data.mask_cache, cfg.data.segment_backend)
+    nuclei, cells, table = cache.load("imgA")
+    # imgA's cell 4 is its Negative cell: make it unstained (green 2% of the others')
+    image = np.zeros(cells.shape + (4,), np.uint8)
+    image[..., 1] = np.where(cells == 4, 2, 100)
+    cache.save("imgA", nuclei, cells, cell_table(nuclei, cells, image))
+    oof = load_oof(run, progress=False)
+    a = oof.image_ids == "imgA"
+    assert oof.stain[a] == pytest.approx([1.0, 1.0, 1.0, 0.02])
+    assert oof.stain[~a] == pytest.approx(np.ones(4))  # imgB's table has no intensities: inert
+    plain, gated = CombineSpec("product"), CombineSpec("product", unstained=0.3)
+    assert oof.per_class(gated)[NEGATIVE] > oof.per_class(plain)[NEGATIVE]
+    assert oof.subset(0).stain == pytest.approx(oof.stain[oof.folds == 0])
+
+
+def test_an_untuned_run_takes_the_unstained_threshold_from_its_config(tmp_path):
+    from kit.combine import DEFAULT_SPEC, read_combine_spec
+    from kit.config import load_config
+
+    cfg = load_config(None, ["predict.combine_unstained=0.2"])
+    assert read_combine_spec(tmp_path, cfg) == CombineSpec("product", unstained=0.2)
+    assert read_combine_spec(tmp_path, load_config(None, [])) == DEFAULT_SPEC
+    assert read_combine_spec(tmp_path, load_config(None, ["predict.combine_unstained=0"])).unstained == 0.0
+    with pytest.raises(ConfigError, match="predict.combine_unstained"):
+        load_config(None, ["predict.combine_unstained=1.5"])

@@ -153,8 +153,28 @@ def test_prediction_cache_is_keyed_by_the_checkpoints(run_dir, tiny_dataset):
         os.utime(ckpt, ns=(st.st_atime_ns, st.st_mtime_ns))
 
 
+def test_results_carry_each_cells_stain_fraction_through_the_cache(run_dir, tiny_dataset):
+    from kit.combine import stain_fraction
+    from kit.predict import ImageResult, prediction_path
+
+    predictor = Predictor(run_dir)
+    test_dir = tiny_dataset / "test"
+    masks = predictor.run_masks(test_dir)
+    ids = sorted(p.name[: -len("_red.png")] for p in test_dir.glob("*_red.png"))[:2]
+    results = predictor.predict_folder(test_dir, ids, masks, progress=False)
+    for image_id in ids:
+        r = results[image_id]
+        _, _, table = masks.cache.load(image_id)
+        expected = stain_fraction(table.set_index("cell_id").loc[r.cell_ids].reset_index())
+        assert r.stain == pytest.approx(expected, abs=1e-6)
+        assert r.stain.min() < 1.0 <= r.stain.max() + 1e-6  # not the inert all-ones fallback
+        again = ImageResult.load(prediction_path(predictor.cache_dir(test_dir, masks), image_id), image_id)
+        assert again.stain == pytest.approx(r.stain)
+
+
 def test_parse_combine_option():
     assert parse_combine_option("geometric:0.3:max:0.5") == CombineSpec("geometric", 0.3, "max", 0.5)
+    assert parse_combine_option("product::::0.3") == CombineSpec("product", unstained=0.3)
     assert parse_combine_option("image_only") == CombineSpec("image_only")
     with pytest.raises(KitError):
         parse_combine_option("geometric:x")

@@ -248,7 +248,7 @@ def test_cells_of_a_pack_share_batches_and_a_resumed_pack_gives_the_same_bits():
 
     def item(i):
         return {"id": ids[i], "width": 32, "height": 32, "field": _tiles(1, side=48, seed=100 + i)[0],
-                "cells": {"m": (list(range(1, counts[i] + 1)), _tiles(counts[i], seed=i), None, [], None)}}
+                "cells": {"m": (list(range(1, counts[i] + 1)), _tiles(counts[i], seed=i), None, [], None, None)}}
 
     pack_of = packs_of(ids, size=4)
     assert [pack_of[i] for i in ids] == [0, 0, 0, 0, 1, 1, 1, 1, 2]
