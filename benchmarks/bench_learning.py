@@ -21,6 +21,7 @@ fields, ``--epochs`` 4, ``--folds`` 3):
   mil_attn    the same with attention pooling (no pseudo round)
   filters     broadcast trained and predicted with the cell policy on (``POLICY``)
   negaug      broadcast with the dimmed-green Negative augmentation (p = 0.05)
+  unstained   broadcast, training cells below stain fraction 0.3 get the unstained rule's targets
   effnet      EfficientNet-Lite0 with ImageNet weights, epochs set for equal training CPU time
   resnet50    ResNet-50 from scratch, epochs set for equal training CPU time
 Rows: per variant, cell-only, image-only, product and the combination chosen on OOF by the kit's
@@ -56,6 +57,7 @@ VARIANTS = {
     "mil_attn": ["train.cell_mode=mil", "train.bag_pool=attention"],
     "filters": POLICY,
     "negaug": ["train.negative_aug=0.05"],
+    "unstained": ["train.unstained_targets=0.3"],
     "effnet": ["cell_model.backbone=efficientnet_lite0", "cell_model.pretrained=imagenet"],
     "resnet50": ["cell_model.backbone=resnet50"],
 }

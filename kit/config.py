@@ -122,6 +122,8 @@ class TrainConfig:
     pseudo_threshold: float = 0.9  # a cell keeps class c above this OOF probability
     pseudo_std: float = 0.5  # ... or above its image's mean + this many standard deviations
     negative_aug: float = 0.0  # probability of a dimmed-green tile labelled Negative (9th place); 0 = off
+    # training cells below this stain fraction get the unstained rule's targets (kit.combine); 0 = off
+    unstained_targets: float = 0.0
 
 
 @dataclass
@@ -294,6 +296,8 @@ def _validate(cfg: Config) -> None:
     positive("train.bag_size", cfg.train.bag_size)
     if cfg.train.pseudo_rounds < 0:
         raise ConfigError(f"config key train.pseudo_rounds: must be >= 0, got {cfg.train.pseudo_rounds}")
+    if not 0.0 <= cfg.train.unstained_targets < 1.0:
+        raise ConfigError(f"config key train.unstained_targets: must be in [0, 1), got {cfg.train.unstained_targets}")
     if not 0.0 <= cfg.train.negative_aug < 1.0:
         raise ConfigError(f"config key train.negative_aug: must be in [0, 1), got {cfg.train.negative_aug}")
     if cfg.train.cell_loss_weight < 0:

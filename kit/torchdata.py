@@ -140,7 +140,9 @@ class CellTileDataset(Dataset):
     cells it keeps. `cell_targets` {(ID, cell_id): 19 targets} (pseudo-label rounds, kit.pseudo)
     replaces the broadcast target of the cells it lists. `negative_aug` p: with probability p
     (drawn from the item's augmentation seed) the green channel is dimmed to x U[0, 0.1] and the
-    target becomes Negative only (9th place).
+    target becomes Negative only (9th place). `unstained` t > 0: a cell whose stain fraction
+    (kit.combine.stain_fraction over the image's kept cells) is below t gets the unstained rule's
+    target, as the rule scores it at prediction: locations x (1 - d), Negative max(Negative, d).
     """
 
     def __init__(
@@ -155,8 +157,10 @@ class CellTileDataset(Dataset):
         policy=None,
         cell_targets: dict | None = None,
         negative_aug: float = 0.0,
+        unstained: float = 0.0,
     ):
         from kit.cell_policy import keep_mask
+        from kit.combine import stain_fraction
 
         self.tile_dir = Path(tile_dir)
         self.negative_aug = float(negative_aug)
@@ -165,7 +169,7 @@ class CellTileDataset(Dataset):
         self.augment = augment
         self.cache_size = cache_size
         self.missing: list[str] = []
-        img_idx, rows, cell_ids = [], [], []
+        img_idx, rows, cell_ids, dims = [], [], [], []
         rng = np.random.default_rng(seed)
         from kit.cells import load_tiles, tiles_done
 
@@ -182,6 +186,11 @@ class CellTileDataset(Dataset):
             keep = np.flatnonzero(keep_mask(table, policy))
             if max_cells_per_image and len(keep) > max_cells_per_image:
                 keep = np.sort(rng.choice(keep, size=max_cells_per_image, replace=False))
+            if unstained > 0:  # over the cells kept by the policy, as kit.predict computes it
+                stain = np.ones(n)
+                kept = np.flatnonzero(keep_mask(table, policy))
+                stain[kept] = stain_fraction(table.iloc[kept])
+                dims.append(np.clip(1.0 - stain[keep] / float(unstained), 0.0, 1.0))
             img_idx.append(np.full(len(keep), i, dtype=np.int32))
             rows.append(keep.astype(np.int32))
             cell_ids.append(ids_here[keep])
@@ -195,6 +204,10 @@ class CellTileDataset(Dataset):
                 t = cell_targets.get((self.ids[int(i)], int(k)))
                 if t is not None:
                     self.item_targets[r] = t
+        if dims:
+            d = np.concatenate(dims).astype(np.float32)
+            self.item_targets[:, :-1] *= (1.0 - d)[:, None]
+            self.item_targets[:, -1] = np.maximum(self.item_targets[:, -1], d)
         self._maps: OrderedDict = OrderedDict()
 
     def __len__(self) -> int:

@@ -17,8 +17,9 @@ model, made where missing by one `kit.prepare` pass; see kit.torchdata. How the 
 is ``train.cell_mode``: ``broadcast`` (every cell gets its image's labels) or ``mil`` (bags of
 cells with a cell head and a bag head, kit.mil); ``train.pseudo_rounds`` K > 0 retrains it K
 times on labels derived from its own out-of-fold predictions (kit.pseudo); the cell policy
-(``cells:``, kit.cell_policy) chooses the training cells; ``train.negative_aug`` adds dimmed-green
-Negative tiles.
+(``cells:``, kit.cell_policy) chooses the training cells; ``train.unstained_targets`` gives dim
+cells the targets the unstained rule scores them with (kit.combine); ``train.negative_aug`` adds
+dimmed-green Negative tiles.
 
 Run folder (rank 0 writes, every file atomically)::
 
@@ -181,6 +182,7 @@ def make_dataset(cfg: Config, kind: str, table, train: bool, progress: bool = Tr
             max_cells_per_image=tcfg.max_cells_per_image if train else 0, seed=tcfg.seed,
             policy=cfg.cells if train else None, cell_targets=cell_targets if train else None,
             negative_aug=tcfg.negative_aug if train else 0.0,
+            unstained=tcfg.unstained_targets if train else 0.0,
         )
         if len(ds.missing) == len(ids):
             raise DataError(

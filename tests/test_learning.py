@@ -237,6 +237,44 @@ def test_negative_augmentation_dims_green_and_labels_negative(tmp_path):
     torch.testing.assert_close(x[0], plain_x[0])
 
 
+def test_unstained_targets_relabel_only_the_dim_cells_within_the_image_labels(tmp_path):
+    from kit.combine import stain_fraction
+    from kit.torchdata import CellTileDataset
+
+    ids, labels = _write_dataset(tmp_path)
+    tile_dir = tmp_path / "tiles" / "tiles-32-test"
+    d_of = {}
+    for i in ids:  # the last cell of every image shows no green (2% of the others')
+        t = pd.read_csv(tile_dir / f"{i}.csv")
+        g = np.full(len(t), 0.5)
+        g[-1] = 0.01
+        t["mean_green"] = g
+        t.to_csv(tile_dir / f"{i}.csv", index=False)
+        d = np.clip(1 - stain_fraction(t) / 0.3, 0, 1)  # the rule of kit.combine, per cell
+        d_of.update({(i, int(k)): float(v) for k, v in zip(t["cell_id"], d)})
+    targets = np.stack([to_multihot(x) for x in labels])
+    plain = CellTileDataset(tile_dir, ids, targets)
+    ds = CellTileDataset(tile_dir, ids, targets, unstained=0.3)
+    assert len(ds) == len(plain)
+    changed = 0
+    for r, (i, k) in enumerate(zip(ds.img_idx, ds.cell_ids)):
+        y, y0 = ds.sample_targets()[r], plain.sample_targets()[r]
+        d = d_of[(ds.ids[int(i)], int(k))]
+        assert set(np.flatnonzero(y[:NEGATIVE])) <= set(np.flatnonzero(y0[:NEGATIVE]))  # never a new location
+        np.testing.assert_allclose(y[:NEGATIVE], y0[:NEGATIVE] * (1 - d), atol=1e-6)
+        assert y[NEGATIVE] == pytest.approx(max(y0[NEGATIVE], d))
+        if d > 0.9:  # the green-less cells: Negative, their locations nearly gone
+            changed += 1
+            assert y[NEGATIVE] > 0.9 and y[:NEGATIVE].max() < 0.1
+        elif d == 0:
+            np.testing.assert_array_equal(y, y0)
+    assert changed == len(ids)
+    assert sum(v == 0 for v in d_of.values()) >= len(ids)  # the stained cells keep their targets
+    # off by default and at prediction: the broadcast targets
+    np.testing.assert_array_equal(CellTileDataset(tile_dir, ids, targets, unstained=0.0).sample_targets(),
+                                  plain.sample_targets())
+
+
 # --------------------------------------------------------------------------------------------- combination
 
 
