@@ -50,13 +50,13 @@ The cell policy's area scaling (`kit.cell_policy.confidence_scale`) multiplies t
 the border power; cells the policy drops get no triples at all.
 
 `tune` sweeps every strategy, weight, Negative mode, border power and unstained threshold (0,
-``UNSTAINED`` and 0.5) on out-of-fold predictions and returns them ranked; ``python -m kit tune-combine --run RUN_DIR`` does it for a run and
-writes the choice into ``RUN_DIR/combine.yaml`` (which `kit.predict` reads; the run's config.yaml
+``UNSTAINED`` and 0.5) on out-of-fold predictions and returns them ranked; ``python -m kit
+tune-combine --run RUN_DIR`` does it for a run and writes the choice into ``RUN_DIR/combine.yaml`` (which `kit.predict` reads; the run's config.yaml
 is its input and is never rewritten). The choice must not be noise: the simple default
 (`DEFAULT_SPEC`: product, the winners' choice, Negative from the models, the unstained rule at
-``UNSTAINED``) is kept unless the best candidate beats it on the concatenated OOF set by more than the fold-to-fold spread
-(standard deviation of the default's per-fold scores); ``reason`` in combine.yaml says which
-happened:
+``UNSTAINED``) is kept unless the best candidate beats it on the concatenated OOF set by more than
+the fold-to-fold spread (standard deviation of the default's per-fold scores); ``reason`` in
+combine.yaml says which happened:
 
 .. code-block:: yaml
 
@@ -248,6 +248,19 @@ def stain_fraction(table) -> np.ndarray:
     return out
 
 
+def apply_unstained(values: np.ndarray, stain: np.ndarray, threshold: float) -> np.ndarray:
+    """The unstained rule in place on N x 19 `values` (scores, or training targets): with
+    ``d = clip(1 - stain / threshold, 0, 1)``, Negative becomes ``max(Negative, d)`` and every
+    location is multiplied by ``1 - d``. Returns `values`."""
+    st = np.asarray(stain, dtype=np.float64)
+    if st.shape != (len(values),):
+        raise ValueError(f"stain has shape {st.shape}, expected ({len(values)},)")
+    d = np.clip(1.0 - st / float(threshold), 0.0, 1.0).astype(values.dtype)
+    values[:, NEGATIVE] = np.maximum(values[:, NEGATIVE], d)
+    values[:, :NEGATIVE] *= (1.0 - d)[:, None]
+    return values
+
+
 def field_mean(values: np.ndarray, groups: np.ndarray) -> np.ndarray:
     """Per row, the mean of `values` over the rows of the same group (field)."""
     groups = np.asarray(groups)
@@ -313,12 +326,7 @@ def combine(
     if spec.unstained and len(out):
         if stain is None:
             raise ValueError("the unstained rule needs the stain fraction (stain) of every cell")
-        st = np.asarray(stain, dtype=np.float64)
-        if st.shape != (len(out),):
-            raise ValueError(f"stain has shape {st.shape}, expected ({len(out)},)")
-        d = np.clip(1.0 - st / float(spec.unstained), 0.0, 1.0)
-        out[:, NEGATIVE] = np.maximum(out[:, NEGATIVE], d)
-        out[:, :NEGATIVE] *= (1.0 - d)[:, None]
+        apply_unstained(out, stain, spec.unstained)
     if scale is not None and len(out):
         sc = np.asarray(scale, dtype=np.float64)
         if sc.shape != (len(out),):

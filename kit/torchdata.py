@@ -160,7 +160,7 @@ class CellTileDataset(Dataset):
         unstained: float = 0.0,
     ):
         from kit.cell_policy import keep_mask
-        from kit.combine import stain_fraction
+        from kit.combine import apply_unstained, stain_fraction
 
         self.tile_dir = Path(tile_dir)
         self.negative_aug = float(negative_aug)
@@ -169,7 +169,7 @@ class CellTileDataset(Dataset):
         self.augment = augment
         self.cache_size = cache_size
         self.missing: list[str] = []
-        img_idx, rows, cell_ids, dims = [], [], [], []
+        img_idx, rows, cell_ids, stains = [], [], [], []
         rng = np.random.default_rng(seed)
         from kit.cells import load_tiles, tiles_done
 
@@ -183,14 +183,14 @@ class CellTileDataset(Dataset):
                                 f"got {tiles.shape} {tiles.dtype}")
             n = int(tiles.shape[0])
             ids_here = table["cell_id"].to_numpy(np.int64)
-            keep = np.flatnonzero(keep_mask(table, policy))
+            kept = np.flatnonzero(keep_mask(table, policy))
+            keep = kept
             if max_cells_per_image and len(keep) > max_cells_per_image:
                 keep = np.sort(rng.choice(keep, size=max_cells_per_image, replace=False))
             if unstained > 0:  # over the cells kept by the policy, as kit.predict computes it
                 stain = np.ones(n)
-                kept = np.flatnonzero(keep_mask(table, policy))
                 stain[kept] = stain_fraction(table.iloc[kept])
-                dims.append(np.clip(1.0 - stain[keep] / float(unstained), 0.0, 1.0))
+                stains.append(stain[keep])
             img_idx.append(np.full(len(keep), i, dtype=np.int32))
             rows.append(keep.astype(np.int32))
             cell_ids.append(ids_here[keep])
@@ -204,10 +204,8 @@ class CellTileDataset(Dataset):
                 t = cell_targets.get((self.ids[int(i)], int(k)))
                 if t is not None:
                     self.item_targets[r] = t
-        if dims:
-            d = np.concatenate(dims).astype(np.float32)
-            self.item_targets[:, :-1] *= (1.0 - d)[:, None]
-            self.item_targets[:, -1] = np.maximum(self.item_targets[:, -1], d)
+        if stains:
+            apply_unstained(self.item_targets, np.concatenate(stains), unstained)
         self._maps: OrderedDict = OrderedDict()
 
     def __len__(self) -> int:
