@@ -22,8 +22,13 @@ fields, ``--epochs`` 4, ``--folds`` 3):
   filters     broadcast trained and predicted with the cell policy on (``POLICY``)
   negaug      broadcast with the dimmed-green Negative augmentation (p = 0.05)
   unstained   broadcast, training cells below stain fraction 0.3 get the unstained rule's targets
+  unstained_pseudo  the same + ``--rounds`` pseudo-label rounds (the rule applied to the pseudo targets)
   effnet      EfficientNet-Lite0 with ImageNet weights, epochs set for equal training CPU time
   resnet50    ResNet-50 from scratch, epochs set for equal training CPU time
+  effimage    the image model as EfficientNet-Lite0 with ImageNet weights (same epochs; its CPU
+              time is in table.json), scored with the broadcast variant's cell model (run first)
+  image_long  the ResNet-18 image model trained 16 epochs instead of ``--epochs`` (same cell model)
+  effimage_long  EfficientNet-Lite0 (ImageNet) image model, 16 epochs (same cell model)
 Rows: per variant, cell-only, image-only, product and the combination chosen on OOF by the kit's
 rule (kit.combine.choose); for the broadcast round 0 also every Negative mode, every combination,
 the OOF-best candidate without the rule, the cell policy at prediction only; the segmentation
@@ -58,10 +63,19 @@ VARIANTS = {
     "filters": POLICY,
     "negaug": ["train.negative_aug=0.05"],
     "unstained": ["train.unstained_targets=0.3"],
+    "unstained_pseudo": ["train.unstained_targets=0.3"],
     "effnet": ["cell_model.backbone=efficientnet_lite0", "cell_model.pretrained=imagenet"],
     "resnet50": ["cell_model.backbone=resnet50"],
+    "effimage": ["image_model.backbone=efficientnet_lite0", "image_model.pretrained=imagenet"],
+    "image_long": ["image_model.epochs=16"],
+    "effimage_long": ["image_model.backbone=efficientnet_lite0", "image_model.pretrained=imagenet",
+                      "image_model.epochs=16"],
 }
 EQUAL_TIME = ("effnet", "resnet50")
+PSEUDO_VARIANTS = ("broadcast", "mil", "unstained_pseudo")  # the variants trained with --rounds pseudo rounds
+# Variants that change the image model only: they train their own image model and reuse the
+# broadcast variant's cell model (linked, so it is trained once), then score every row with it.
+IMAGE_ONLY_VARIANTS = ("effimage", "image_long", "effimage_long")
 
 
 def _log(msg: str) -> None:
@@ -286,7 +300,7 @@ def run_dataset(style: str, seed: int, args, root: Path) -> dict:
     rate18 = None
     for name in args.variants:
         overrides = list(VARIANTS[name])
-        if name not in ("broadcast", "mil"):
+        if name not in PSEUDO_VARIANTS:
             overrides.append("train.pseudo_rounds=0")
         epochs = args.epochs
         if name in EQUAL_TIME:
@@ -299,11 +313,20 @@ def run_dataset(style: str, seed: int, args, root: Path) -> dict:
         cfg = variant_config(data, work, overrides, args)
         run_dir = Path(cfg.run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
-        link = run_dir / "image"
-        if not link.exists() and run_dir != image_dir.parent:
-            link.symlink_to(image_dir.resolve(), target_is_directory=True)
         t1, c1 = time.time(), time.process_time()
-        train_all(cfg, kinds=("cell",), resume=True, progress=False)
+        if name in IMAGE_ONLY_VARIANTS:
+            cell_dir = Path(base.run_dir) / "cell"
+            if not cell_dir.is_dir():
+                raise SystemExit(f"variant {name} needs the broadcast variant's cell model: list broadcast first")
+            link = run_dir / "cell"
+            if not link.exists():
+                link.symlink_to(cell_dir.resolve(), target_is_directory=True)
+            train_all(cfg, kinds=("image",), resume=True, progress=False)
+        else:
+            link = run_dir / "image"
+            if not link.exists() and run_dir != image_dir.parent:
+                link.symlink_to(image_dir.resolve(), target_is_directory=True)
+            train_all(cfg, kinds=("cell",), resume=True, progress=False)
         out["cpu_s"][name] = round(time.process_time() - c1, 1)
         _log(f"[{style} s{seed}] {name}: trained in {time.time() - t1:.0f} s wall")
         rounds = list(range(cfg.train.pseudo_rounds + 1))

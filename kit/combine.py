@@ -685,6 +685,14 @@ def tune(oof: OOFSet, specs: Sequence[CombineSpec] | None = None, progress: bool
     weighted ones, Negative ``model`` and no border weighting first).
     """
     specs = list(specs) if specs is not None else candidate_specs()
+    # The unstained rule changes nothing when no cell is below its threshold (a run without the
+    # green column has stain 1 everywhere): such a candidate scores as its unstained=0 twin and
+    # is dropped unscored when that twin is a candidate too (it comes first and would win the
+    # tie): with no cell below 0.5, two thirds of the default sweep (thresholds 0 / 0.3 / 0.5).
+    low = float(np.min(oof.stain)) if oof.stain is not None and len(oof.stain) else 1.0
+    present = set(specs)
+    specs = [s for s in specs if not (s.unstained and low >= s.unstained
+                                      and dataclasses.replace(s, unstained=0.0) in present)]
     iterator = specs
     if progress:
         from tqdm import tqdm

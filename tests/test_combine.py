@@ -353,6 +353,33 @@ def test_oof_cells_carry_the_stain_fraction_of_their_mask_cache_table(tmp_path):
     assert oof.subset(0).stain == pytest.approx(oof.stain[oof.folds == 0])
 
 
+def test_tune_skips_unstained_candidates_only_where_the_rule_changes_nothing(tmp_path):
+    """Without a cell below a candidate's threshold the rule is a no-op: that candidate is not
+    scored (its unstained=0 twin is); with such a cell every threshold above it is scored."""
+    from kit.cells import cell_table
+    from kit.combine import load_oof, tune
+    from kit.config import load_config
+    from kit.segment.cache import MaskCache
+
+    run = _fake_run(tmp_path)
+    specs = candidate_specs(strategies=["cell_only", "product"], negatives=["model"], border_powers=[0.0],
+                            unstained=[0.0, 0.3, 0.5])
+    inert = tune(load_oof(run, progress=False), specs)  # no intensities: stain 1 everywhere
+    assert sorted(s.name for s, _ in inert) == sorted(s.name for s in specs if not s.unstained)
+    cfg = load_config(run / "config.yaml")
+    cache = MaskCache(cfg.data.mask_cache, cfg.data.segment_backend)
+    nuclei, cells, _ = cache.load("imgA")
+    image = np.zeros(cells.shape + (4,), np.uint8)
+    image[..., 1] = np.where(cells == 4, 40, 100)  # cell 4 at stain 0.4: below 0.5, above 0.3
+    cache.save("imgA", nuclei, cells, cell_table(nuclei, cells, image))
+    oof = load_oof(run, progress=False)
+    ranked = tune(oof, specs)
+    assert sorted(s.name for s, _ in ranked) == sorted(s.name for s in specs if s.unstained != 0.3)
+    scores = dict((s.name, v) for s, v in ranked)
+    assert scores["product unstained<0.5"] != scores["product"]  # the rule acts at 0.5
+    assert oof.score(CombineSpec("product", unstained=0.3)) == pytest.approx(scores["product"])
+
+
 def test_an_untuned_run_takes_the_unstained_threshold_from_its_config(tmp_path):
     from kit.combine import DEFAULT_SPEC, read_combine_spec
     from kit.config import load_config
